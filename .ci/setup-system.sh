@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# System packages the tests need (Debian). Idempotent; skipped when not root.
+set -euo pipefail
+PKGS=()
+if [ "$(id -u)" = "0" ] && [ ${#PKGS[@]} -gt 0 ]; then
+    missing=()
+    for p in "${PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+    if [ ${#missing[@]} -gt 0 ]; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+    fi
+fi

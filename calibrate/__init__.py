@@ -1,0 +1,1 @@
+"""Calibration data readers and activation calibrators."""

@@ -1,0 +1,227 @@
+"""``compress``: frontend → passes (each verified) → final verification → backend artifact.
+
+The artifact directory is assembled in a temporary sibling directory and renamed
+into place only when everything succeeded, so a failure never leaves a partial
+artifact; an existing artifact at the destination is replaced only then.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+
+import onnx
+
+from . import __version__
+from .errors import OutputError, VerificationError
+from .ir import Graph
+from .pipeline import Context, PassManager, resolve_passes
+from .verify import Verifier, top1
+
+REPORT_SCHEMA_VERSION = 1
+
+
+@dataclass
+class CompressResult:
+    graph: Graph
+    report: dict
+    out_dir: str | None
+
+
+def _sha256(path) -> str | None:
+    if not isinstance(path, (str, os.PathLike)) or not os.path.isfile(path):
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_output_dir(out_dir: str) -> None:
+    """Fail before any work if the artifact cannot be written there."""
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise OutputError(f"output path exists and is not a directory: {out_dir}")
+    parent = os.path.dirname(out_dir)
+    if not os.path.isdir(parent):
+        raise OutputError(f"output parent directory does not exist: {parent}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"output directory is not writable: {parent}")
+
+
+def compress(model, passes, target: str = "onnx", out_dir: str | None = None,
+             options: dict | None = None, input_shapes: dict | None = None,
+             calibration=None, evaluation=None, calibration_loader=None,
+             evaluation_loader=None, seed: int = 0, tolerance: float = 1e-5,
+             max_accuracy_drop: float | None = None, log=None) -> CompressResult:
+    """Compress ``model`` (path, bytes or ModelProto) with ``passes`` for ``target``.
+
+    ``calibration_loader``/``evaluation_loader`` are callables ``graph -> Dataset``
+    used when the data has to be checked against the canonical graph's inputs.
+    """
+    from onnxc import frontend
+    from onnxc.backends import get_backend
+
+    started = time.perf_counter()
+    options = dict(options or {})
+    if out_dir is not None:
+        check_output_dir(out_dir)
+    pass_list = resolve_passes(list(passes))
+    backend = get_backend(target)
+    input_hash = _sha256(model)
+
+    notes: list = []
+    graph = frontend.load(model, input_shapes=input_shapes, notes=notes)
+    if calibration is None and calibration_loader is not None:
+        calibration = calibration_loader(graph)
+    if evaluation is None and evaluation_loader is not None:
+        evaluation = evaluation_loader(graph)
+    ctx = Context(options, seed=seed, calibration=calibration, evaluation=evaluation,
+                  original=graph.copy(), log=log)
+    for msg in notes:
+        ctx.log(f"  frontend: {msg}")
+    backend.validate(ctx)
+
+    original_stats = graph.stats()
+    final, reports = PassManager(pass_list, tolerance=tolerance).run(graph, ctx)
+    final_stats = final.stats()
+
+    verifier = Verifier.for_context(ctx.original, ctx)
+    overall = verifier.compare(ctx.original, final)
+    accuracy = None
+    if evaluation is not None and evaluation.labels is not None:
+        before = top1(ctx.original, evaluation)
+        after = top1(final, evaluation)
+        accuracy = {"samples": len(evaluation), "original_top1": round(before, 3),
+                    "final_top1": round(after, 3), "drop": round(before - after, 3)}
+        ctx.log(f"  top-1 {before:.2f}% -> {after:.2f}% on {len(evaluation)} samples")
+
+    report = {
+        "schema_version": REPORT_SCHEMA_VERSION,
+        "onnxc_version": __version__,
+        "input": {"path": str(model) if isinstance(model, (str, os.PathLike)) else None,
+                  "sha256": input_hash},
+        "target": target,
+        "options": {k: v for k, v in options.items() if v is not None},
+        "frontend_notes": notes,
+        "passes": [r.as_dict() for r in reports],
+        "original": original_stats.as_dict(),
+        "final": final_stats.as_dict(),
+        "compression_ratio": round(original_stats.bytes / max(final_stats.bytes, 1), 4),
+        "mac_ratio": round(original_stats.macs / max(final_stats.macs, 1), 4)
+        if original_stats.macs else None,
+        "error": overall.as_dict(),
+        "verification": {"samples": overall.samples,
+                         "data": "synthetic" if verifier.dataset.synthetic
+                         else verifier.dataset.source},
+        "accuracy": accuracy,
+        "timings": {"passes_seconds": round(sum(r.seconds for r in reports), 3)},
+    }
+    # Passes may declare a true storage size (packed low-bit or sparse weights).
+    storage = [r.extra.get("storage_bytes") for r in reports if "storage_bytes" in r.extra]
+    if storage:
+        report["storage_bytes"] = storage[-1]
+        report["storage_compression_ratio"] = round(original_stats.bytes / storage[-1], 4)
+
+    if out_dir is not None:
+        write_artifact(out_dir, final, report, reports, backend, ctx)
+    report["timings"]["total_seconds"] = round(time.perf_counter() - started, 3)
+    if out_dir is not None:   # the total is known only now; rewrite report.json in place
+        _write_json(os.path.join(out_dir, "report.json"), report)
+    if input_hash is not None and _sha256(model) != input_hash:
+        raise OutputError("the input model file changed during the run")  # never expected
+    if max_accuracy_drop is not None and accuracy is not None \
+            and accuracy["drop"] > max_accuracy_drop:
+        raise VerificationError(f"top-1 dropped {accuracy['drop']:.2f} pt, more than "
+                                f"--max-accuracy-drop {max_accuracy_drop}")
+    return CompressResult(final, report, out_dir)
+
+
+def _write_json(path: str, data: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, default=_json_default)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _json_default(obj):
+    import numpy as np
+
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return str(obj)
+
+
+def write_artifact(out_dir, graph, report, pass_reports, backend, ctx) -> None:
+    out_dir = os.path.abspath(out_dir)
+    parent = os.path.dirname(out_dir)
+    try:
+        staging = tempfile.mkdtemp(prefix=".onnxc-", dir=parent)
+    except OSError as exc:
+        raise OutputError(f"cannot write to {parent}: {exc.strerror}") from None
+    try:
+        model = graph.to_onnx()
+        onnx.save(model, os.path.join(staging, "model.onnx"))
+        for r in pass_reports:
+            for name, data in r.files.items():
+                path = os.path.join(staging, name)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, "wb") as f:
+                    f.write(data)
+        backend.build(graph, ctx, staging, report)
+        report["artifacts"] = sorted(
+            os.path.relpath(os.path.join(d, f), staging)
+            for d, _, files in os.walk(staging) for f in files) + ["README.md", "report.json"]
+        with open(os.path.join(staging, "README.md"), "w") as f:
+            f.write(deployer_readme(report))
+        _write_json(os.path.join(staging, "report.json"), report)
+        if os.path.exists(out_dir):
+            old = tempfile.mkdtemp(prefix=".onnxc-old-", dir=parent)
+            os.rmdir(old)
+            os.rename(out_dir, old)
+            os.rename(staging, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def deployer_readme(report: dict) -> str:
+    acc = report.get("accuracy")
+    lines = [
+        "# onnxc artifact", "",
+        f"Target: `{report['target']}`. Passes: "
+        + ", ".join(p["name"] for p in report["passes"]) + ".", "",
+        "| | original | compressed |", "|---|---|---|",
+        f"| params | {report['original']['params']:,} | {report['final']['params']:,} |",
+        f"| MACs | {report['original']['macs']:,} | {report['final']['macs']:,} |",
+        f"| size (bytes) | {report['original']['bytes']:,} | {report['final']['bytes']:,} |",
+        "",
+        f"Compression ratio Cr = {report['compression_ratio']}"
+        + (f"; storage Cr with packed weights = {report['storage_compression_ratio']}"
+           if "storage_compression_ratio" in report else "") + ".",
+        f"Max relative output error vs the original: {report['error']['max_rel']:.3e}"
+        f" over {report['error']['samples']} samples ({report['verification']['data']}).",
+    ]
+    if acc:
+        lines.append(f"Top-1: {acc['original_top1']}% -> {acc['final_top1']}% "
+                     f"(drop {acc['drop']} pt, {acc['samples']} samples).")
+    lines += ["", "## Files", ""]
+    lines += [f"- `{a}`" for a in report.get("artifacts", [])]
+    runtime = report.get("runtime", {})
+    if runtime.get("load"):
+        lines += ["", "## Load", "", "```python", runtime["load"], "```"]
+    lines += ["", "`report.json` follows onnxc report schema version "
+              f"{report['schema_version']} (see the onnxc README).", ""]
+    return "\n".join(lines)

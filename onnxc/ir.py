@@ -1,0 +1,256 @@
+"""The one graph IR: a thin wrapper over ``onnx_graphsurgeon.Graph``.
+
+Passes edit ``graph.gs`` (onnx-graphsurgeon's mutable Node/Variable/Constant
+objects) directly and use the helpers here for what every pass needs:
+producer/consumer lookup, constant access, shapes and per-node statistics.
+After a pass, the pass manager calls :meth:`Graph.refresh`, which cleans up,
+topologically sorts and re-runs ONNX shape inference so shapes stay correct.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from .errors import UnsupportedError
+
+# Ops whose constant inputs are learned weights rather than shape/index data.
+WEIGHT_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization",
+              "InstanceNormalization", "LayerNormalization", "Add", "Mul", "Sub",
+              "Div", "PRelu", "DequantizeLinear", "QLinearConv", "ConvInteger",
+              "MatMulInteger", "QLinearMatMul"}
+
+
+@dataclass
+class NodeStats:
+    name: str
+    op: str
+    input_shape: tuple | None
+    output_shape: tuple | None
+    params: int
+    macs: int
+
+
+@dataclass
+class GraphStats:
+    nodes: int
+    params: int
+    macs: int
+    bytes: int            # serialized model size in bytes (what ships)
+    weight_bytes: int     # bytes of all constant tensors
+    per_node: list[NodeStats] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"nodes": self.nodes, "params": self.params, "macs": self.macs,
+                "bytes": self.bytes, "weight_bytes": self.weight_bytes}
+
+
+def _dims(tensor) -> tuple | None:
+    """Concrete dims of a tensor; symbolic dims (e.g. batch 'N') count as 1."""
+    shape = getattr(tensor, "shape", None)
+    if shape is None:
+        return None
+    return tuple(d if isinstance(d, (int, np.integer)) and d >= 0 else 1 for d in shape)
+
+
+def _prod(xs) -> int:
+    out = 1
+    for x in xs:
+        out *= int(x)
+    return out
+
+
+class Graph:
+    """ONNX graph with producer/consumer lookup, constants, shapes and stats."""
+
+    def __init__(self, gs_graph: gs.Graph, model_meta: onnx.ModelProto | None = None):
+        self.gs = gs_graph
+        # ModelProto fields that graphsurgeon does not carry (ir_version, metadata).
+        self._meta = model_meta
+
+    # ---- conversion -----------------------------------------------------------------
+    @classmethod
+    def from_onnx(cls, model: onnx.ModelProto) -> "Graph":
+        meta = onnx.ModelProto()
+        meta.CopyFrom(model)
+        meta.graph.Clear()
+        return cls(gs.import_onnx(model), meta)
+
+    def to_onnx(self, infer_shapes: bool = False) -> onnx.ModelProto:
+        model = gs.export_onnx(self.gs, do_type_check=False)
+        if self._meta is not None:
+            model.ir_version = max(self._meta.ir_version, model.ir_version) \
+                if self._meta.ir_version else model.ir_version
+            model.producer_name = "onnxc"
+            del model.metadata_props[:]
+            model.metadata_props.extend(self._meta.metadata_props)
+        if infer_shapes:
+            model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        return model
+
+    def copy(self) -> "Graph":
+        return Graph(self.gs.copy(), self._meta)
+
+    def refresh(self) -> "Graph":
+        """Restore invariants after edits: drop dead nodes, toposort, re-infer shapes."""
+        self.gs.cleanup(remove_unused_graph_inputs=False).toposort()
+        # Drop stale intermediate shapes so inference recomputes them from scratch.
+        outputs = set(id(t) for t in self.gs.outputs)
+        for tensor in self.gs.tensors().values():
+            if isinstance(tensor, gs.Variable) and id(tensor) not in outputs \
+                    and tensor not in self.gs.inputs:
+                tensor.shape = None
+        model = self.to_onnx(infer_shapes=True)
+        fresh = gs.import_onnx(model)
+        self.gs = fresh
+        return self
+
+    # ---- lookup ------------------------------------------------------------------------
+    @property
+    def nodes(self) -> list[gs.Node]:
+        return self.gs.nodes
+
+    @property
+    def opset(self) -> int:
+        return int(self.gs.opset)
+
+    def tensors(self) -> dict:
+        return self.gs.tensors()
+
+    @staticmethod
+    def producer(tensor) -> gs.Node | None:
+        return tensor.inputs[0] if len(tensor.inputs) else None
+
+    @staticmethod
+    def consumers(tensor) -> list[gs.Node]:
+        return list(tensor.outputs)
+
+    def is_graph_output(self, tensor) -> bool:
+        return any(t is tensor for t in self.gs.outputs)
+
+    @staticmethod
+    def constant(tensor) -> np.ndarray | None:
+        """Value of a constant tensor (initializer or Constant node), else None."""
+        if isinstance(tensor, gs.Constant):
+            return np.asarray(tensor.values)
+        prod = tensor.inputs[0] if len(tensor.inputs) else None
+        if prod is not None and prod.op == "Constant" and "value" in prod.attrs:
+            val = prod.attrs["value"]
+            return np.asarray(val.values if isinstance(val, gs.Constant) else val)
+        return None
+
+    def make_constant(self, name: str, values: np.ndarray) -> gs.Constant:
+        return gs.Constant(self.unique_name(name), np.ascontiguousarray(values))
+
+    def make_variable(self, name: str, dtype=np.float32, shape=None) -> gs.Variable:
+        return gs.Variable(self.unique_name(name), dtype=dtype, shape=shape)
+
+    def unique_name(self, base: str) -> str:
+        taken = self._names()
+        if base not in taken:
+            taken.add(base)
+            return base
+        i = 1
+        while f"{base}_{i}" in taken:
+            i += 1
+        taken.add(f"{base}_{i}")
+        return f"{base}_{i}"
+
+    def _names(self) -> set:
+        # Cached per call site generation; cheap enough to rebuild when invalidated.
+        cache = getattr(self, "_name_cache", None)
+        if cache is None or cache[0] is not self.gs or cache[1] != len(self.gs.nodes):
+            names = set(self.tensors().keys()) | {n.name for n in self.gs.nodes}
+            self._name_cache = (self.gs, len(self.gs.nodes), names)
+            cache = self._name_cache
+        return cache[2]
+
+    def replace_tensor(self, old, new) -> None:
+        """Point every consumer of ``old`` (and graph outputs) at ``new``."""
+        for node in list(old.outputs):
+            for i, t in enumerate(node.inputs):
+                if t is old:
+                    node.inputs[i] = new
+        for i, t in enumerate(self.gs.outputs):
+            if t is old:
+                # Keep the public output name stable for users of the artifact.
+                name = old.name
+                old.name = self.unique_name(name + "_replaced")
+                new.name = name
+                if new.dtype is None:
+                    new.dtype = old.dtype
+                self.gs.outputs[i] = new
+
+    # ---- statistics --------------------------------------------------------------------
+    def node_stats(self, node: gs.Node) -> NodeStats:
+        params = 0
+        for t in node.inputs:
+            if isinstance(t, gs.Constant) and t.values.dtype.kind in "fiu" \
+                    and t.values.dtype not in (np.int64, np.int32):
+                params += int(np.prod(t.shape)) if t.shape is not None else 0
+        in_shape = _dims(node.inputs[0]) if node.inputs else None
+        out_shape = _dims(node.outputs[0]) if node.outputs else None
+        return NodeStats(node.name, node.op, in_shape, out_shape,
+                         params if node.op in WEIGHT_OPS else 0, node_macs(node))
+
+    def stats(self, with_bytes: bool = True) -> GraphStats:
+        per_node = [self.node_stats(n) for n in self.gs.nodes]
+        weight_bytes = 0
+        params = 0
+        for t in self.tensors().values():
+            if isinstance(t, gs.Constant):
+                values = t.values
+                weight_bytes += values.nbytes
+                if values.dtype.kind in "fiu" and values.dtype not in (np.int64, np.int32):
+                    params += values.size
+        size = self.to_onnx().ByteSize() if with_bytes else 0
+        return GraphStats(len(self.gs.nodes), params, sum(s.macs for s in per_node),
+                          size, weight_bytes, per_node)
+
+
+def node_macs(node: gs.Node) -> int:
+    """Multiply-accumulates of one node per inference (symbolic batch counted as 1)."""
+    op = node.op
+    if op in ("Conv", "ConvInteger", "QLinearConv"):
+        w_idx = 3 if op == "QLinearConv" else 1
+        if len(node.inputs) <= w_idx or not node.outputs:
+            return 0
+        w = _dims(node.inputs[w_idx])
+        out = _dims(node.outputs[0])
+        if w is None or out is None:
+            return 0
+        # out elements × (Cin/group · kh · kw)
+        return _prod(out) * _prod(w[1:])
+    if op == "ConvTranspose":
+        w = _dims(node.inputs[1])
+        x = _dims(node.inputs[0])
+        if w is None or x is None:
+            return 0
+        # every input element scatters into (Cout/group · kh · kw) outputs
+        return _prod(x) * _prod(w[1:])
+    if op in ("Gemm", "MatMul", "MatMulInteger", "QLinearMatMul"):
+        a_idx, b_idx = (0, 3) if op == "QLinearMatMul" else (0, 1)
+        if not node.outputs:
+            return 0
+        a = _dims(node.inputs[a_idx])
+        out = _dims(node.outputs[0])
+        if a is None or out is None or len(a) == 0:
+            return 0
+        k = a[0] if (op == "Gemm" and node.attrs.get("transA", 0)) else a[-1]
+        return _prod(out) * int(k)
+    return 0
+
+
+def load_graph(model: onnx.ModelProto) -> Graph:
+    try:
+        return Graph.from_onnx(model)
+    except Exception as exc:  # graphsurgeon raises assorted errors on odd models
+        raise UnsupportedError(f"cannot import graph into the IR: {exc}") from exc
+
+
+def clone_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    return copy.deepcopy(model)

@@ -1,0 +1,125 @@
+"""The one verifier: run two graphs on ONNX Runtime over the same inputs and compare.
+
+Relative error is ``max|a-b| / max|a|`` per output (scale-free, stable when single
+elements are near zero); the worst output counts. With labels, top-1 of both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from .errors import BackendError
+
+VERIFY_SAMPLES = 64
+
+
+def _session(model: onnx.ModelProto, threads: int | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(model.SerializeToString(), opts,
+                                    providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise BackendError(f"ONNX Runtime cannot load the model: "
+                           f"{str(exc).strip().splitlines()[0][:300]}") from exc
+
+
+class Runner:
+    """ONNX Runtime session over an IR graph or ModelProto, batching to its input shape."""
+
+    def __init__(self, model, threads: int | None = None):
+        from .ir import Graph
+
+        self.model = model.to_onnx() if isinstance(model, Graph) else model
+        self.session = _session(self.model, threads)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        first = self.session.get_inputs()[0].shape
+        self.fixed_batch = first[0] if first and isinstance(first[0], int) else None
+
+    def run(self, feeds: dict, batch_size: int = 64) -> list[np.ndarray]:
+        n = len(next(iter(feeds.values())))
+        step = self.fixed_batch or batch_size
+        chunks = []
+        for start in range(0, n, step):
+            part = {k: v[start:start + step] for k, v in feeds.items() if k in self.input_names}
+            got = len(next(iter(part.values())))
+            if self.fixed_batch and got < self.fixed_batch:   # pad the last static batch
+                part = {k: np.concatenate([v, np.repeat(v[-1:], self.fixed_batch - got, 0)])
+                        for k, v in part.items()}
+            try:
+                outs = self.session.run(None, part)
+            except Exception as exc:
+                raise BackendError(f"ONNX Runtime failed to run the model: "
+                                   f"{str(exc).strip().splitlines()[0][:300]}") from exc
+            chunks.append([o[:got] for o in outs])
+        return [np.concatenate([c[i] for c in chunks]) for i in range(len(self.output_names))]
+
+
+@dataclass
+class Comparison:
+    max_abs: float
+    max_rel: float
+    mean_abs: float
+    top1_agreement: float | None   # share of samples whose argmax matches (classifiers)
+    samples: int
+
+    def as_dict(self) -> dict:
+        return {"max_abs": float(self.max_abs), "max_rel": float(self.max_rel),
+                "mean_abs": float(self.mean_abs),
+                "top1_agreement": None if self.top1_agreement is None
+                else float(self.top1_agreement), "samples": self.samples}
+
+
+def compare_outputs(ref: list, out: list) -> Comparison:
+    max_abs = max_rel = mean_abs = 0.0
+    agree = None
+    for a, b in zip(ref, out):
+        a = np.asarray(a, np.float64)
+        b = np.asarray(b, np.float64)
+        if a.shape != b.shape:
+            raise BackendError(f"output shapes differ: {a.shape} vs {b.shape}")
+        diff = np.abs(a - b)
+        scale = max(float(np.max(np.abs(a))) if a.size else 0.0, 1e-12)
+        max_abs = max(max_abs, float(diff.max()) if diff.size else 0.0)
+        max_rel = max(max_rel, (float(diff.max()) if diff.size else 0.0) / scale)
+        mean_abs = max(mean_abs, float(diff.mean()) if diff.size else 0.0)
+        if agree is None and a.ndim == 2 and a.shape[1] > 1:
+            agree = float(np.mean(a.argmax(1) == b.argmax(1)))
+    n = len(ref[0]) if ref and np.ndim(ref[0]) else 1
+    return Comparison(max_abs, max_rel, mean_abs, agree, n)
+
+
+def top1(model, dataset, batch_size: int = 64) -> float:
+    """Top-1 accuracy (%) of a classifier whose first output is N × classes."""
+    runner = Runner(model)
+    outs = runner.run(dataset.inputs, batch_size)[0]
+    return 100.0 * float(np.mean(outs.reshape(len(outs), -1).argmax(1) == dataset.labels))
+
+
+class Verifier:
+    """Compares graphs on a fixed set of inputs (data if given, else seeded random)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    @classmethod
+    def for_context(cls, graph, ctx) -> "Verifier":
+        from onnxc.calibrate.readers import random_dataset
+
+        for ds in (ctx.evaluation, ctx.calibration):
+            if ds is not None:
+                return cls(ds.take(min(VERIFY_SAMPLES, len(ds))))
+        return cls(random_dataset(graph, 16, seed=ctx.seed))
+
+    def compare(self, a, b) -> Comparison:
+        ref = Runner(a).run(self.dataset.inputs)
+        out = Runner(b).run(self.dataset.inputs)
+        return compare_outputs(ref, out)

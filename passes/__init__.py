@@ -1,0 +1,7 @@
+"""All onnxc passes. One file per pass; importing it registers it (``@register_pass``).
+
+To add a pass: write ``passes/<name>.py`` with a ``Pass`` subclass decorated by
+``@register_pass`` and add its import below.
+"""
+
+from . import cleanup, fold_bn  # noqa: F401
