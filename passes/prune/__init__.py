@@ -1,0 +1,229 @@
+"""prune: structured channel pruning with consumer propagation.
+
+1. ``groups.DependencyGraph`` walks the graph once; one rule per op family
+   (``rules.py``) couples the channels that must go together (residual adds,
+   concat offsets, channel pads, depthwise convs, flatten into Gemm, ...).
+   Groups touching an op with no rule are left whole and listed in the report.
+2. A criterion (``criteria.py``) scores every coupled channel; ``thinet``
+   (``thinet.py``) instead picks channels by reconstruction error on calibration
+   data and re-fits the consumer weights by least squares.
+3. ``allocate.py`` turns ``--prune-ratio`` / ``--prune-flops`` (uniform, global or
+   sensitivity-guided) into the removed set, honouring the minimum channel count
+   and ``--prune-multiple``.
+4. Each rule slices its own weights (``groups.rewrite``); the result is a smaller,
+   dense ONNX graph.
+
+Users' guide: docs/pruning.md.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+
+import numpy as np
+
+from onnxc.errors import DataError, UnsupportedError, UsageError
+from onnxc.pipeline import Option, Pass, register_pass
+
+from .allocate import Allocator
+from .criteria import scores as criterion_scores
+from .groups import DependencyGraph, rewrite
+
+CRITERIA = ("l1", "l2", "fpgm", "bn_gamma", "apoz", "thinet")
+
+
+def _fraction(ctx, dest, flag):
+    v = ctx.option(dest)
+    if v is None:
+        return None
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        raise UsageError(f"{flag} must be a number, got {v!r}") from None
+    if not 0.0 <= v < 1.0:
+        raise UsageError(f"{flag} must be in [0, 1), got {v}")
+    return v
+
+
+def name_nodes(graph) -> None:
+    """Groups, skips and reports refer to layers by name: give unnamed nodes one."""
+    for node in graph.nodes:
+        if not node.name:
+            node.name = graph.unique_name(f"{node.op}_{node.outputs[0].name}")
+
+
+def prunable_groups(dg, skip_patterns, report=None):
+    """Groups that may be pruned: not blocked, not skipped. Reports the others."""
+    matched = {p: 0 for p in skip_patterns}
+    out = []
+    for g in dg.groups:
+        hits = [p for p in skip_patterns if any(fnmatch.fnmatchcase(s, p) for s in g.sources)]
+        for p in hits:
+            matched[p] += 1
+        if g.blocked:
+            if report is not None:
+                report.skip(g.label, f"left whole: {g.blocked}")
+            continue
+        if hits:
+            if report is not None:
+                report.skip(g.label, f"--prune-skip '{hits[0]}'")
+            continue
+        out.append(g)
+    unmatched = [p for p, n in matched.items() if n == 0]
+    if unmatched:
+        sample = ", ".join(sorted({s for g in dg.groups for s in g.sources})[:4])
+        raise UsageError(f"--prune-skip '{unmatched[0]}' matches no prunable layer "
+                         f"(layer names look like: {sample})")
+    return out
+
+
+def calibration(ctx, graph, samples: int):
+    if ctx.calibration is not None:
+        return ctx.calibration.take(min(samples, len(ctx.calibration)))
+    return ctx.calibration_data(graph, samples)
+
+
+@register_pass
+class Prune(Pass):
+    name = "prune"
+    summary = "remove whole channels/filters, rewriting every consumer (structured)"
+    order = 30
+    exact = False
+    options = (
+        Option("--prune-ratio", float, None, "share of channels removed in each group, "
+               "in [0, 1) (default 0.5 when --prune-flops is not given)"),
+        Option("--prune-flops", float, None, "share of MACs to remove, in [0, 1); "
+               "per-group ratios are allocated to reach it"),
+        Option("--prune-global", None, None, "rank channels across groups instead of the "
+               "same ratio in each", action="store_true"),
+        Option("--prune-skip", str, None, "comma-separated glob(s) of layer names whose "
+               "group is left whole, e.g. '/conv1/*,*downsample*'"),
+        Option("--prune-criterion", str, "l1", "channel importance", choices=CRITERIA),
+        Option("--prune-min-channels", int, 1, "keep at least this many channels per group"),
+        Option("--prune-multiple", int, 1, "round kept channel counts up to a multiple "
+               "of this (e.g. 16 for VTA)"),
+        Option("--prune-samples", int, 256, "calibration samples for apoz/thinet"),
+        Option("--prune-sensitivity", str, None, "JSON from 'onnxc sensitivity --json' to "
+               "allocate --prune-flops by measured per-group error"),
+    )
+
+    def validate(self, ctx):
+        ratio = _fraction(ctx, "prune_ratio", "--prune-ratio")
+        flops = _fraction(ctx, "prune_flops", "--prune-flops")
+        if ratio is not None and flops is not None:
+            raise UsageError("give either --prune-ratio or --prune-flops, not both")
+        for dest, flag in (("prune_min_channels", "--prune-min-channels"),
+                           ("prune_multiple", "--prune-multiple"),
+                           ("prune_samples", "--prune-samples")):
+            v = ctx.option(dest)
+            if v is not None and int(v) < 1:
+                raise UsageError(f"{flag} must be at least 1, got {v}")
+        crit = ctx.option("prune_criterion", "l1")
+        if crit not in CRITERIA:
+            raise UsageError(f"--prune-criterion must be one of {', '.join(CRITERIA)}, "
+                             f"got '{crit}'")
+        sens = ctx.option("prune_sensitivity")
+        if sens is not None:
+            if flops is None:
+                raise UsageError("--prune-sensitivity needs --prune-flops")
+            load_curves(sens)
+
+    def run(self, graph, ctx, report):
+        ratio = _fraction(ctx, "prune_ratio", "--prune-ratio")
+        flops = _fraction(ctx, "prune_flops", "--prune-flops")
+        if ratio is None and flops is None:
+            ratio = 0.5
+            report.note("no --prune-ratio/--prune-flops given: pruning 50% per group")
+        criterion = ctx.option("prune_criterion", "l1")
+        use_global = bool(ctx.option("prune_global", False))
+        skip = [p.strip() for p in (ctx.option("prune_skip") or "").split(",") if p.strip()]
+        min_ch = int(ctx.option("prune_min_channels", 1))
+        multiple = int(ctx.option("prune_multiple", 1))
+        samples = int(ctx.option("prune_samples", 256))
+
+        name_nodes(graph)
+        dg = DependencyGraph(graph)
+        groups = prunable_groups(dg, skip, report)
+        if not groups:
+            reasons = sorted({g.blocked for g in dg.groups if g.blocked})
+            why = f" ({reasons[0]})" if reasons else \
+                " (no Conv/ConvTranspose/Gemm/MatMul with constant weights)"
+            if skip and dg.groups and all(not g.blocked for g in dg.groups):
+                why = " (every group is excluded by --prune-skip)"
+            raise UnsupportedError(f"nothing to prune: no channel group can be removed{why}")
+
+        score = criterion_scores(criterion, dg, graph, ctx, samples)
+        alloc = Allocator(dg, groups, score, min_ch, multiple)
+        base = dg.estimate_macs(np.zeros(dg.num_classes, bool))
+        if flops is not None:
+            curves = None
+            if ctx.option("prune_sensitivity"):
+                curves = match_curves(load_curves(ctx.option("prune_sensitivity")), groups)
+            removed, level = alloc.for_flops(flops, use_global, base, curves)
+            est = dg.estimate_macs(removed)
+            report.note(f"--prune-flops {flops}: ratio {level:.3f} "
+                        f"({'global share' if use_global else 'per group'}); "
+                        f"estimated MACs {base:,} -> {est:,} "
+                        f"(-{100 * (1 - est / max(base, 1)):.1f}%)")
+            if est > (1.0 - flops) * base * 1.001:
+                report.note("the MAC target could not be reached within the constraints")
+        else:
+            removed = alloc.select(ratio, use_global)
+
+        if criterion == "thinet":
+            from .thinet import thinet_prune
+
+            counts = {id(sg): int(removed[sg].sum()) for g in groups for sg in g.subgroups}
+            graph = thinet_prune(graph, dg, groups, counts,
+                                 calibration(ctx, graph, samples), ctx, report)
+            removed = report.extra.pop("_thinet_removed")
+        else:
+            rewrite(graph, dg, removed)
+
+        per_group = []
+        for g in groups:
+            n = int(removed[g.classes].sum())
+            if n:
+                per_group.append({"group": g.label, "channels": int(len(g.classes)),
+                                  "removed": n})
+        report.changed = int(removed.sum())
+        report.extra.update({"criterion": criterion, "groups": len(dg.groups),
+                             "prunable_groups": len(groups),
+                             "channels_removed": int(removed.sum()),
+                             "estimated_macs": dg.estimate_macs(removed),
+                             "per_group": per_group})
+        report.note(f"{int(removed.sum())} of {sum(len(g.classes) for g in groups)} "
+                    f"prunable channels removed in {len(per_group)} of {len(groups)} "
+                    f"groups ({len(dg.groups) - len(groups)} left whole), "
+                    f"criterion {criterion}")
+        return graph
+
+
+# ---- sensitivity curves -------------------------------------------------------------------
+
+
+def load_curves(path: str) -> dict:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        return {tuple(row["sources"]): {float(r): float(e) for r, e in row["error"].items()}
+                for row in data["groups"]}
+    except FileNotFoundError:
+        raise DataError(f"--prune-sensitivity: file not found: {path}") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"--prune-sensitivity {path}: not a sensitivity JSON "
+                        f"written by 'onnxc sensitivity --json' ({exc})") from None
+
+
+def match_curves(curves: dict, groups) -> dict:
+    """Per prunable-group index -> {ratio: error}; groups missing from the file stay."""
+    out = {}
+    for gi, g in enumerate(groups):
+        c = curves.get(tuple(g.sources))
+        if c is not None:
+            out[gi] = c
+    if not out:
+        raise DataError("--prune-sensitivity: no group of this model appears in the file "
+                        "(was it measured on another model or pass list?)")
+    return out

@@ -1,0 +1,829 @@
+"""One small channel rule per op family.
+
+A rule has two halves, kept side by side so they cannot drift apart:
+
+- ``propagate(dg, node)`` runs during the dependency walk: it reads the channel
+  info (axis + slots) of the node's inputs, sets its outputs' info, couples slots
+  with ``dg.union`` and records sources/consumers/MACs. It returns ``None`` or a
+  one-line reason why the op cannot be pruned through (the walk then keeps every
+  channel touching it).
+- ``apply(rw, node)`` runs during the rewrite: ``rw.keep_in(node, i)`` /
+  ``rw.keep_out(node, i)`` give the kept positions on the channel axis (None when
+  unchanged) and the rule slices its constants and fixes its attributes.
+
+Adding an op: write a class with ``ops = (...)`` decorated by ``@rule``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .groups import Consumer, MacNode, Member, Source, TensorInfo
+
+RULES: dict = {}
+
+
+def rule(cls):
+    for op in cls.ops:
+        RULES[op] = cls
+    return cls
+
+
+def rule_for(node):
+    return RULES.get(node.op, NoRule)()
+
+
+# ---- helpers ---------------------------------------------------------------------------
+
+
+def _const(t):
+    if t is None or (isinstance(t, gs.Variable) and t.name == ""):
+        return None
+    if isinstance(t, gs.Constant):
+        return np.asarray(t.values)
+    prod = t.inputs[0] if len(t.inputs) else None
+    if prod is not None and prod.op == "Constant" and "value" in prod.attrs:
+        v = prod.attrs["value"]
+        return np.asarray(v.values if isinstance(v, gs.Constant) else v)
+    return None
+
+
+def _input(node, i):
+    """Input i, or None when absent or given as the empty name."""
+    if len(node.inputs) <= i:
+        return None
+    t = node.inputs[i]
+    return None if (isinstance(t, gs.Variable) and t.name == "") else t
+
+
+def _rank(t):
+    return None if t is None or t.shape is None else len(t.shape)
+
+
+def _axes(node, attr="axes", input_index=1):
+    """Axes from the opset>=13 input or the older attribute; None if not constant."""
+    t = _input(node, input_index)
+    if t is not None:
+        v = _const(t)
+        return None if v is None else [int(a) for a in np.ravel(v)]
+    v = node.attrs.get(attr)
+    return [] if v is None else [int(a) for a in v]
+
+
+def _set_input(rw, node, i, values, tag):
+    const = rw.graph.make_constant(f"{node.name}_{tag}_pruned", np.ascontiguousarray(values))
+    while len(node.inputs) <= i:
+        node.inputs.append(gs.Variable.empty())
+    node.inputs[i] = const
+
+
+class Rule:
+    ops: tuple = ()
+
+    def propagate(self, dg, node):
+        raise NotImplementedError
+
+    def apply(self, rw, node) -> None:
+        pass
+
+
+class NoRule(Rule):
+    REASONS = {
+        "LRN": "LRN mixes neighbouring channels",
+        "Shape": "Shape reads the channel count",
+        "DepthToSpace": "DepthToSpace moves channels into space",
+        "SpaceToDepth": "SpaceToDepth moves space into channels",
+        "GroupNormalization": "GroupNormalization normalises across channel groups",
+        "LayerNormalization": "LayerNormalization normalises across features",
+    }
+
+    def propagate(self, dg, node):
+        return self.REASONS.get(node.op, f"no channel rule for {node.op}")
+
+
+# ---- channel pass-through ---------------------------------------------------------------
+
+
+@rule
+class PassThrough(Rule):
+    """Per-element or per-channel ops: output channel i is input channel i."""
+
+    ops = ("Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh",
+           "Elu", "Selu", "Celu", "Softplus", "Softsign", "ThresholdedRelu", "Gelu", "Mish",
+           "Exp", "Log", "Abs", "Neg", "Sqrt", "Erf", "Floor", "Ceil", "Round", "Sign",
+           "Reciprocal", "Sin", "Cos", "Clip", "Identity", "Dropout", "Cast",
+           "MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool",
+           "GlobalLpPool", "MaxRoiPool")
+
+    def propagate(self, dg, node):
+        info = dg.info_of(node.inputs[0])
+        if info is None:
+            return "input channels unknown (no shape)"
+        if node.op in ("MaxPool", "Dropout") and len(node.outputs) > 1 \
+                and (node.outputs[1].outputs or dg.graph.is_graph_output(node.outputs[1])):
+            return "second output (indices/mask) is used"
+        for t in node.inputs[1:]:   # Clip's min/max must be scalars
+            if isinstance(t, gs.Variable) and t.name and dg.info.get(t.name) is not None:
+                return "bounds are per-channel activations"
+        dg.set_info(node.outputs[0], info.axis, info.slots)
+        return None
+
+
+@rule
+class Normalization(Rule):
+    """BatchNormalization / InstanceNormalization: per-channel parameters are sliced."""
+
+    ops = ("BatchNormalization", "InstanceNormalization")
+
+    def propagate(self, dg, node):
+        info = dg.info_of(node.inputs[0])
+        if info is None or info.axis != 1:
+            return "channel axis is not axis 1"
+        if node.op == "BatchNormalization" and len(node.outputs) > 1 and any(
+                o.outputs for o in node.outputs[1:]):
+            return "training-mode BatchNormalization"
+        if any(_const(t) is None for t in node.inputs[1:]):
+            return "parameters are not constant"
+        dg.set_info(node.outputs[0], 1, info.slots)
+        if node.op == "BatchNormalization":
+            dg.members.append(Member(node, info.slots, "bn"))
+        return None
+
+    def apply(self, rw, node):
+        keep = rw.keep_out(node, 0)
+        if keep is None:
+            return
+        for i in range(1, len(node.inputs)):
+            _set_input(rw, node, i, _const(node.inputs[i])[keep], f"p{i}")
+
+
+@rule
+class Elementwise(Rule):
+    """Binary/n-ary broadcasting ops: channel tensors are coupled, constants sliced."""
+
+    ops = ("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Mean", "Sum", "PRelu", "Where")
+
+    def propagate(self, dg, node):
+        out = node.outputs[0]
+        ranks = [_rank(t) for t in node.inputs]
+        if out.shape is None or any(r is None for r in ranks):
+            return "shapes unknown"
+        r = len(out.shape)
+        chan = []                       # (info, mapped axis) of variable inputs
+        for t, rt in zip(node.inputs, ranks):
+            if isinstance(t, gs.Constant) or _const(t) is not None:
+                continue
+            info = dg.info_of(t)
+            if info is None:
+                if rt == 0 or all(d == 1 for d in t.shape):
+                    continue            # a scalar activation broadcasts over channels
+                return "an input's channels are unknown"
+            chan.append((info, info.axis + (r - rt)))
+        if not chan:
+            return "no activation input"
+        full = [(i, a) for i, a in chan if len(i.slots) > 1] or chan
+        axis = full[0][1]
+        c_out = len(full[0][0].slots)
+        for info, a in chan:
+            n = len(info.slots)
+            if n == 1 and c_out > 1:
+                continue                # broadcast along channels
+            if a != axis or n != c_out:
+                return "inputs disagree on the channel axis"
+            dg.union(info.slots, full[0][0].slots)
+        self.sliced = []                # (input index, axis in the constant)
+        for i, (t, rt) in enumerate(zip(node.inputs, ranks)):
+            v = _const(t)
+            if v is None:
+                continue
+            ca = axis - (r - v.ndim)
+            if 0 <= ca < v.ndim and v.shape[ca] != 1:
+                if v.shape[ca] != c_out:
+                    return "constant does not match the channel count"
+                self.sliced.append((i, ca))
+        dg.set_info(out, axis, full[0][0].slots)
+        return None
+
+    def apply(self, rw, node):
+        keep = rw.keep_out(node, 0)
+        if keep is None:
+            return
+        for i, ca in self.sliced:
+            _set_input(rw, node, i, np.take(_const(node.inputs[i]), keep, axis=ca), f"c{i}")
+
+
+# ---- layers with weights ----------------------------------------------------------------
+
+
+@rule
+class Conv(Rule):
+    """Conv: normal (source + consumer), depthwise (per-channel member), grouped
+    (the same positions are pruned in every group so groups stay equal)."""
+
+    ops = ("Conv",)
+
+    def propagate(self, dg, node):
+        w = _const(node.inputs[1])
+        if w is None:
+            return "weights are not constant"
+        b = _input(node, 2)
+        if b is not None and _const(b) is None:
+            return "bias is not constant"
+        info = dg.info_of(node.inputs[0])
+        if info is None or info.axis != 1:
+            return "input channels unknown"
+        g = int(node.attrs.get("group", 1))
+        c_in, c_out, cig = len(info.slots), w.shape[0], w.shape[1]
+        if c_in != cig * g or c_out % g:
+            return "weight shape does not match the input channels"
+        out = dg.new_slots(c_out)
+        macs = _node_macs(node)
+        if g == 1:
+            self.kind = "normal"
+            dg.sources.append(Source(node, out, "conv"))
+            dg.consumers.append(Consumer(node, info.slots, "conv"))
+            dg.mac_nodes.append(MacNode(node, macs, info.slots, out))
+        elif cig == 1:
+            # Depthwise (channel multiplier m): input channel i feeds outputs i·m … i·m+m−1.
+            self.kind = "depthwise"
+            dg.union(out, np.repeat(info.slots, c_out // g))
+            dg.members.append(Member(node, out, "depthwise"))
+            dg.mac_nodes.append(MacNode(node, macs, None, out))
+        else:
+            self.kind = "grouped"
+            self.cig = cig
+            o = out.reshape(g, c_out // g)           # (groups, out per group)
+            i = info.slots.reshape(g, cig)           # (groups, in per group)
+            dg.union(o[1:], np.broadcast_to(o[0], o[1:].shape))
+            dg.union(i[1:], np.broadcast_to(i[0], i[1:].shape))
+            dg.sources.append(Source(node, out, "conv"))
+            dg.consumers.append(Consumer(node, info.slots, "grouped"))
+            dg.mac_nodes.append(MacNode(node, macs, info.slots, out))
+        dg.set_info(node.outputs[0], 1, out)
+        return None
+
+    def apply(self, rw, node):
+        ki, ko = rw.keep_in(node, 0), rw.keep_out(node, 0)
+        if ki is None and ko is None:
+            return
+        w = _const(node.inputs[1])           # (C_out, C_in/group, k…)
+        b = _const(_input(node, 2)) if _input(node, 2) is not None else None
+        if ko is not None:
+            w = w[ko]
+            b = None if b is None else b[ko]
+        if self.kind == "normal" and ki is not None:
+            w = w[:, ki]
+        elif self.kind == "depthwise" and ki is not None:
+            node.attrs["group"] = len(ki)
+        elif self.kind == "grouped" and ki is not None:
+            w = w[:, ki[ki < self.cig]]     # the same kept positions in every group
+        _set_input(rw, node, 1, w, "w")
+        if b is not None:
+            _set_input(rw, node, 2, b, "b")
+
+
+@rule
+class ConvTranspose(Rule):
+    """ConvTranspose, weights (C_in, C_out/group, k…)."""
+
+    ops = ("ConvTranspose",)
+
+    def propagate(self, dg, node):
+        w = _const(node.inputs[1])
+        b = _input(node, 2)
+        if w is None or (b is not None and _const(b) is None):
+            return "weights are not constant"
+        info = dg.info_of(node.inputs[0])
+        if info is None or info.axis != 1:
+            return "input channels unknown"
+        g = int(node.attrs.get("group", 1))
+        c_in, cog = w.shape[0], w.shape[1]
+        if len(info.slots) != c_in or c_in % g:
+            return "weight shape does not match the input channels"
+        cig = c_in // g
+        out = dg.new_slots(cog * g)
+        macs = _node_macs(node)
+        if g == 1:
+            self.kind = "normal"
+            dg.sources.append(Source(node, out, "convT"))
+            dg.consumers.append(Consumer(node, info.slots, "convT"))
+            dg.mac_nodes.append(MacNode(node, macs, info.slots, out))
+        elif cig == 1:
+            self.kind = "depthwise"
+            dg.union(out, np.repeat(info.slots, cog))
+            dg.members.append(Member(node, out, "depthwise"))
+            dg.mac_nodes.append(MacNode(node, macs, info.slots, None))
+        else:
+            self.kind, self.cog = "grouped", cog
+            o, i = out.reshape(g, cog), info.slots.reshape(g, cig)
+            dg.union(o[1:], np.broadcast_to(o[0], o[1:].shape))
+            dg.union(i[1:], np.broadcast_to(i[0], i[1:].shape))
+            dg.sources.append(Source(node, out, "convT"))
+            dg.consumers.append(Consumer(node, info.slots, "grouped"))
+            dg.mac_nodes.append(MacNode(node, macs, info.slots, out))
+        dg.set_info(node.outputs[0], 1, out)
+        return None
+
+    def apply(self, rw, node):
+        ki, ko = rw.keep_in(node, 0), rw.keep_out(node, 0)
+        if ki is None and ko is None:
+            return
+        w = _const(node.inputs[1])
+        b = _const(_input(node, 2)) if _input(node, 2) is not None else None
+        if ki is not None:
+            w = w[ki]
+        if self.kind == "normal" and ko is not None:
+            w = w[:, ko]
+        elif self.kind == "depthwise" and ki is not None:
+            node.attrs["group"] = len(ki)
+        elif self.kind == "grouped" and ko is not None:
+            w = w[:, ko[ko < self.cog]]
+        if b is not None and ko is not None:
+            _set_input(rw, node, 2, b[ko], "b")
+        _set_input(rw, node, 1, w, "w")
+
+
+@rule
+class Gemm(Rule):
+    """Gemm: input features are consumed (rows of B), hidden units are a source."""
+
+    ops = ("Gemm",)
+
+    def propagate(self, dg, node):
+        w = _const(node.inputs[1])
+        c = _input(node, 2)
+        if w is None or w.ndim != 2:
+            return "weights are not constant"
+        if c is not None and _const(c) is None:
+            return "bias is not constant"
+        if int(node.attrs.get("transA", 0)):
+            return "transposed activation input"
+        info = dg.info_of(node.inputs[0])
+        if info is None or info.axis != 1:
+            return "input features unknown"
+        self.trans_b = int(node.attrs.get("transB", 0))
+        k, n = (w.shape[1], w.shape[0]) if self.trans_b else w.shape
+        if len(info.slots) != k:
+            return "weight shape does not match the input features"
+        out = dg.new_slots(n)
+        dg.sources.append(Source(node, out, "gemm"))
+        dg.consumers.append(Consumer(node, info.slots, "gemm"))
+        dg.mac_nodes.append(MacNode(node, _node_macs(node), info.slots, out))
+        dg.set_info(node.outputs[0], 1, out)
+        return None
+
+    def apply(self, rw, node):
+        ki, ko = rw.keep_in(node, 0), rw.keep_out(node, 0)
+        w = _const(node.inputs[1])           # (K, N), or (N, K) with transB
+        if self.trans_b:
+            w = w.T
+        if ki is not None:
+            w = w[ki]
+        if ko is not None:
+            w = w[:, ko]
+            c = _const(_input(node, 2)) if _input(node, 2) is not None else None
+            if c is not None and c.ndim and c.shape[-1] == len(rw.dg.info[
+                    node.outputs[0].name].slots):
+                _set_input(rw, node, 2, c[..., ko], "c")
+        if ki is not None or ko is not None:
+            _set_input(rw, node, 1, w.T if self.trans_b else w, "w")
+
+
+@rule
+class MatMul(Rule):
+    """MatMul by a constant (K, N): features on the last axis are consumed, N produced."""
+
+    ops = ("MatMul",)
+
+    def propagate(self, dg, node):
+        w = _const(node.inputs[1])
+        if w is None or _const(node.inputs[0]) is not None:
+            return "not an activation times a constant matrix"
+        if w.ndim != 2:
+            return "batched constant matrix"
+        info = dg.info_of(node.inputs[0])
+        r = _rank(node.inputs[0])
+        if info is None or r is None:
+            return "input features unknown"
+        if info.axis != r - 1:
+            # The tracked axis is a row/batch axis: it passes through unchanged.
+            self.kind = "rows"
+            dg.set_info(node.outputs[0], info.axis, info.slots)
+            dg.mac_nodes.append(MacNode(node, _node_macs(node), info.slots, None))
+            return None
+        if len(info.slots) != w.shape[0]:
+            return "weight shape does not match the input features"
+        self.kind = "features"
+        out = dg.new_slots(w.shape[1])
+        dg.sources.append(Source(node, out, "matmul"))
+        dg.consumers.append(Consumer(node, info.slots, "matmul"))
+        dg.mac_nodes.append(MacNode(node, _node_macs(node), info.slots, out))
+        dg.set_info(node.outputs[0], r - 1, out)
+        return None
+
+    def apply(self, rw, node):
+        if self.kind != "features":
+            return
+        ki, ko = rw.keep_in(node, 0), rw.keep_out(node, 0)
+        if ki is None and ko is None:
+            return
+        w = _const(node.inputs[1])           # (K, N)
+        if ki is not None:
+            w = w[ki]
+        if ko is not None:
+            w = w[:, ko]
+        _set_input(rw, node, 1, w, "w")
+
+
+# ---- channel layout ops -----------------------------------------------------------------
+
+
+@rule
+class Concat(Rule):
+    """Concat on the channel axis places each input's slots at its offset."""
+
+    ops = ("Concat",)
+
+    def propagate(self, dg, node):
+        out = node.outputs[0]
+        r = _rank(out)
+        if r is None:
+            return "shape unknown"
+        axis = int(node.attrs.get("axis", 0)) % r
+        infos = []
+        for t in node.inputs:
+            if _const(t) is not None:
+                if t.shape is None or axis >= len(t.shape):
+                    return "constant input of unknown shape"
+                # A constant's channels can never be removed: fresh, fixed slots.
+                s = dg.new_slots(int(t.shape[axis]))
+                dg.fix(s, f"'{node.name}' (Concat): concatenates a constant")
+                infos.append(TensorInfo(axis, s))
+                continue
+            info = dg.info_of(t)
+            if info is None:
+                return "an input's channels are unknown"
+            infos.append(info)
+        if all(i.axis == axis for i in infos):
+            dg.set_info(out, axis, np.concatenate([i.slots for i in infos]))
+            return None
+        first = infos[0]
+        if all(i.axis == first.axis and len(i.slots) == len(first.slots) for i in infos):
+            for i in infos[1:]:        # concatenating along another axis couples channels
+                dg.union(i.slots, first.slots)
+            dg.set_info(out, first.axis, first.slots)
+            return None
+        return "inputs disagree on the channel axis"
+
+
+@rule
+class Split(Rule):
+    """Split on the channel axis hands each output its slice of slots."""
+
+    ops = ("Split",)
+
+    def propagate(self, dg, node):
+        info = dg.info_of(node.inputs[0])
+        r = _rank(node.inputs[0])
+        if info is None or r is None:
+            return "input channels unknown"
+        axis = int(node.attrs.get("axis", 0)) % r
+        outs = node.outputs
+        if axis != info.axis:
+            for o in outs:
+                dg.set_info(o, info.axis, info.slots)
+            self.sizes = None
+            return None
+        split = _input(node, 1)
+        if split is not None:
+            sizes = _const(split)
+            if sizes is None:
+                return "split sizes are not constant"
+        elif "split" in node.attrs:
+            sizes = node.attrs["split"]
+        else:
+            c = len(info.slots)
+            if c % len(outs):
+                return "uneven implicit split"
+            sizes = [c // len(outs)] * len(outs)
+        sizes = [int(s) for s in np.ravel(sizes)]
+        if sum(sizes) != len(info.slots) or len(sizes) != len(outs):
+            return "split sizes do not match the channels"
+        self.sizes, off = sizes, 0
+        for o, s in zip(outs, sizes):
+            dg.set_info(o, axis, info.slots[off:off + s])
+            off += s
+        return None
+
+    def apply(self, rw, node):
+        if self.sizes is None:
+            return
+        new = []
+        for k, s in enumerate(self.sizes):
+            keep = rw.keep_out(node, k)
+            new.append(s if keep is None else len(keep))
+        if new == self.sizes:
+            return
+        node.attrs.pop("num_outputs", None)
+        if rw.graph.opset >= 13:
+            node.attrs.pop("split", None)
+            _set_input(rw, node, 1, np.array(new, np.int64), "split")
+        else:
+            node.attrs["split"] = new
+
+
+@rule
+class Slice(Rule):
+    """Slice: a contiguous range on the channel axis is re-indexed; others pass through."""
+
+    ops = ("Slice",)
+
+    def propagate(self, dg, node):
+        info = dg.info_of(node.inputs[0])
+        r = _rank(node.inputs[0])
+        if info is None or r is None:
+            return "input channels unknown"
+        vals = [_const(_input(node, i)) if _input(node, i) is not None else None
+                for i in range(1, 5)]
+        if vals[0] is None or vals[1] is None or any(
+                _input(node, i + 1) is not None and vals[i] is None for i in (2, 3)):
+            return "slice bounds are not constant"
+        starts, ends = [int(v) for v in vals[0]], [int(v) for v in vals[1]]
+        axes = [int(a) % r for a in vals[2]] if vals[2] is not None \
+            else list(range(len(starts)))
+        steps = [int(s) for s in vals[3]] if vals[3] is not None else [1] * len(starts)
+        self.j = axes.index(info.axis) if info.axis in axes else None
+        if self.j is None:
+            dg.set_info(node.outputs[0], info.axis, info.slots)
+            return None
+        if steps[self.j] != 1:
+            return "strided Slice on the channel axis"
+        self.c_in = len(info.slots)
+        self.sel = np.arange(self.c_in)[slice(starts[self.j], ends[self.j], 1)]
+        self.starts, self.ends = starts, ends
+        dg.set_info(node.outputs[0], info.axis, info.slots[self.sel])
+        return None
+
+    def apply(self, rw, node):
+        if self.j is None:
+            return
+        keep = rw.keep_in(node, 0)
+        if keep is None:
+            return
+        lo = self.sel[0] if len(self.sel) else 0
+        new_start = int(np.sum(keep < lo))
+        new_len = int(np.isin(keep, self.sel).sum())
+        starts, ends = list(self.starts), list(self.ends)
+        starts[self.j], ends[self.j] = new_start, new_start + new_len
+        _set_input(rw, node, 1, np.array(starts, np.int64), "starts")
+        _set_input(rw, node, 2, np.array(ends, np.int64), "ends")
+
+
+@rule
+class Pad(Rule):
+    """Pad: zero channels padded on the channel axis are fresh slots; pads are recounted."""
+
+    ops = ("Pad",)
+
+    def propagate(self, dg, node):
+        info = dg.info_of(node.inputs[0])
+        r = _rank(node.inputs[0])
+        if info is None or r is None:
+            return "input channels unknown"
+        if _input(node, 3) is not None:
+            return "Pad with explicit axes"
+        pads = _const(_input(node, 1)) if _input(node, 1) is not None \
+            else node.attrs.get("pads")
+        if pads is None:
+            return "pads are not constant"
+        pads = [int(p) for p in np.ravel(pads)]
+        self.pads, self.axis = pads, info.axis
+        p0, p1 = pads[info.axis], pads[info.axis + r]
+        if p0 == 0 and p1 == 0:
+            dg.set_info(node.outputs[0], info.axis, info.slots)
+            return None
+        if node.attrs.get("mode", "constant") != "constant":
+            return "non-constant Pad on the channel axis"
+        if p0 < 0 or p1 < 0:
+            return "negative Pad (crop) on the channel axis"
+        self.c_in, self.r = len(info.slots), r
+        # Padded channels hold the pad value; they are removable like any other slot.
+        slots = np.concatenate([dg.new_slots(p0), info.slots, dg.new_slots(p1)])
+        dg.set_info(node.outputs[0], info.axis, slots)
+        return None
+
+    def apply(self, rw, node):
+        keep = rw.keep_out(node, 0)
+        if keep is None or not hasattr(self, "c_in"):
+            return
+        pads = list(self.pads)
+        p0 = pads[self.axis]
+        pads[self.axis] = int(np.sum(keep < p0))
+        pads[self.axis + self.r] = int(np.sum(keep >= p0 + self.c_in))
+        if _input(node, 1) is not None:
+            _set_input(rw, node, 1, np.array(pads, np.int64), "pads")
+        else:
+            node.attrs["pads"] = pads
+
+
+@rule
+class Flatten(Rule):
+    """Flatten: channel c becomes the block of features c·inner … c·inner+inner−1."""
+
+    ops = ("Flatten",)
+
+    def propagate(self, dg, node):
+        x = node.inputs[0]
+        info = dg.info_of(x)
+        r = _rank(x)
+        if info is None or r is None:
+            return "input channels unknown"
+        axis = int(node.attrs.get("axis", 1)) % max(r, 1)
+        if info.axis < axis:
+            return "channel axis ends up in the leading dimension"
+        dims = list(x.shape)
+        between, after = dims[axis:info.axis], dims[info.axis + 1:]
+        if not all(isinstance(d, (int, np.integer)) for d in between + after):
+            return "trailing dims are symbolic"
+        inner = int(np.prod(after)) if after else 1
+        outer = int(np.prod(between)) if between else 1
+        dg.set_info(node.outputs[0], 1, np.tile(np.repeat(info.slots, inner), outer))
+        return None
+
+
+@rule
+class Reshape(Rule):
+    """Reshape that keeps the channel axis (e.g. N×C → N×C×1×1) or flattens the
+    channel with everything after it (N×C×H×W → N×CHW). Anything else regroups
+    channels (e.g. ShuffleNet's channel shuffle) and has no rule."""
+
+    ops = ("Reshape",)
+
+    def propagate(self, dg, node):
+        x, out = node.inputs[0], node.outputs[0]
+        info = dg.info_of(x)
+        target = _const(node.inputs[1])
+        if info is None or x.shape is None or out.shape is None:
+            return "shapes unknown"
+        if target is None:
+            return "target shape is not constant"
+        a = info.axis
+        din, dout = list(x.shape), list(out.shape)
+        if dout[:a] != din[:a] or len(dout) <= a:
+            return "Reshape regroups the channel axis"
+        c = len(info.slots)
+        after = din[a + 1:]
+        if not all(isinstance(d, (int, np.integer)) for d in after + dout[a + 1:]):
+            return "trailing dims are symbolic"
+        inner = int(np.prod(after)) if after else 1
+        tail_out = int(np.prod(dout[a + 1:])) if len(dout) > a + 1 else 1
+        self.a = a
+        if dout[a] == c and tail_out == inner:
+            self.inner = 1
+            dg.set_info(out, a, info.slots)
+        elif dout[a] == c * inner and tail_out == 1:
+            self.inner = inner
+            dg.set_info(out, a, np.repeat(info.slots, inner))
+        else:
+            return "Reshape regroups the channel axis (e.g. a channel shuffle)"
+        return None
+
+    def apply(self, rw, node):
+        keep = rw.keep_out(node, 0)
+        if keep is None:
+            return
+        target = _const(node.inputs[1]).copy()
+        if target[self.a] > 0:        # explicit feature count: rewrite it
+            target[self.a] = len(keep)
+            _set_input(rw, node, 1, target.astype(np.int64), "shape")
+
+
+@rule
+class Transpose(Rule):
+    ops = ("Transpose",)
+
+    def propagate(self, dg, node):
+        info = dg.info_of(node.inputs[0])
+        r = _rank(node.inputs[0])
+        if info is None or r is None:
+            return "input channels unknown"
+        perm = [int(p) for p in node.attrs.get("perm", list(range(r))[::-1])]
+        dg.set_info(node.outputs[0], perm.index(info.axis), info.slots)
+        return None
+
+
+@rule
+class Squeeze(Rule):
+    ops = ("Squeeze", "Unsqueeze")
+
+    def propagate(self, dg, node):
+        info = dg.info_of(node.inputs[0])
+        r, ro = _rank(node.inputs[0]), _rank(node.outputs[0])
+        if info is None or r is None or ro is None:
+            return "shapes unknown"
+        axes = _axes(node)
+        if axes is None:
+            return "axes are not constant"
+        if node.op == "Squeeze":
+            if not axes:
+                axes = [i for i, d in enumerate(node.inputs[0].shape) if d == 1]
+            axes = [a % r for a in axes]
+            if info.axis in axes:
+                return "squeezes the channel axis"
+            new = info.axis - sum(a < info.axis for a in axes)
+        else:
+            axes = [a % ro for a in axes]
+            new = [p for p in range(ro) if p not in axes][info.axis]
+        dg.set_info(node.outputs[0], new, info.slots)
+        return None
+
+
+@rule
+class Resize(Rule):
+    """Resize/Upsample with scale 1 (or size C) on the channel axis."""
+
+    ops = ("Resize", "Upsample")
+
+    def propagate(self, dg, node):
+        info = dg.info_of(node.inputs[0])
+        if info is None:
+            return "input channels unknown"
+        scales = _input(node, 2 if node.op == "Resize" else 1)
+        sizes = _input(node, 3) if node.op == "Resize" else None
+        if scales is not None and _const(scales) is not None and _const(scales).size:
+            if float(np.ravel(_const(scales))[info.axis]) != 1.0:
+                return "resizes the channel axis"
+        elif sizes is not None:
+            s = _const(sizes)
+            if s is None or int(np.ravel(s)[info.axis]) != len(info.slots):
+                return "sizes are not constant or resize the channel axis"
+            self.sizes = s
+        elif node.op == "Upsample" and "scales" in node.attrs:
+            if float(node.attrs["scales"][info.axis]) != 1.0:
+                return "resizes the channel axis"
+        else:
+            return "scales are not constant"
+        self.axis = info.axis
+        dg.set_info(node.outputs[0], info.axis, info.slots)
+        return None
+
+    def apply(self, rw, node):
+        keep = rw.keep_out(node, 0)
+        if keep is None or not hasattr(self, "sizes"):
+            return
+        s = np.array(self.sizes, np.int64).copy()
+        s[self.axis] = len(keep)
+        _set_input(rw, node, 3, s, "sizes")
+
+
+@rule
+class Reduce(Rule):
+    """Reductions over non-channel axes (e.g. ReduceMean over H, W) pass channels."""
+
+    ops = ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1",
+           "ReduceL2", "ReduceLogSumExp", "ReduceSumSquare", "ArgMax", "ArgMin")
+
+    def propagate(self, dg, node):
+        info = dg.info_of(node.inputs[0])
+        r = _rank(node.inputs[0])
+        if info is None or r is None:
+            return "input channels unknown"
+        if node.op in ("ArgMax", "ArgMin"):
+            axes = [int(node.attrs.get("axis", 0))]
+        else:
+            axes = _axes(node)
+            if axes is None:
+                return "axes are not constant"
+        if not axes:
+            return "reduces over every axis"
+        axes = [a % r for a in axes]
+        if info.axis in axes:
+            return "reduces over the channel axis"
+        keep = int(node.attrs.get("keepdims", 1))
+        new = info.axis if keep else info.axis - sum(a < info.axis for a in axes)
+        dg.set_info(node.outputs[0], new, info.slots)
+        return None
+
+
+@rule
+class Softmax(Rule):
+    ops = ("Softmax", "LogSoftmax", "Hardmax")
+
+    def propagate(self, dg, node):
+        info = dg.info_of(node.inputs[0])
+        r = _rank(node.inputs[0])
+        if info is None or r is None:
+            return "input channels unknown"
+        default = -1 if dg.graph.opset >= 13 else 1
+        axis = int(node.attrs.get("axis", default)) % r
+        if axis == info.axis or (dg.graph.opset < 13 and axis <= info.axis):
+            return f"{node.op} normalises over the channel axis"
+        dg.set_info(node.outputs[0], info.axis, info.slots)
+        return None
+
+
+def _node_macs(node) -> int:
+    from onnxc.ir import node_macs
+
+    return node_macs(node)
