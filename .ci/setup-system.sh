@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # System packages the tests need (Debian). Idempotent; skipped when not root.
 set -euo pipefail
-PKGS=()
+# g++-aarch64-linux-gnu + qemu-user: the arm target links its .so and runs it under
+# qemu-aarch64 (issue 6).
+PKGS=(g++-aarch64-linux-gnu qemu-user)
 if [ "$(id -u)" = "0" ] && [ ${#PKGS[@]} -gt 0 ]; then
     missing=()
     for p in "${PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done

@@ -1,0 +1,144 @@
+"""Targets ``x86``, ``arm``, ``cuda``: lowering through Apache TVM (Relax).
+
+canonical graph → static shapes → ``relax.frontend.onnx.from_onnx`` (params bound)
+→ optional MetaSchedule tuning against a persistent database → ``tvm.compile`` →
+``model.so`` (or ``model.tar`` + LINK.txt where no cross compiler is found) and
+``target.json`` (target dict, inputs/outputs, how to load). x86 artifacts are
+checked against ONNX Runtime on the compressed ONNX model before they are written.
+
+Python API for other onnxc code (TVM is imported lazily, only when used):
+
+- :func:`compile_model` — compile an ONNX model / IR graph for a target into a dir.
+- :func:`x86_latency` — compile for this host (optionally tuned) and time it.
+- :func:`load_artifact`, :func:`benchmark` — run or time an artifact directory.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+from onnxc.backends import Backend, Option, register_backend
+
+from .targets import DEFAULT_CUDA_ARCH
+
+TUNE_OPTIONS = (
+    Option("--tune-trials", int, 0, "MetaSchedule trials in total (0: no tuning)"),
+    Option("--tune-trials-per-task", int, None,
+           "trial cap per task (default: trials spread evenly over untuned tasks)"),
+    Option("--tune-db", str, None, "tuning database directory, reused across runs and "
+           "models (default: ~/.cache/onnxc/tvm-tuning or $ONNXC_TUNE_DB)"),
+    Option("--rpc-tracker", str, None, "measure on remote devices: TVM RPC tracker HOST:PORT"),
+    Option("--rpc-key", str, None, "device key the RPC servers registered with the tracker"),
+)
+COMMON_OPTIONS = (
+    Option("--target-json", str, None, "TVM target as a JSON object (or a file holding one); "
+           "replaces the preset's target dict"),
+    Option("--cross-cc", str, None, "compiler that links model.so (default: g++ for this "
+           "host, aarch64-linux-gnu-g++ for arm); a missing explicit one is an error"),
+    Option("--tvm-tolerance", float, 1e-4, "max relative error of an x86 library vs ONNX "
+           "Runtime on the compressed model"),
+) + TUNE_OPTIONS
+
+
+class _TvmBackend(Backend):
+    preset = ""
+
+    def validate(self, ctx) -> None:
+        # Resolve the target now so bad flags fail before any pass runs.
+        from . import targets
+
+        spec = targets.resolve(self.preset, ctx.options)
+        spec.tvm_target()
+        trials = ctx.option("tune_trials", 0)
+        if trials < 0:
+            from onnxc.errors import UsageError
+
+            raise UsageError("--tune-trials must be >= 0")
+
+    def build(self, graph, ctx, out_dir, report) -> None:
+        from .build import compile_model
+
+        options = dict(ctx.options, seed=ctx.seed)
+        result = compile_model(graph, self.preset, out_dir, options, log=ctx.log,
+                               tolerance=float(ctx.option("tvm_tolerance", 1e-4)))
+        for note in result.notes:
+            ctx.log(f"  tvm: {note}")
+        info = result.runtime_info()
+        info["seconds"] = result.seconds
+        info["notes"] = result.notes
+        info["tuning"] = result.tuning.as_dict() if result.tuning else None
+        info["verification"] = result.verification
+        report["runtime"] = info
+        if result.verification:
+            ctx.log(f"  tvm: library vs ONNX Runtime max rel err "
+                    f"{result.verification['max_rel']:.2e}")
+
+
+@register_backend
+class X86Backend(_TvmBackend):
+    name = preset = "x86"
+    summary = "TVM (Relax) shared library for this host's x86 CPU"
+    options = (Option("--mcpu", str, None, "LLVM CPU name (default: this host's, e.g. "
+                      "znver3; arm: e.g. cortex-a72)"),) + COMMON_OPTIONS
+
+
+@register_backend
+class ArmBackend(_TvmBackend):
+    name = preset = "arm"
+    summary = "TVM (Relax) shared library for aarch64 Linux (NEON), cross-compiled"
+    options = X86Backend.options
+
+
+@register_backend
+class CudaBackend(_TvmBackend):
+    name = preset = "cuda"
+    summary = f"TVM (Relax) library with CUDA kernels (--cuda-arch, default {DEFAULT_CUDA_ARCH})"
+    options = (Option("--cuda-arch", str, DEFAULT_CUDA_ARCH, "CUDA architecture"),) \
+        + COMMON_OPTIONS
+
+
+# ----------------------------------------------------------------------------------------
+# Python API
+
+
+def compile_model(*args, **kwargs):
+    """See :func:`onnxc.backends.tvm.build.compile_model`."""
+    from .build import compile_model as impl
+
+    return impl(*args, **kwargs)
+
+
+def load_artifact(path):
+    from .runtime import load_artifact as impl
+
+    return impl(path)
+
+
+def benchmark(*args, **kwargs):
+    from .runtime import benchmark as impl
+
+    return impl(*args, **kwargs)
+
+
+def x86_latency(model, input_shapes: dict | None = None, tune_trials: int = 0,
+                tune_db: str | None = None, warmup: int = 5, repeat: int = 30,
+                out_dir: str | None = None, log=None, **options) -> dict:
+    """Compile ``model`` for this host's CPU (tuned when ``tune_trials`` > 0) and time it.
+
+    Returns the :func:`benchmark` figures plus ``compile`` seconds and ``tuning``
+    stats. The artifact goes to ``out_dir`` (a temporary directory by default).
+    """
+    from .build import compile_model as impl
+    from .runtime import benchmark as bench
+    from .runtime import load_artifact as load
+
+    opts = dict(options, tune_trials=tune_trials, tune_db=tune_db)
+    with tempfile.TemporaryDirectory(prefix="onnxc-tvm-") as tmp:
+        where = out_dir or os.path.join(tmp, "artifact")
+        result = impl(model, "x86", where, opts, input_shapes=input_shapes, log=log)
+        figures = bench(load(where), warmup=warmup, repeat=repeat)
+    figures["compile_seconds"] = result.seconds
+    figures["tuning"] = result.tuning.as_dict() if result.tuning else None
+    figures["verification"] = result.verification
+    return figures

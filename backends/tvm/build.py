@@ -1,0 +1,326 @@
+"""ONNX graph → Relax → (MetaSchedule) → ``tvm.compile`` → exported library.
+
+:func:`compile_model` is the one entry point; the ``x86``/``arm``/``cuda`` backends
+and other onnxc code (the VTA backend's host part, the benchmark suite) call it.
+
+TVM 0.27's ONNX importer needs static shapes and folded shape computations, so a
+graph that still has a symbolic batch dimension is re-canonicalised here with the
+batch fixed (1 unless ``input_shapes`` says otherwise) before ``from_onnx``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from onnxc.errors import BackendError, UnsupportedError, UsageError
+from onnxc.ir import Graph
+
+from . import targets as T
+from .tuning import TuningStats, tune
+
+LIBRARY = "model.so"
+LIBRARY_TAR = "model.tar"
+TARGET_FILE = "target.json"
+
+
+@dataclass
+class CompiledModel:
+    """What :func:`compile_model` produced (paths are inside ``out_dir``)."""
+
+    out_dir: str
+    library: str                       # model.so or model.tar
+    spec: T.TargetSpec
+    inputs: list                       # [{"name", "shape", "dtype"}]
+    outputs: list                      # [{"name", "dtype"}]
+    tuning: TuningStats | None
+    seconds: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)
+    files: list = field(default_factory=list)
+    verification: dict | None = None   # x86: library vs ONNX Runtime
+
+    @property
+    def linked(self) -> bool:
+        return self.library.endswith(".so")
+
+    def runtime_info(self) -> dict:
+        import tvm
+
+        dev = "tvm.cuda()" if self.spec.device == "cuda" else "tvm.cpu()"
+        name = os.path.basename(self.library)
+        load = ("import numpy as np, tvm\nfrom tvm import relax\n"
+                f"vm = relax.VirtualMachine(tvm.runtime.load_module('{name}'), {dev})\n"
+                f"y = vm['main'](tvm.runtime.tensor(x, device={dev})).numpy()")
+        if not self.linked:
+            load = (f"# first link the objects on the device: see LINK.txt\n"
+                    + load.replace(name, LIBRARY))
+        info = {"name": "tvm", "version": tvm.__version__, "library": name,
+                "target": self.spec.as_dict(), "inputs": self.inputs,
+                "outputs": self.outputs, "load": load,
+                "run": f"onnxc run {{artifact}} --input x.npy --output y.npy"}
+        if self.spec.device == "cuda":
+            info["cuda_kernels_compile"] = (
+                "the library carries the CUDA kernel source; TVM compiles it for the GPU "
+                "when loading (NVRTC from the cuda-bindings package, or nvcc with "
+                "TVM_CUDA_COMPILE_MODE=nvcc)")
+        return info
+
+
+# ----------------------------------------------------------------------------------------
+# Import
+
+
+def static_model(model, input_shapes: dict | None = None, notes: list | None = None,
+                 batch: int = 1) -> onnx.ModelProto:
+    """A static-shape, constant-folded ModelProto (symbolic batch → ``batch``)."""
+    from onnxc import frontend
+
+    notes = notes if notes is not None else []
+    if isinstance(model, Graph):
+        proto = model.to_onnx()
+    elif isinstance(model, onnx.ModelProto):
+        proto = model
+    else:
+        proto = frontend.load_model(model)
+    shapes = dict(input_shapes or {})
+    inits = {t.name for t in proto.graph.initializer}
+    for inp in proto.graph.input:
+        if inp.name in inits or inp.name in shapes:
+            continue
+        dims = inp.type.tensor_type.shape.dim
+        if any(not d.HasField("dim_value") for d in dims):
+            fixed = [d.dim_value if d.HasField("dim_value") else -1 for d in dims]
+            if any(v == -1 for v in fixed[1:]):
+                raise UsageError(f"input '{inp.name}' has symbolic dims beyond the batch "
+                                 f"axis; fix them with --input-shape {inp.name}:D1,D2,...")
+            fixed[0] = batch
+            shapes[inp.name] = fixed
+            notes.append(f"input '{inp.name}': symbolic batch fixed to {batch} for TVM "
+                         f"(use --input-shape to choose)")
+    if not shapes:
+        return proto
+    return frontend.canonicalize(proto, shapes, notes=notes).to_onnx()
+
+
+def io_signature(model: onnx.ModelProto) -> tuple[list, list]:
+    inits = {t.name for t in model.graph.initializer}
+    ins, outs = [], []
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        ins.append({"name": vi.name, "shape": [d.dim_value for d in tt.shape.dim],
+                    "dtype": onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name})
+    for vi in model.graph.output:
+        tt = vi.type.tensor_type
+        outs.append({"name": vi.name,
+                     "dtype": onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name})
+    return ins, outs
+
+
+def import_relax(model: onnx.ModelProto, inputs: list):
+    """``relax.frontend.onnx.from_onnx`` with params bound; one-line errors."""
+    from tvm.relax.frontend.onnx import from_onnx
+
+    shape_dict = {i["name"]: i["shape"] for i in inputs}
+    dtype_dict = {i["name"]: i["dtype"] for i in inputs}
+    try:
+        return from_onnx(model, shape_dict=shape_dict, dtype_dict=dtype_dict)
+    except Exception as exc:  # the importer raises anything from KeyError to TVMError
+        ops = sorted({n.op_type for n in model.graph.node})
+        raise UnsupportedError(f"TVM's ONNX importer failed: {T._first_line(exc)} "
+                               f"(ops in graph: {', '.join(ops)})") from None
+
+
+# ----------------------------------------------------------------------------------------
+# Compile and export
+
+
+def compile_model(model, target="x86", out_dir: str = ".", options: dict | None = None,
+                  input_shapes: dict | None = None, log=None, verify: bool = True,
+                  verify_samples: int = 4, tolerance: float = 1e-4) -> CompiledModel:
+    """Compile an ONNX model (path, ModelProto or IR Graph) for ``target`` into ``out_dir``.
+
+    ``target`` is a preset name (``x86``, ``arm``, ``cuda``) or a ready
+    :class:`TargetSpec`; ``options`` are the backend options by dest name
+    (``tune_trials``, ``tune_db``, ``mcpu``, ``cuda_arch``, ``target_json``,
+    ``rpc_tracker``, ``rpc_key``, ``cross_cc``). Writes the library, ``target.json``
+    and, for x86 when ``verify``, checks the library against ONNX Runtime.
+    """
+    import tvm
+
+    log = log or (lambda msg: None)
+    options = dict(options or {})
+    spec = target if isinstance(target, T.TargetSpec) else T.resolve(target, options)
+    tvm_target = spec.tvm_target()
+    notes = list(spec.notes)
+    seconds = {}
+
+    start = time.perf_counter()
+    model = static_model(model, input_shapes, notes)
+    inputs, outputs = io_signature(model)
+    mod = import_relax(model, inputs)
+    seconds["import"] = time.perf_counter() - start
+
+    stats = None
+    trials = int(options.get("tune_trials") or 0)
+    if trials > 0:
+        start = time.perf_counter()
+        mod, stats = tune(mod, tvm_target, spec, trials, options, log)
+        seconds["tune"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    try:
+        with tvm.transform.PassContext(opt_level=3):
+            executable = tvm.compile(mod, tvm_target)
+    except Exception as exc:
+        raise BackendError(f"TVM failed to compile for {spec.preset}: "
+                           f"{T._first_line(exc)}") from None
+    seconds["compile"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    os.makedirs(out_dir, exist_ok=True)
+    files = []
+    library = _export(executable, spec, out_dir, files)
+    if spec.device == "cuda":
+        notes += _cuda_device_code(executable, spec, out_dir, files, log)
+    seconds["export"] = time.perf_counter() - start
+
+    result = CompiledModel(out_dir, library, spec, inputs, outputs, stats,
+                           {k: round(v, 3) for k, v in seconds.items()}, notes, files)
+    with open(os.path.join(out_dir, TARGET_FILE), "w") as f:
+        json.dump({"onnxc_tvm": 1, **result.runtime_info(),
+                   "tuning": stats.as_dict() if stats else None}, f, indent=2)
+        f.write("\n")
+    files.append(TARGET_FILE)
+    if verify and spec.runs_here and result.linked:
+        result.verification = verify_against_onnxruntime(result, model, verify_samples)
+        if result.verification["max_rel"] > tolerance:
+            raise BackendError(
+                f"the {spec.preset} library differs from ONNX Runtime: max relative error "
+                f"{result.verification['max_rel']:.2e} > {tolerance:.0e}")
+    return result
+
+
+def _export(executable, spec: T.TargetSpec, out_dir: str, files: list) -> str:
+    from tvm.support import cc
+
+    if spec.compiler is None:
+        path = os.path.join(out_dir, LIBRARY_TAR)
+        try:
+            executable.export_library(path)
+        except Exception as exc:
+            raise BackendError(f"exporting the library failed: {T._first_line(exc)}") from None
+        with open(os.path.join(out_dir, "LINK.txt"), "w") as f:
+            gxx = T.CROSS_COMPILERS.get(spec.arch, "g++")
+            f.write(f"No cross compiler for {spec.arch} was found where this artifact was\n"
+                    f"built, so {LIBRARY_TAR} holds the compiled object files. On the "
+                    f"device (or with a {spec.arch} cross toolchain):\n\n"
+                    f"  mkdir objs && tar -xf {LIBRARY_TAR} -C objs\n"
+                    f"  g++ -shared -fPIC -o {LIBRARY} objs/*.o    "
+                    f"# or {gxx} when cross-compiling\n\n"
+                    f"then load {LIBRARY} with tvm.runtime.load_module.\n")
+        files += [LIBRARY_TAR, "LINK.txt"]
+        return path
+    path = os.path.join(out_dir, LIBRARY)
+    native = os.path.basename(spec.compiler) in ("g++", "c++") and spec.runs_here \
+        or spec.device == "cuda"
+    fcompile = None if native else cc.cross_compiler(spec.compiler)
+    try:
+        executable.export_library(path, fcompile=fcompile)
+    except Exception as exc:
+        raise BackendError(f"linking the library with {spec.compiler} failed: "
+                           f"{T._first_line(exc)}") from None
+    files.append(LIBRARY)
+    return path
+
+
+def cuda_kernel_source(executable) -> str:
+    """The CUDA C source of every device kernel in a compiled executable."""
+    sources = []
+
+    def walk(mod):
+        if mod.kind == "cuda":
+            sources.append(mod.inspect_source("cuda") or mod.inspect_source(""))
+        for sub in mod.imports:
+            walk(sub)
+
+    walk(executable.mod)
+    return "\n".join(s for s in sources if s)
+
+
+def _cuda_device_code(executable, spec, out_dir, files, log) -> list:
+    """Write the kernels' CUDA source; with nvcc, also their PTX for the requested arch.
+
+    The pip TVM compiles CUDA kernels only where a CUDA driver is present, so here the
+    library carries the kernel source and the GPU host compiles it at load time. nvcc
+    ahead of time proves the kernels compile for the arch and ships the PTX beside it.
+    """
+    notes = []
+    source = cuda_kernel_source(executable)
+    if not source:
+        raise BackendError("the CUDA build produced no device kernels")
+    cu = os.path.join(out_dir, "kernels.cu")
+    with open(cu, "w") as f:
+        f.write(source)
+    files.append("kernels.cu")
+    arch = spec.target.get("arch", T.DEFAULT_CUDA_ARCH)
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        notes.append("nvcc not found: CUDA kernels not compiled ahead of time (the GPU host "
+                     "compiles kernels.cu's code at load time)")
+        return notes
+    ptx = f"kernels.{arch}.ptx"
+    log(f"  tvm: compiling {source.count('__global__')} CUDA kernels for {arch} with nvcc")
+    proc = subprocess.run([nvcc, "-ptx", f"-arch={arch}", "-w", cu, "-o",
+                           os.path.join(out_dir, ptx)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        err = (proc.stderr.strip().splitlines() or ["?"])[0]
+        raise BackendError(f"nvcc failed to compile the CUDA kernels for {arch}: {err}")
+    files.append(ptx)
+    return notes
+
+
+# ----------------------------------------------------------------------------------------
+# Verification
+
+
+def verify_against_onnxruntime(result: CompiledModel, model: onnx.ModelProto,
+                               samples: int = 4, seed: int = 0) -> dict:
+    """Run the library and ONNX Runtime on the same random inputs; compare outputs."""
+    from onnxc.verify import Runner, compare_outputs
+
+    from .runtime import load_artifact
+
+    rng = np.random.default_rng(seed)
+    art = load_artifact(result.out_dir)
+    ort = Runner(model)
+    refs, outs = [], []
+    for _ in range(samples):
+        feeds = {i["name"]: _random_input(rng, i) for i in result.inputs}
+        refs.append(ort.session.run(None, feeds))
+        outs.append(art.run(feeds))
+    ref = [np.concatenate([r[k] for r in refs]) for k in range(len(refs[0]))]
+    out = [np.concatenate([o[k] for o in outs]) for k in range(len(outs[0]))]
+    cmp = compare_outputs(ref, out)
+    return {"against": "onnxruntime", "samples": samples, "max_rel": cmp.max_rel,
+            "max_abs": cmp.max_abs}
+
+
+def _random_input(rng, spec: dict) -> np.ndarray:
+    dtype = np.dtype(spec["dtype"])
+    if dtype.kind == "f":
+        return rng.standard_normal(spec["shape"]).astype(dtype)
+    if dtype.kind in "iu":
+        return rng.integers(0, 2, spec["shape"]).astype(dtype)
+    if dtype.kind == "b":
+        return rng.integers(0, 2, spec["shape"]).astype(bool)
+    raise UnsupportedError(f"input '{spec['name']}' has dtype {dtype}, which onnxc cannot "
+                           f"generate test data for")

@@ -1,0 +1,193 @@
+"""MetaSchedule tuning with a persistent database (``--tune-trials``, ``--tune-db``).
+
+The database directory (default ``~/.cache/onnxc/tvm-tuning``) is one MetaSchedule
+JSON database shared by every run and model. Before tuning, the module's tasks are
+extracted and every task that already has a tuning record for this target is
+skipped, so a second compile of the same workloads runs no trials (MetaSchedule on
+its own would spend the whole budget again). Measurements run locally or, with
+``--rpc-tracker host:port --rpc-key KEY``, on devices behind a TVM RPC tracker.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+from onnxc.errors import BackendError, UsageError
+
+from . import targets as T
+
+DEFAULT_DB = os.path.join(os.environ.get("XDG_CACHE_HOME",
+                                         os.path.join(os.path.expanduser("~"), ".cache")),
+                          "onnxc", "tvm-tuning")
+
+
+@dataclass
+class TuningStats:
+    db: str
+    tasks: int              # distinct tuning tasks in the module
+    cached: int             # tasks whose records were already in the database
+    tuned: int              # tasks tuned in this run
+    trials: int             # candidates measured in this run
+    trials_requested: int
+    seconds: float
+    runner: str
+
+    def as_dict(self) -> dict:
+        return dict(vars(self), seconds=round(self.seconds, 2))
+
+
+def default_db() -> str:
+    return os.environ.get("ONNXC_TUNE_DB", DEFAULT_DB)
+
+
+def parse_tracker(text: str) -> tuple[str, int]:
+    host, sep, port = (text or "").rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise UsageError(f"--rpc-tracker '{text}' must look like HOST:PORT")
+    return host, int(port)
+
+
+def check_tracker(host: str, port: int, key: str) -> None:
+    """Fail early, in one line, when the tracker is unreachable or has no such device."""
+    from tvm import rpc
+
+    try:
+        tracker = rpc.connect_tracker(host, port)
+        summary = tracker.summary()
+    except Exception as exc:
+        raise BackendError(f"cannot reach the RPC tracker at {host}:{port}: "
+                           f"{T._first_line(exc)}") from None
+    keys = {q.get("key") if isinstance(q, dict) else None for q in summary.get("queue_info", {})}
+    keys |= set(summary.get("queue_info", {}).keys()) if isinstance(
+        summary.get("queue_info"), dict) else set()
+    servers = summary.get("server_info", [])
+    names = {str(s.get("key", "")).split(":")[-1] for s in servers} | {k for k in keys if k}
+    if key not in names:
+        raise BackendError(f"no RPC server registered under key '{key}' at tracker "
+                           f"{host}:{port} (keys: {', '.join(sorted(names)) or 'none'})")
+
+
+def _runner(spec, options):
+    import tvm.s_tir.meta_schedule as ms
+
+    tracker = options.get("rpc_tracker")
+    if not tracker:
+        if not spec.runs_here:
+            raise UsageError(
+                f"tuning for {spec.preset} measures on the device: give --rpc-tracker "
+                f"HOST:PORT --rpc-key KEY of a TVM RPC tracker with such a device "
+                f"(this machine cannot run {spec.preset} code)")
+        return "local", "local"
+    key = options.get("rpc_key")
+    if not key:
+        raise UsageError("--rpc-tracker needs --rpc-key (the device key servers registered)")
+    host, port = parse_tracker(tracker)
+    check_tracker(host, port, key)
+    runner = ms.runner.RPCRunner(
+        rpc_config=ms.runner.RPCConfig(tracker_host=host, tracker_port=port,
+                                       tracker_key=key, session_timeout_sec=120),
+        evaluator_config=ms.runner.EvaluatorConfig(
+            number=3, repeat=1, min_repeat_ms=50,
+            enable_cpu_cache_flush=spec.device == "cpu"),
+        max_workers=1)
+    return runner, f"rpc {host}:{port} key {key}"
+
+
+def _progress_callback(total_tasks: int, budget: int, log):
+    """A MeasureCallback printing trials done / budget and the best time per task."""
+    import tvm.s_tir.meta_schedule as ms
+    from tvm.ir.utils import derived_object
+
+    @derived_object
+    class Progress(ms.measure_callback.PyMeasureCallback):
+        def __init__(self):
+            self.done = 0
+            self.best = {}
+            self.started = time.perf_counter()
+
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results,
+                  runner_results):
+            ok = [float(sum(r.run_secs) / len(r.run_secs)) for r in runner_results
+                  if r.error_msg is None and r.run_secs]
+            self.done += len(measure_candidates)
+            if ok:
+                self.best[task_id] = min(self.best.get(task_id, math.inf), min(ok))
+            name = task_scheduler.tasks_[task_id].ctx.task_name
+            best = self.best.get(task_id)
+            log(f"  tune: {self.done}/{budget} trials  task {task_id + 1}/{total_tasks} "
+                f"{name[:40]}  best {best * 1e3:.3f} ms" if best is not None else
+                f"  tune: {self.done}/{budget} trials  task {task_id + 1}/{total_tasks} "
+                f"{name[:40]}  (no valid measurement yet)")
+            log(f"        elapsed {time.perf_counter() - self.started:.0f} s")
+
+    return Progress()
+
+
+def _has_record(db, task, target) -> bool:
+    mod = task.dispatched[0]
+    if not db.has_workload(mod):
+        return False
+    return db.query_tuning_record(mod, target, task.task_name) is not None
+
+
+def tune(mod, target, spec, trials: int, options: dict, log):
+    """Tune ``mod``'s tasks not yet in the database; return (module with schedules, stats)."""
+    import tvm
+    import tvm.s_tir.meta_schedule as ms
+    from tvm import relax
+
+    log = log or (lambda m: print(m, file=sys.stderr))
+    started = time.perf_counter()
+    db_dir = os.path.abspath(os.path.expanduser(options.get("tune_db") or default_db()))
+    try:
+        os.makedirs(db_dir, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--tune-db {db_dir}: cannot create it ({exc.strerror})") from None
+    if not os.access(db_dir, os.W_OK):
+        raise UsageError(f"--tune-db {db_dir} is not writable")
+    runner, runner_name = _runner(spec, options)
+
+    with target:
+        mod = tvm.transform.Sequential([
+            relax.transform.DecomposeOpsForInference(),
+            relax.transform.CanonicalizeBindings(),
+            relax.pipeline.zero_pipeline(),
+        ])(mod)
+    tasks = ms.relax_integration.extract_tasks(mod, target)
+    db = ms.database.JSONDatabase(work_dir=db_dir)
+    todo = [t for t in tasks if not _has_record(db, t, target)]
+    cached = len(tasks) - len(todo)
+    log(f"  tune: {len(tasks)} tasks, {cached} already in {db_dir}, "
+        f"{len(todo)} to tune with up to {trials} trials ({runner_name})")
+    measured = 0
+    if todo:
+        per_task = int(options.get("tune_trials_per_task") or
+                       max(1, math.ceil(trials / len(todo))))
+        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+            todo, work_dir=db_dir, seed=int(options.get("seed") or 0))
+        progress = _progress_callback(len(contexts), min(trials, per_task * len(todo)),
+                                      log)
+        callbacks = list(ms.measure_callback.MeasureCallback.create("default")) + [progress]
+        try:
+            ms.tune.tune_tasks(
+                tasks=contexts, task_weights=weights, work_dir=db_dir,
+                max_trials_global=trials, max_trials_per_task=per_task,
+                num_trials_per_iter=min(64, per_task),
+                builder=ms.builder.LocalBuilder(max_workers=1), runner=runner,
+                database=db, measure_callbacks=callbacks)
+        except (UsageError, BackendError):
+            raise
+        except Exception as exc:
+            raise BackendError(f"MetaSchedule tuning failed: {T._first_line(exc)}") from None
+        measured = progress.done
+    with target, tvm.transform.PassContext(opt_level=3):
+        mod = relax.transform.MetaScheduleApplyDatabase(db_dir)(mod)
+    stats = TuningStats(db_dir, len(tasks), cached, len(todo), measured, trials,
+                        time.perf_counter() - started, runner_name)
+    log(f"  tune: done in {stats.seconds:.0f} s: {measured} trials measured, "
+        f"{cached}/{len(tasks)} tasks from the database")
+    return mod, stats
