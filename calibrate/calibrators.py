@@ -1,0 +1,158 @@
+"""Calibrators: turn a tensor's statistics into a clipping range, then into (scale, zero point).
+
+``minmax``      the observed range.
+``percentile``  clip the tails at the given percentile (of |x| for signed tensors).
+``entropy``     TensorRT's KL-divergence threshold: the clip that keeps the quantized
+                distribution closest to the observed one.
+``mse``         the clip minimising the expected squared quantization error over the
+                histogram (rounding noise + clipping error).
+
+Signed tensors are clipped symmetrically in magnitude (threshold t, range
+[max(min, -t), min(max, t)]); tensors that never go negative (ReLU outputs) are
+clipped at the top only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from onnxc.errors import UsageError
+
+from .stats import TensorStats
+
+CALIBRATORS = ("minmax", "percentile", "entropy", "mse")
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """How activations are stored: uint8 asymmetric, or int8 symmetric (zero point 0)."""
+
+    signed: bool = False           # int8 with zero point 0 (else uint8 asymmetric)
+    pow2: bool = False             # scales restricted to powers of two
+
+    @property
+    def qmin(self) -> int:
+        return -128 if self.signed else 0
+
+    @property
+    def qmax(self) -> int:
+        return 127 if self.signed else 255
+
+    @property
+    def dtype(self):
+        return np.int8 if self.signed else np.uint8
+
+    def params(self, lo: float, hi: float) -> tuple[float, int]:
+        """(scale, zero point) covering [lo, hi]; the range always includes 0 so that
+        zero (padding, ReLU) is exact."""
+        lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+        if self.signed:
+            scale = max(-lo, hi) / self.qmax
+        else:
+            scale = (hi - lo) / (self.qmax - self.qmin)
+        scale = max(scale, 1e-12)
+        if self.pow2:
+            # Round up, never down: a smaller scale would clip the calibrated range.
+            scale = float(2.0 ** np.ceil(np.log2(scale)))
+        scale = float(np.float32(scale))
+        if self.signed:
+            return scale, 0
+        zp = int(np.clip(round(-lo / scale), self.qmin, self.qmax))
+        return scale, zp
+
+
+def clip_range(stats: TensorStats, method: str = "minmax", scheme: Scheme = Scheme(),
+               percentile: float = 99.99) -> tuple[float, float]:
+    """The calibrated [lo, hi] of one tensor."""
+    if stats.count == 0:
+        raise ValueError(f"no statistics collected for tensor '{stats.name}'")
+    if method == "minmax" or stats.max == stats.min:
+        return stats.min, stats.max
+    if method not in CALIBRATORS:
+        raise UsageError(f"unknown calibrator '{method}' (choose from {', '.join(CALIBRATORS)})")
+    one_sided = stats.min >= 0
+    counts, width = stats.abs_histogram()         # |x| histogram, bins [i·w, (i+1)·w)
+    if method == "percentile":
+        t = _percentile_threshold(counts, width, percentile)
+    elif method == "entropy":
+        # Levels available on one side of zero: 256 for uint8 ReLU outputs, else 128.
+        levels = 256 if one_sided and not scheme.signed else 128
+        t = _entropy_threshold(counts, width, levels)
+    else:
+        t = _mse_threshold(stats, scheme)
+    max_abs = max(abs(stats.min), abs(stats.max))
+    t = min(max(t, width), max_abs)
+    return max(stats.min, -t), min(stats.max, t)
+
+
+# ----------------------------------------------------------------------------------------
+
+
+def _percentile_threshold(counts: np.ndarray, width: float, percentile: float) -> float:
+    if not 0 < percentile <= 100:
+        raise UsageError(f"--percentile {percentile} must be in (0, 100]")
+    cdf = np.cumsum(counts) / max(counts.sum(), 1)
+    i = int(np.searchsorted(cdf, percentile / 100.0))
+    return (min(i, len(counts) - 1) + 1) * width
+
+
+def _entropy_threshold(counts: np.ndarray, width: float, levels: int) -> float:
+    """TensorRT-style: for each candidate clip bin i, compare P = hist[:i] with the
+    outliers folded into the last bin against Q = hist[:i] squeezed into ``levels``
+    bins and expanded back (mass spread over the originally non-empty bins)."""
+    counts = counts.astype(np.float64)
+    n = len(counts)
+    if n <= levels:
+        return n * width
+    # ≤ ~400 candidates keeps this O(400·n) whatever the histogram resolution.
+    step = max(1, (n - levels) // 400)
+    best_i, best_kl = n, np.inf
+    tail = np.concatenate([np.cumsum(counts[::-1])[::-1], [0.0]])   # tail[i] = sum(counts[i:])
+    for i in range(levels, n + 1, step):
+        p = counts[:i].copy()
+        p[-1] += tail[i]
+        # Quantize hist[:i] (without outliers) into `levels` chunks, spread back uniformly.
+        chunk = (np.arange(i) * levels) // i                    # bin -> chunk, shape (i,)
+        nonzero = counts[:i] > 0
+        chunk_mass = np.bincount(chunk, weights=counts[:i], minlength=levels)
+        chunk_nz = np.bincount(chunk, weights=nonzero, minlength=levels)
+        q = np.where(nonzero, chunk_mass[chunk] / np.maximum(chunk_nz[chunk], 1), 0.0)
+        ps, qs = p.sum(), q.sum()
+        if ps == 0 or qs == 0:
+            continue
+        p, q = p / ps, q / qs
+        mask = p > 0
+        # A P>0 bin with Q=0 would be infinite KL; TensorRT smooths Q with a tiny epsilon.
+        kl = float(np.sum(p[mask] * np.log(p[mask] / np.maximum(q[mask], 1e-12))))
+        if kl < best_kl:
+            best_kl, best_i = kl, i
+    return best_i * width
+
+
+def _mse_threshold(stats: TensorStats, scheme: Scheme, candidates: int = 200) -> float:
+    """Threshold t minimising Σ_bins count·(c − fakequant(c))² over bin centers c."""
+    c = stats.centers()                              # (B,)
+    w = stats.counts.astype(np.float64)              # (B,)
+    keep = w > 0
+    c, w = c[keep], w[keep]
+    max_abs = max(abs(stats.min), abs(stats.max))
+    ts = max_abs * np.arange(1, candidates + 1) / candidates          # (T,)
+    lo = np.maximum(stats.min, -ts)                                   # (T,)
+    hi = np.minimum(stats.max, ts)
+    lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
+    if scheme.signed:
+        scale = np.maximum(-lo, hi) / scheme.qmax
+        zp = np.zeros_like(scale)
+    else:
+        scale = (hi - lo) / (scheme.qmax - scheme.qmin)
+    scale = np.maximum(scale, 1e-12)
+    if scheme.pow2:
+        scale = 2.0 ** np.ceil(np.log2(scale))
+    if not scheme.signed:
+        zp = np.clip(np.round(-lo / scale), scheme.qmin, scheme.qmax)
+    q = np.clip(np.round(c[None, :] / scale[:, None]) + zp[:, None], scheme.qmin, scheme.qmax)
+    fq = (q - zp[:, None]) * scale[:, None]                           # (T, B)
+    err = ((fq - c[None, :]) ** 2 * w[None, :]).sum(1)
+    return float(ts[int(np.argmin(err))])

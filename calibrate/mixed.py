@@ -1,0 +1,76 @@
+"""Mixed precision: per-layer sensitivity and fallback until an accuracy budget holds.
+
+Sensitivity of a layer = relative output error ‖y_q − y‖² / ‖y‖² of the model in which
+only that layer (of the candidate layers) is quantized, on up to ``SENS_SAMPLES``
+samples. With labelled data and a top-1 budget, layers fall back to the higher
+precision in decreasing sensitivity until the fully built model's top-1 drop is within
+the budget (or every layer fell back).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from onnxc.errors import UsageError
+
+SENS_SAMPLES = 128
+BUDGET_SAMPLES = 1024
+
+
+def labelled_data(ctx):
+    """Labelled data for the budget: calibration labels first (keeps the test set out of
+    the selection), else the evaluation set."""
+    for ds, what in ((ctx.calibration, "calibration"), (ctx.evaluation, "evaluation")):
+        if ds is not None and ds.labels is not None:
+            return ds.take(min(len(ds), BUDGET_SAMPLES)), what
+    raise UsageError("--max-drop needs labelled data: --calib-data or --eval-data with "
+                     "a 'labels' array")
+
+
+def relative_error(ref: np.ndarray, out: np.ndarray) -> float:
+    ref = ref.astype(np.float64)
+    return float(np.sum((out - ref) ** 2) / max(np.sum(ref ** 2), 1e-30))
+
+
+def sensitivity(graph, layers: list, build_only, dataset) -> dict:
+    """{layer: relative output error with only that layer quantized}."""
+    from onnxc.verify import Runner
+
+    sample = dataset.take(min(len(dataset), SENS_SAMPLES))
+    ref = Runner(graph).run(sample.inputs)[0]
+    scores = {}
+    for name in layers:
+        out = Runner(build_only(name)).run(sample.inputs)[0]
+        scores[name] = relative_error(ref, out)
+    return scores
+
+
+def fallback_until(graph, ctx, report, layers: list, build, budget: float,
+                   higher: str) -> list:
+    """Layers (most sensitive first) that fall back to ``higher`` precision so that the
+    top-1 drop of ``build(fallback)`` stays within ``budget`` points."""
+    from onnxc.verify import top1
+
+    data, source = labelled_data(ctx)
+    everything = list(layers)
+    scores = sensitivity(graph, everything,
+                         lambda name: build([n for n in everything if n != name]), data)
+    order = sorted(everything, key=lambda n: -scores[n])
+    ref = top1(graph, data)
+    fallback: list = []
+    acc = top1(build(fallback), data)
+    trace = [{"fallback": 0, "top1": round(acc, 3)}]
+    while ref - acc > budget and len(fallback) < len(order):
+        fallback.append(order[len(fallback)])
+        acc = top1(build(fallback), data)
+        trace.append({"fallback": len(fallback), "top1": round(acc, 3)})
+    report.extra["sensitivity"] = {n: scores[n] for n in order}
+    report.extra["mixed_precision"] = {
+        "budget_pt": budget, "data": source, "samples": len(data),
+        "reference_top1": round(ref, 3), "final_top1": round(acc, 3),
+        "higher_precision": higher, "fallback": fallback, "trace": trace}
+    met = ref - acc <= budget
+    report.note(f"mixed precision: {len(fallback)} of {len(order)} layers fall back to "
+                f"{higher}; top-1 {ref:.2f}% -> {acc:.2f}% on {len(data)} {source} samples"
+                + ("" if met else f" (budget {budget} pt NOT met)"))
+    return fallback

@@ -1,0 +1,217 @@
+"""Building blocks of the QDQ format shared by the int8, ternary and binary passes.
+
+Conventions (documented for users in docs/quantization.md):
+- an activation tensor T is quantized by ``T → QuantizeLinear(s, zp) → DequantizeLinear(s, zp)``
+  named ``T_q``/``T_dq``; every consumer of T reads ``T_dq``;
+- a weight is an int8 initializer ``<w>_q`` read by ``DequantizeLinear(<w>_q, <w>_scale,
+  <w>_zp, axis=<output-channel axis>)``; scales are float32 vectors, zero points int8 zeros;
+- a bias is an int32 initializer with scale ``s_input · s_weight`` (per channel) and zero
+  point 0, read through its own DequantizeLinear (what ONNX Runtime fuses into
+  QLinearConv / QGemm).
+"""
+
+from __future__ import annotations
+
+import platform
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+
+def has_vnni() -> bool:
+    """True when this CPU has VNNI (or is not x86): u8·s8 dot products then cannot saturate."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return True
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags or "amx_int8" in flags
+
+
+def weight_qmax(reduce_range: bool) -> int:
+    """Largest int8 weight code. With reduced range (7 bit) |w1|+|w2| ≤ 126, so a u8·s8 pair
+    sum 255·126 fits int16: the AVX2 VPMADDUBSW kernel of ONNX Runtime cannot saturate."""
+    return 63 if reduce_range else 127
+
+
+def quantize_weight(w: np.ndarray, axis: int | None, qmax: int = 127,
+                    pow2: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 weight quantization.
+
+    ``axis`` is the output-channel axis (per-channel scales, shape (C,)) or None (one
+    scale, shape ()). Returns (codes int8 like w, scales float32)."""
+    w = np.asarray(w, np.float32)
+    if axis is None:
+        amax = np.array(np.abs(w).max(), np.float64)
+    else:
+        amax = np.abs(np.moveaxis(w, axis, 0)).reshape(w.shape[axis], -1).max(1).astype(np.float64)
+    scale = np.where(amax > 0, amax / qmax, 1.0)
+    if pow2:
+        scale = 2.0 ** np.ceil(np.log2(scale))
+    scale = scale.astype(np.float32)
+    codes = np.clip(np.round(w / _expand(scale, w.ndim, axis)), -qmax, qmax).astype(np.int8)
+    return codes, scale
+
+
+def _const(graph, name: str, values: np.ndarray) -> gs.Constant:
+    """Constant that keeps 0-d arrays 0-d (``Graph.make_constant`` makes them 1-d, and ONNX
+    Runtime fuses QLinearAdd & co only for truly scalar scales / zero points)."""
+    return gs.Constant(graph.unique_name(name), np.array(values, copy=True))
+
+
+def _expand(v: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
+    """Reshape a per-channel vector to broadcast along ``axis`` of an ndim tensor."""
+    if axis is None or np.ndim(v) == 0:
+        return v
+    shape = [1] * ndim
+    shape[axis] = -1
+    return v.reshape(shape)
+
+
+def dequantize(codes: np.ndarray, scale: np.ndarray, axis: int | None) -> np.ndarray:
+    return codes.astype(np.float32) * _expand(scale, codes.ndim, axis)
+
+
+def weight_dq(graph, base: str, codes: np.ndarray, scale: np.ndarray,
+              axis: int | None) -> gs.Variable:
+    """Float output of ``DequantizeLinear(codes, scale, 0, axis)``, node added to the graph."""
+    zp = np.zeros(scale.shape, codes.dtype)
+    out = graph.make_variable(base + "_dq", dtype=np.float32, shape=list(codes.shape))
+    attrs = {"axis": int(axis)} if axis is not None and scale.ndim == 1 else {}
+    node = gs.Node("DequantizeLinear", graph.unique_name(base + "_DequantizeLinear"),
+                   attrs=attrs,
+                   inputs=[_const(graph, base + "_q", codes),
+                           _const(graph, base + "_scale", scale),
+                           _const(graph, base + "_zp", zp)],
+                   outputs=[out])
+    graph.gs.nodes.append(node)
+    return out
+
+
+def bias_dq(graph, base: str, bias: np.ndarray, x_scale: float,
+            w_scale: np.ndarray) -> gs.Variable | None:
+    """int32 bias through DequantizeLinear with scale s_x·s_w; None if it would overflow."""
+    scale = (np.float32(x_scale) * np.broadcast_to(w_scale, bias.shape)).astype(np.float32)
+    codes = np.round(bias.astype(np.float64) / scale.astype(np.float64))
+    if np.any(np.abs(codes) > 2**31 - 1):
+        return None
+    return weight_dq(graph, base, codes.astype(np.int32), scale, 0)
+
+
+def insert_qdq(graph, tensor: gs.Variable, scale: float, zero_point: int, dtype) -> gs.Variable:
+    """Quantize ``tensor`` in place: every reader now sees DQ(Q(tensor)). Returns the DQ output."""
+    s = _const(graph, tensor.name + "_scale", np.array(scale, np.float32))
+    z = _const(graph, tensor.name + "_zero_point", np.array(zero_point, dtype))
+    q_out = graph.make_variable(tensor.name + "_q", dtype=dtype, shape=tensor.shape)
+    dq_out = graph.make_variable(tensor.name + "_dq", dtype=np.float32, shape=tensor.shape)
+    readers = list(tensor.outputs)
+    q = gs.Node("QuantizeLinear", graph.unique_name(tensor.name + "_QuantizeLinear"),
+                inputs=[tensor, s, z], outputs=[q_out])
+    dq = gs.Node("DequantizeLinear", graph.unique_name(tensor.name + "_DequantizeLinear"),
+                 inputs=[q_out, s, z], outputs=[dq_out])
+    graph.gs.nodes.extend([q, dq])
+    for node in readers:
+        for i, t in enumerate(node.inputs):
+            if t is tensor:
+                node.inputs[i] = dq_out
+    for i, t in enumerate(graph.gs.outputs):
+        if t is tensor:
+            # Keep the public output name on the tensor the user reads.
+            name = tensor.name
+            tensor.name = graph.unique_name(name + "_float")
+            dq_out.name = name
+            graph.gs.outputs[i] = dq_out
+    return dq_out
+
+
+def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Pack small signed codes into bytes: 1 bit (−1→0, +1→1) or 2 bit (code+1 ∈ {0,1,2}),
+    little-end first within a byte. Returns uint8, ceil(size·bits/8) long."""
+    flat = codes.reshape(-1).astype(np.int16)
+    if bits == 1:
+        return np.packbits((flat > 0).astype(np.uint8), bitorder="little")
+    if bits == 2:
+        u = (flat + 1).astype(np.uint8)                        # {0, 1, 2}
+        u = np.concatenate([u, np.zeros((-len(u)) % 4, np.uint8)]).reshape(-1, 4)
+        return (u[:, 0] | (u[:, 1] << 2) | (u[:, 2] << 4) | (u[:, 3] << 6)).astype(np.uint8)
+    raise ValueError(f"unsupported bit width {bits}")
+
+
+def unpack_bits(packed: np.ndarray, bits: int, size: int) -> np.ndarray:
+    """Inverse of :func:`pack_bits` → int8 codes (flat, ``size`` long)."""
+    if bits == 1:
+        b = np.unpackbits(packed, bitorder="little")[:size].astype(np.int8)
+        return (2 * b - 1).astype(np.int8)
+    if bits == 2:
+        u = np.stack([(packed >> s) & 3 for s in (0, 2, 4, 6)], 1).reshape(-1)[:size]
+        return (u.astype(np.int8) - 1).astype(np.int8)
+    raise ValueError(f"unsupported bit width {bits}")
+
+
+def npz_bytes(arrays: dict) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)   # not compressed: the packed codes are already dense
+    return buf.getvalue()
+
+
+# ---- layer selection shared by the quantization passes -------------------------------
+
+def weight_axis(graph, node) -> int | None | bool:
+    """Output-channel axis of a Conv/Gemm/MatMul's constant weight; None for per-tensor;
+    False when the node's weight is not a quantizable float constant."""
+    if len(node.inputs) < 2:
+        return False
+    w = graph.constant(node.inputs[1])
+    if w is None or w.dtype != np.float32 or w.size == 0:
+        return False
+    if node.op == "Conv":
+        return 0 if w.ndim >= 3 else False
+    if node.op == "Gemm":
+        if w.ndim != 2 or node.attrs.get("transA", 0):
+            return False
+        return 0 if node.attrs.get("transB", 0) else 1
+    if node.op == "MatMul":
+        return 1 if w.ndim == 2 else None
+    return False
+
+
+def weighted_layers(graph) -> list:
+    """Conv/Gemm/MatMul nodes with a constant float weight, in topological order."""
+    return [n for n in graph.nodes if n.op in ("Conv", "Gemm", "MatMul")
+            and weight_axis(graph, n) is not False]
+
+
+def resolve_keep(spec: str | None, layers: list, default: str) -> set:
+    """Names of layers kept out of quantization from a spec like 'first,last' or node names."""
+    from onnxc.errors import UsageError
+
+    spec = default if spec is None else spec
+    names = [n.name for n in layers]
+    keep = set()
+    for item in [s.strip() for s in str(spec).split(",") if s.strip()]:
+        if item == "none":
+            continue
+        if item == "first" and names:
+            keep.add(names[0])
+        elif item == "last" and names:
+            keep.add(names[-1])
+        elif item in ("first", "last"):
+            continue
+        elif item in names:
+            keep.add(item)
+        else:
+            raise UsageError(f"--keep-float: '{item}' is neither first/last/none nor a "
+                             f"quantizable layer name (e.g. {', '.join(names[:3])})")
+    return keep
+
+
+def name_nodes(graph) -> None:
+    """Give unnamed nodes stable unique names: plans and reports refer to nodes by name."""
+    for node in graph.nodes:
+        if not node.name:
+            node.name = graph.unique_name(f"{node.op}_{node.outputs[0].name}"
+                                          if node.outputs else node.op)

@@ -1,0 +1,135 @@
+"""Activation statistics: one pass of ONNX Runtime over the calibration data.
+
+Every tensor we want to quantize is added as an extra graph output; each batch
+updates, per tensor, the running min/max and a histogram. The histogram is kept
+exact while the range grows: bins are aligned on 0 with a power-of-two width, and
+when the data no longer fits in ``MAX_BINS`` bins the width doubles and pairs of
+bins merge (bin k becomes bin floor(k/2)). No second pass over the data is needed,
+and the result does not depend on batch order beyond float rounding.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from onnxc.errors import DataError
+
+MAX_BINS = 4096
+BATCH_SIZE = 32
+
+
+@dataclass
+class TensorStats:
+    """Running statistics of one tensor: count, min, max and an origin-aligned histogram.
+
+    ``counts[i]`` holds values in ``[(first + i)·width, (first + i + 1)·width)``.
+    """
+
+    name: str
+    count: int = 0
+    min: float = math.inf
+    max: float = -math.inf
+    width: float = 0.0
+    first: int = 0
+    counts: np.ndarray | None = None      # int64, len ≤ MAX_BINS
+
+    # -- update ------------------------------------------------------------------------
+    def update(self, x: np.ndarray) -> None:
+        x = np.asarray(x, np.float32).reshape(-1)
+        if x.size == 0:
+            return
+        lo, hi = float(x.min()), float(x.max())
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise DataError(f"tensor '{self.name}' produced NaN/Inf during calibration")
+        self.count += x.size
+        self.min, self.max = min(self.min, lo), max(self.max, hi)
+        if self.width == 0.0:
+            span = max(abs(self.min), abs(self.max), 1e-12)
+            # Start with the finest power-of-two width that fits the first batch.
+            self.width = 2.0 ** math.ceil(math.log2(2 * span / (MAX_BINS - 2)))
+            self.first = math.floor(self.min / self.width)
+            self.counts = np.zeros(math.floor(self.max / self.width) - self.first + 1, np.int64)
+        self._cover(lo, hi)
+        idx = np.floor(x * np.float32(1.0 / self.width)).astype(np.int64) - self.first
+        np.clip(idx, 0, len(self.counts) - 1, out=idx)  # float rounding at the edges
+        self.counts += np.bincount(idx, minlength=len(self.counts))
+
+    def _cover(self, lo: float, hi: float) -> None:
+        """Grow (and if needed coarsen) the histogram so [lo, hi] fits."""
+        k_lo = min(self.first, math.floor(lo / self.width))
+        k_hi = max(self.first + len(self.counts) - 1, math.floor(hi / self.width))
+        while k_hi - k_lo + 1 > MAX_BINS:
+            # Double the width: bin k merges into k // 2 (floor keeps 0-alignment).
+            old = np.arange(self.first, self.first + len(self.counts))
+            new_first = self.first // 2
+            merged = np.zeros(old[-1] // 2 - new_first + 1, np.int64)
+            np.add.at(merged, old // 2 - new_first, self.counts)
+            self.counts, self.first, self.width = merged, new_first, self.width * 2
+            k_lo, k_hi = math.floor(k_lo / 2), math.floor(k_hi / 2)
+        if k_lo < self.first or k_hi > self.first + len(self.counts) - 1:
+            grown = np.zeros(k_hi - k_lo + 1, np.int64)
+            grown[self.first - k_lo:self.first - k_lo + len(self.counts)] = self.counts
+            self.counts, self.first = grown, k_lo
+
+    # -- views -------------------------------------------------------------------------
+    def edges(self) -> np.ndarray:
+        """Bin edges, len(counts) + 1."""
+        return (self.first + np.arange(len(self.counts) + 1)) * self.width
+
+    def centers(self) -> np.ndarray:
+        return (self.first + np.arange(len(self.counts)) + 0.5) * self.width
+
+    def abs_histogram(self) -> tuple[np.ndarray, float]:
+        """(counts, width) of |x| over bins [i·width, (i+1)·width), folded exactly:
+        negative bin k covers [k·w, (k+1)·w), whose magnitudes fall in bin -k-1."""
+        ks = self.first + np.arange(len(self.counts))
+        mag = np.where(ks >= 0, ks, -ks - 1)
+        out = np.zeros(int(mag.max()) + 1, np.int64)
+        np.add.at(out, mag, self.counts)
+        return out, self.width
+
+
+def collect(model: onnx.ModelProto, tensors: list[str], dataset, batch_size: int = BATCH_SIZE,
+            progress: bool = True, desc: str = "calibrating") -> dict[str, TensorStats]:
+    """Run ``model`` over ``dataset`` once; statistics of every tensor in ``tensors``."""
+    from onnxc.verify import _session
+
+    if len(dataset) == 0:
+        raise DataError("calibration dataset is empty")
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    present = {o.name for o in work.graph.output}
+    for name in tensors:
+        if name not in present:
+            work.graph.output.append(onnx.ValueInfoProto(name=name))
+            present.add(name)
+    session = _session(work)
+    out_names = [o.name for o in session.get_outputs()]
+    wanted = set(tensors)
+    stats = {name: TensorStats(name) for name in tensors}
+    batches = dataset.batches(batch_size)
+    bar = _progress(batches, total=math.ceil(len(dataset) / batch_size), desc=desc,
+                    enabled=progress)
+    inputs = {i.name for i in session.get_inputs()}
+    for feeds, _ in bar:
+        outs = session.run(None, {k: v for k, v in feeds.items() if k in inputs})
+        for name, value in zip(out_names, outs):
+            if name in wanted:
+                stats[name].update(value)
+    return stats
+
+
+def _progress(iterable, total: int, desc: str, enabled: bool):
+    if not enabled:
+        return iterable
+    try:
+        from tqdm import tqdm
+    except ImportError:   # tqdm is a declared dependency; still never fail on a bar
+        return iterable
+    return tqdm(iterable, total=total, desc=desc, unit="batch", file=sys.stderr,
+                leave=False, disable=not sys.stderr.isatty())

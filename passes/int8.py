@@ -1,0 +1,297 @@
+"""int8: static post-training quantization to the QDQ format ONNX Runtime runs with
+integer kernels (QLinearConv, QLinearAdd, QGemm, QLinearGlobalAveragePool, ...).
+
+1. Plan: which nodes are quantized and which activation tensors get a
+   QuantizeLinear→DequantizeLinear pair. Conv/Gemm/MatMul/Add/Mul/Concat/pooling are
+   quantized; their float activation inputs and their output are quantized. A Relu that
+   is the only reader of a quantized output is fused, as ONNX Runtime's own quantizer
+   does: the output is quantized with the Relu output's range (uint8, zero point 0 — the
+   QuantizeLinear clamps negatives, so the Relu is removed). Data-movement ops
+   (MaxPool, Slice, Pad 0, Flatten, Reshape, Transpose, ...) reuse their input's
+   scale, so ONNX Runtime drops their Q/DQ and runs them on 8-bit data.
+2. Calibrate: one ONNX Runtime pass over the calibration data collects min/max and a
+   histogram of every tensor that needs its own scale; the chosen calibrator
+   (minmax, percentile, entropy, mse) turns each into a range.
+3. Rewrite: weights become int8 initializers (symmetric, per output channel) behind a
+   DequantizeLinear with ``axis``; biases int32 with scale s_x·s_w; Q/DQ pairs inserted.
+
+``--pow2-scales`` makes every scale a power of two and activations int8 with zero
+point 0, so requantisation s_x·s_w/s_y is a right shift (dynamic fixed point, VTA).
+``--max-drop`` turns on mixed precision: layers are ranked by sensitivity and the most
+sensitive fall back to float until top-1 on labelled data is within the budget.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from onnxc.calibrate import qdq
+from onnxc.calibrate.calibrators import CALIBRATORS, Scheme, clip_range
+from onnxc.calibrate.stats import collect
+from onnxc.errors import UsageError
+from onnxc.pipeline import Option, Pass, register_pass
+
+# Nodes computed in int8 when all their float activation inputs are quantized.
+COMPUTE_OPS = {"Conv", "Gemm", "MatMul", "Add", "Mul", "Concat", "GlobalAveragePool",
+               "AveragePool"}
+# Ops that only move or select values: their output reuses the input's scale/zero point.
+MOVE_OPS = {"MaxPool", "Slice", "Pad", "Flatten", "Reshape", "Transpose", "Squeeze",
+            "Unsqueeze", "Identity", "Resize", "DepthToSpace", "SpaceToDepth"}
+
+
+def _is_float_var(graph, tensor) -> bool:
+    return graph.constant(tensor) is None and tensor.dtype is not None \
+        and np.dtype(tensor.dtype) == np.float32
+
+
+def _activation_inputs(graph, node) -> list:
+    """Float, non-constant inputs that the quantized node reads as activations."""
+    if node.op in ("Conv", "Gemm"):
+        return [node.inputs[0]]
+    if node.op == "MatMul" and qdq.weight_axis(graph, node) is not False:
+        return [node.inputs[0]]
+    if node.op == "Concat":
+        return list(node.inputs)
+    return [t for t in node.inputs[:2] if graph.constant(t) is None]
+
+
+def _quantizable(graph, node) -> str | None:
+    """None if ``node`` can be quantized, else the reason it cannot."""
+    if node.op in ("Conv", "Gemm") and qdq.weight_axis(graph, node) is False:
+        return "weight is not a constant float tensor (or Gemm has transA)"
+    if node.op == "Gemm" and (float(node.attrs.get("alpha", 1.0)) != 1.0
+                              or float(node.attrs.get("beta", 1.0)) != 1.0):
+        return "Gemm with alpha/beta ≠ 1"
+    if node.op in ("Add", "Mul") and any(graph.constant(t) is not None for t in node.inputs):
+        return "constant operand (kept float)"
+    acts = _activation_inputs(graph, node)
+    if not acts or not all(_is_float_var(graph, t) for t in acts):
+        return "inputs are not float activations"
+    if not node.outputs or not _is_float_var(graph, node.outputs[0]):
+        return "output is not float"
+    return None
+
+
+def _zero_pad(graph, node) -> bool:
+    if node.op != "Pad":
+        return True
+    if node.attrs.get("mode", "constant") != "constant":
+        return True        # reflect/edge copy existing values: the grid is kept
+    if len(node.inputs) > 2 and node.inputs[2].name:
+        v = graph.constant(node.inputs[2])
+        return v is not None and np.all(v == 0)
+    return float(node.attrs.get("value", 0.0)) == 0.0
+
+
+class Plan:
+    """What to quantize, by name (valid on any copy of the graph)."""
+
+    def __init__(self, graph, layers: set, signed: bool):
+        # tensor name -> name of the tensor whose statistics define its scale
+        self.params_from: dict = {}
+        self.layers = set()          # quantized node names
+        self.fused_relu: dict = {}   # pre-Relu tensor -> Relu node name (removed if unsigned)
+        self.skipped: dict = {}      # node name -> reason
+        for node in graph.nodes:
+            if node.name not in layers:
+                continue
+            reason = _quantizable(graph, node)
+            if reason:
+                self.skipped[node.name] = reason
+                continue
+            self.layers.add(node.name)
+            for t in _activation_inputs(graph, node):
+                self.params_from.setdefault(t.name, t.name)
+            out = node.outputs[0]
+            readers = list(out.outputs)
+            if len(readers) == 1 and readers[0].op == "Relu" and not graph.is_graph_output(out):
+                relu = readers[0]
+                self.fused_relu[out.name] = relu.name
+                key = relu.outputs[0].name
+                self.params_from[key] = key
+                if signed:    # int8 zero point 0: the Relu stays, same scale on both sides
+                    self.params_from[out.name] = key
+            else:
+                self.params_from[out.name] = out.name
+        # Second walk, in topological order: data-movement ops (and Relu with zero
+        # point 0) share their input's parameters so the runtime drops their Q/DQ.
+        for node in graph.nodes:
+            moves = node.op in MOVE_OPS or (node.op == "Relu" and signed)
+            if not moves or not node.inputs or node.inputs[0].name not in self.params_from:
+                continue
+            if not _zero_pad(graph, node) or any(o.outputs or graph.is_graph_output(o)
+                                                 for o in node.outputs[1:]):
+                continue
+            if node.outputs[0].name in self.params_from and node.op == "Relu":
+                continue     # a fused Relu already carries its own parameters
+            self.params_from[node.outputs[0].name] = self.params_from[node.inputs[0].name]
+
+    def stat_tensors(self) -> list:
+        return sorted(set(self.params_from.values()))
+
+
+@register_pass
+class Int8(Pass):
+    name = "int8"
+    summary = "static int8 PTQ (QDQ, per-channel weights, calibrated activations)"
+    order = 60
+    exact = False
+    needs_data = True
+    conflicts = ("ternary", "binary")
+    options = (
+        Option("--calibrator", str, "minmax", "activation range calibrator",
+               choices=CALIBRATORS),
+        Option("--percentile", float, 99.99, "percentile for --calibrator percentile"),
+        Option("--pow2-scales", action="store_true",
+               help="power-of-two scales and int8 zero-point-0 activations (shift requant)"),
+        Option("--act-type", str, "auto", "activation type (auto: uint8, int8 with pow2)",
+               choices=("auto", "uint8", "int8")),
+        Option("--weight-granularity", str, "channel", "int8 weight scales",
+               choices=("channel", "tensor")),
+        Option("--reduce-range", str, "auto",
+               "7-bit weights so u8·s8 kernels cannot saturate (auto: on x86 without VNNI)",
+               choices=("auto", "on", "off")),
+        Option("--keep-float", str, None,
+               "layers left in float: first,last,none or node names "
+               "(int8 default: none; ternary/binary default: first,last)"),
+        Option("--max-drop", float, None,
+               "mixed precision: top-1 drop budget (pt) on labelled data; the most "
+               "sensitive layers fall back to higher precision until it holds"),
+    )
+
+    def validate(self, ctx):
+        p = ctx.option("percentile", 99.99)
+        if not 0 < p <= 100:
+            raise UsageError(f"--percentile {p} must be in (0, 100]")
+        drop = ctx.option("max_drop")
+        if drop is not None and drop < 0:
+            raise UsageError(f"--max-drop {drop} must be ≥ 0")
+
+    # -- options -------------------------------------------------------------------------
+    def _config(self, ctx):
+        pow2 = bool(ctx.option("pow2_scales", False))
+        act = ctx.option("act_type", "auto")
+        signed = act == "int8" or (act == "auto" and pow2)
+        rr = ctx.option("reduce_range", "auto")
+        reduce = rr == "on" or (rr == "auto" and not qdq.has_vnni())
+        return Scheme(signed=signed, pow2=pow2), reduce
+
+    def run(self, graph, ctx, report):
+        scheme, reduce = self._config(ctx)
+        method = ctx.option("calibrator", "minmax")
+        percentile = float(ctx.option("percentile", 99.99))
+        per_channel = ctx.option("weight_granularity", "channel") == "channel"
+        qdq.name_nodes(graph)
+        weighted = qdq.weighted_layers(graph)
+        keep = qdq.resolve_keep(ctx.option("keep_float"), weighted, "none")
+        candidates = {n.name for n in graph.nodes if n.op in COMPUTE_OPS} - keep
+        full = Plan(graph, candidates, scheme.signed)
+
+        data = ctx.calibration_data(graph)
+        stats = collect(graph.to_onnx(), full.stat_tensors(), data, progress=ctx.progress)
+        ranges = {name: clip_range(s, method, scheme, percentile) for name, s in stats.items()}
+        params = {name: scheme.params(*r) for name, r in ranges.items()}
+
+        def build(layers: set):
+            plan = Plan(graph, layers, scheme.signed)
+            return apply_plan(graph.copy(), plan, params, scheme, reduce, per_channel), plan
+
+        fallback = []
+        if ctx.option("max_drop") is not None:
+            from onnxc.calibrate.mixed import fallback_until
+
+            fallback = fallback_until(graph, ctx, report, [n.name for n in weighted
+                                                             if n.name in candidates],
+                                      lambda kept: build(candidates - set(kept))[0],
+                                      float(ctx.option("max_drop")), "float")
+        result, plan = build(candidates - set(fallback))
+        for name, reason in plan.skipped.items():
+            report.skip(name, reason)
+        for name in sorted(keep):
+            report.skip(name, "kept in float (--keep-float)")
+        report.changed = len(plan.layers)
+        wq = [n for n in weighted if n.name in plan.layers]
+        report.note(f"{len(plan.layers)} nodes quantized ({len(wq)} with int8 weights), "
+                    f"{len(plan.params_from)} activation tensors, calibrator {method}, "
+                    f"{len(data)} samples{' (RANDOM)' if data.synthetic else ''}")
+        report.note(f"activations {'int8 zero-point 0' if scheme.signed else 'uint8'}, "
+                    f"weights int8 per-{'channel' if per_channel else 'tensor'} "
+                    f"{'[-63, 63] (reduced range: no VNNI)' if reduce else '[-127, 127]'}"
+                    f"{', power-of-two scales' if scheme.pow2 else ''}")
+        report.extra.update({
+            "calibrator": method, "calibration_samples": len(data),
+            "calibration_data": "random" if data.synthetic else data.source,
+            "activation_type": "int8" if scheme.signed else "uint8",
+            "weight_range": 63 if reduce else 127, "pow2_scales": scheme.pow2,
+            "per_channel": per_channel, "quantized_layers": sorted(plan.layers),
+            "float_layers": sorted(keep | set(fallback) | set(plan.skipped)),
+            "activation_ranges": {k: [float(v[0]), float(v[1])] for k, v in ranges.items()},
+        })
+        if scheme.pow2:
+            report.extra["shifts"] = requant_shifts(result)
+        return result
+
+
+def apply_plan(graph, plan: Plan, params: dict, scheme: Scheme, reduce: bool,
+               per_channel: bool):
+    """Rewrite ``graph`` (a copy) into QDQ form following ``plan``."""
+    tensors = graph.tensors()
+    nodes = {n.name: n for n in graph.nodes}
+    qparams = {t: params[src] for t, src in plan.params_from.items()}
+    qmax = qdq.weight_qmax(reduce)
+    # Weights and biases first: they need the input's scale.
+    for name in plan.layers:
+        node = nodes[name]
+        axis = qdq.weight_axis(graph, node)
+        if axis is False or node.op not in ("Conv", "Gemm", "MatMul"):
+            continue
+        axis = axis if per_channel else None
+        w = graph.constant(node.inputs[1])
+        codes, w_scale = qdq.quantize_weight(w, axis, qmax, scheme.pow2)
+        node.inputs[1] = qdq.weight_dq(graph, node.name + "_W", codes, w_scale, axis)
+        if node.op in ("Conv", "Gemm") and len(node.inputs) > 2:
+            b = graph.constant(node.inputs[2])
+            n_out = w.shape[0] if node.op == "Conv" or node.attrs.get("transB", 0) \
+                else w.shape[1]
+            if b is not None and b.ndim == 1 and b.size == n_out:
+                x_scale = qparams[node.inputs[0].name][0]
+                bq = qdq.bias_dq(graph, node.name + "_B", b.astype(np.float32), x_scale,
+                                 np.broadcast_to(w_scale, (n_out,)).astype(np.float32))
+                if bq is not None:
+                    node.inputs[2] = bq
+    # Fuse Relu into the preceding quantized output (uint8: Q clamps at zero point 0).
+    if not scheme.signed:
+        for pre, relu_name in plan.fused_relu.items():
+            relu = nodes[relu_name]
+            producer = tensors[pre].inputs[0]
+            relu_out = relu.outputs[0]
+            producer.outputs[0] = relu_out
+            relu.inputs.clear()
+            relu.outputs.clear()
+    tensors = graph.tensors()
+    for tname, (scale, zp) in qparams.items():
+        tensor = tensors.get(tname)
+        if tensor is None:
+            continue               # the pre-Relu tensor of a removed Relu
+        qdq.insert_qdq(graph, tensor, scale, zp, scheme.dtype)
+    return graph
+
+
+def requant_shifts(graph) -> dict:
+    """Per quantized Conv/Gemm: right shift k with s_x·s_w / s_y = 2^-k (pow2 scales)."""
+    shifts = {}
+    for node in graph.nodes:
+        if node.op not in ("Conv", "Gemm", "MatMul") or not node.outputs:
+            continue
+        x_dq = graph.producer(node.inputs[0])
+        w_dq = graph.producer(node.inputs[1])
+        readers = node.outputs[0].outputs
+        if not (x_dq and w_dq and x_dq.op == w_dq.op == "DequantizeLinear"
+                and len(readers) == 1 and readers[0].op == "QuantizeLinear"):
+            continue
+        sx = float(graph.constant(x_dq.inputs[1]))
+        sw = graph.constant(w_dq.inputs[1]).astype(np.float64)
+        sy = float(graph.constant(readers[0].inputs[1]))
+        k = -np.log2(sx * sw / sy)
+        shifts[node.name] = sorted({int(round(v)) for v in np.atleast_1d(k)})
+    return shifts
