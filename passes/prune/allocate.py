@@ -7,8 +7,9 @@
   estimate reaches the target; with per-group sensitivity curves, ratios are raised
   greedily where output error grows least per MAC saved.
 
-Every count is then constrained: at least ``min_channels`` kept, kept rounded *up* to
-a multiple of ``multiple`` (never more pruning than asked), and no tensor emptied.
+Every count is then constrained: kept rounded *up* to a multiple of ``multiple`` per
+subgroup (never more pruning than asked), at least ``min_channels`` kept per group,
+and no tensor emptied.
 """
 
 from __future__ import annotations
@@ -17,12 +18,11 @@ import math
 
 import numpy as np
 
-MAX_RATIO = 0.9   # global ranking never strips a subgroup beyond this
+MAX_RATIO = 0.9   # global ranking never strips a group beyond this
 
 
-def kept_count(size: int, n_remove: int, min_channels: int, multiple: int) -> int:
-    keep = size - n_remove
-    keep = max(keep, min_channels, 1)
+def kept_count(size: int, n_remove: int, multiple: int) -> int:
+    keep = max(size - n_remove, 0)   # a subgroup may go entirely; tensors never do
     if multiple > 1:
         keep = int(math.ceil(keep / multiple) * multiple)
     return min(keep, size)
@@ -52,10 +52,16 @@ class Allocator:
             if n > 0:
                 order = np.argsort(self.scores[sg], kind="stable")
                 removed[sg[order[:n]]] = True
+        for g in self.groups:                  # at least min_channels per group
+            short = self.min_channels - int((~removed[g.classes]).sum())
+            if short > 0:
+                gone = g.classes[removed[g.classes]]
+                back = gone[np.argsort(-self.scores[gone], kind="stable")[:short]]
+                removed[back] = False
         return self._no_empty_tensors(removed)
 
     def _constrain(self, sg, n) -> int:
-        return len(sg) - kept_count(len(sg), int(n), self.min_channels, self.multiple)
+        return len(sg) - kept_count(len(sg), int(n), self.multiple)
 
     def uniform_counts(self, ratio: float) -> list:
         return [self._constrain(sg, math.floor(ratio * len(sg) + 1e-9))
@@ -69,10 +75,13 @@ class Allocator:
             return [0] * len(self.subgroups)
         thr = self.sorted_norm[min(k, len(self.sorted_norm)) - 1]
         counts = []
-        for sg in self.subgroups:
-            n = int(np.sum(self.norm[sg] <= thr))
-            n = min(n, int(math.floor(MAX_RATIO * len(sg))))
-            counts.append(self._constrain(sg, n))
+        for g in self.groups:
+            below = g.classes[self.norm[g.classes] <= thr]
+            cap = int(math.floor(MAX_RATIO * len(g.classes)))
+            if len(below) > cap:   # never strip a whole group: keep its best of the worst
+                below = below[np.argsort(self.norm[below], kind="stable")[:cap]]
+            for sg in g.subgroups:
+                counts.append(self._constrain(sg, np.isin(sg, below).sum()))
         return counts
 
     def select(self, ratio: float, use_global: bool) -> np.ndarray:
