@@ -7,3 +7,4 @@ To add a pass: write ``passes/<name>.py`` with a ``Pass`` subclass decorated by
 from . import cleanup, fold_bn  # noqa: F401
 from . import prune, sparsify  # noqa: F401  (issue 3: channel pruning, sparsity)
 from . import int8  # noqa: F401  (issue 5: quantization)
+from . import ternary, binary  # noqa: F401  (issue 5: low-bit weights)
