@@ -1,0 +1,1 @@
+"""VTA target (being written)."""
