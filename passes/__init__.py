@@ -8,3 +8,4 @@ from . import cleanup, fold_bn  # noqa: F401
 from . import prune, sparsify  # noqa: F401  (issue 3: channel pruning, sparsity)
 from . import int8  # noqa: F401  (issue 5: quantization)
 from . import ternary, binary  # noqa: F401  (issue 5: low-bit weights)
+from . import recover  # noqa: F401  (issue 8: distillation, runs last)

@@ -1,0 +1,209 @@
+"""recover: win back accuracy lost by compression, by distillation from the original model.
+
+The compressed graph (student) is converted to a PyTorch module (``torch_graph``),
+trained to match the pipeline's input graph (teacher, ``ctx.original``) on unlabelled
+data (``distill``), and the trained values are written back into the very same
+constants — op types, shapes, quantization scales and zero points do not change.
+Quantized weights are trained as float latents through fake quantization with
+straight-through estimators and stored back on their int8 / ternary / binary grid, so
+the result stays quantized. It runs last (after quantization) for exactly that reason.
+
+Data: ``--recover-data`` (same npz format and ``--scale/--mean/--std`` as the
+calibration data), else the calibration data; never random inputs — distilling on
+noise would teach the student nothing about the task.
+"""
+
+from __future__ import annotations
+
+import os
+
+from onnxc.errors import DataError, UsageError
+from onnxc.pipeline import Option, Pass, register_pass
+
+from .distill import DistillConfig, Teacher, auto_hints, distill
+from .torch_graph import TorchGraph
+
+
+def _positive(kind):
+    def parse(text):
+        value = kind(text)
+        if value <= 0:
+            raise ValueError(f"must be positive, got {text}")
+        return value
+    parse.__name__ = kind.__name__     # argparse names the type in its error message
+    return parse
+
+
+def structure(graph) -> list:
+    """What recover must not change: every node's op type and every tensor's shape/dtype."""
+    sig = []
+    for node in graph.nodes:
+        sig.append((node.op, tuple((t.name, tuple(t.shape) if t.shape is not None else None,
+                                    str(t.dtype)) for t in node.inputs),
+                    tuple((t.name, tuple(t.shape) if t.shape is not None else None)
+                          for t in node.outputs)))
+    return sig
+
+
+@register_pass
+class Recover(Pass):
+    name = "recover"
+    summary = "distil the compressed model from the original (KD + hints, QAT for QDQ)"
+    order = 70
+    exact = False
+    needs_data = True
+    options = (
+        Option("--recover-data", str, None,
+               "npz/npy training images for recovery (default: --calib-data); labels "
+               "optional"),
+        Option("--recover-epochs", _positive(float), 8.0, "passes over the recovery data"),
+        Option("--recover-minutes", _positive(float), None,
+               "wall-clock cap; the LR schedule is fitted to it (then not bit-reproducible)"),
+        Option("--recover-lr", _positive(float), None,
+               "peak learning rate, cosine decay (default: 0.01 sgd, 0.001 adam)"),
+        Option("--recover-optimizer", str, "sgd", "sgd (Nesterov momentum) or adam",
+               choices=("sgd", "adam")),
+        Option("--recover-batch", _positive(int), 64, "batch size"),
+        Option("--recover-temperature", _positive(float), 4.0, "distillation temperature"),
+        Option("--recover-hints", str, "auto",
+               "feature hints: auto (last shared activation per resolution), all (every "
+               "shared block output), none, or comma-separated tensor names"),
+        Option("--recover-hint-weight", float, 1.0, "weight of the feature-hint loss"),
+        Option("--recover-label-weight", float, 0.0,
+               "weight of cross-entropy on the data's labels (0: pure distillation)"),
+        Option("--recover-augment", str, "flip,crop",
+               "image augmentation: comma-separated flip,crop, or none"),
+        Option("--recover-threads", _positive(int), 2, "torch threads for training"),
+    )
+
+    # -- options and data ----------------------------------------------------------------
+    def validate(self, ctx) -> None:
+        path = ctx.option("recover_data")
+        if isinstance(path, str):
+            if not os.path.exists(path):
+                raise DataError(f"--recover-data file not found: {path}")
+        elif path is None and ctx.calibration is None:
+            raise UsageError("recover needs training images: give --recover-data FILE or "
+                             "--calib-data FILE (it never trains on random inputs)")
+        aug = ctx.option("recover_augment", "flip,crop")
+        kinds = {a.strip() for a in str(aug).split(",") if a.strip()} - {"none"}
+        if kinds - {"flip", "crop"}:
+            raise UsageError(f"--recover-augment '{aug}': use flip, crop or none")
+        for dest in ("recover_hint_weight", "recover_label_weight"):
+            if float(ctx.option(dest, 0.0)) < 0:
+                raise UsageError(f"--{dest.replace('_', '-')} must not be negative")
+        if ctx.original is not None:
+            self._dataset(ctx, ctx.original)     # bad files fail before any pass runs
+
+    def _dataset(self, ctx, graph):
+        from onnxc.calibrate.readers import Dataset, Preprocess, check_against_graph, load_npz
+
+        data = ctx.option("recover_data")
+        if isinstance(data, Dataset):          # Python API: a ready Dataset
+            check_against_graph(data, graph)
+            return data
+        if data is None:
+            if ctx.calibration is None:
+                raise UsageError("recover needs training images: give --recover-data FILE "
+                                 "or --calib-data FILE")
+            check_against_graph(ctx.calibration, graph)
+            return ctx.calibration
+        cached = getattr(self, "_data_cache", None)
+        if cached is not None and cached[0] == data:
+            return cached[1]
+        pre = Preprocess.from_strings(ctx.option("scale"), ctx.option("mean"),
+                                      ctx.option("std"), ctx.option("layout", "NCHW"))
+        ds = load_npz(data, graph, pre)
+        self._data_cache = (data, ds)
+        return ds
+
+    def _config(self, ctx) -> DistillConfig:
+        aug = str(ctx.option("recover_augment", "flip,crop"))
+        return DistillConfig(
+            epochs=float(ctx.option("recover_epochs", 8.0)),
+            minutes=ctx.option("recover_minutes"),
+            optimizer=str(ctx.option("recover_optimizer", "sgd")),
+            lr=float(ctx.option("recover_lr",
+                                0.001 if ctx.option("recover_optimizer") == "adam" else 0.01)),
+            batch_size=int(ctx.option("recover_batch", 64)),
+            temperature=float(ctx.option("recover_temperature", 4.0)),
+            hint_weight=float(ctx.option("recover_hint_weight", 1.0)),
+            label_weight=float(ctx.option("recover_label_weight", 0.0)),
+            augment=tuple(a.strip() for a in aug.split(",") if a.strip() not in ("", "none")),
+            threads=int(ctx.option("recover_threads", 2)),
+            seed=int(ctx.seed))
+
+    def _hints(self, ctx, student_graph, teacher_graph) -> list:
+        spec = str(ctx.option("recover_hints", "auto")).strip()
+        if spec == "none" or float(ctx.option("recover_hint_weight", 1.0)) == 0:
+            return []
+        if spec in ("auto", "all"):
+            return auto_hints(student_graph, teacher_graph, every=spec == "all")
+        names = [s.strip() for s in spec.split(",") if s.strip()]
+        s_t, t_t = student_graph.tensors(), teacher_graph.tensors()
+        for name in names:
+            if name not in s_t or name not in t_t:
+                raise UsageError(f"--recover-hints: tensor '{name}' is not in both the "
+                                 f"compressed and the original graph")
+            if s_t[name].shape != t_t[name].shape:
+                raise UsageError(f"--recover-hints: tensor '{name}' has shape "
+                                 f"{s_t[name].shape} in the compressed graph but "
+                                 f"{t_t[name].shape} in the original")
+        return names
+
+    # -- the pass ------------------------------------------------------------------------
+    def run(self, graph, ctx, report):
+        teacher_graph = ctx.original
+        if teacher_graph is None:
+            # Used outside compress(): the input graph is its own teacher.
+            teacher_graph = graph.copy()
+            report.note("no original model in the context: the input graph is the teacher")
+        data = self._dataset(ctx, graph)
+        cfg = self._config(ctx)
+        before = structure(graph)
+
+        student = TorchGraph(graph)         # raises UnsupportedError naming any bad op
+        if not len(student.params):
+            report.note("nothing trainable in the graph; left unchanged")
+            return graph
+        hints = self._hints(ctx, graph, teacher_graph)
+        teacher = Teacher(teacher_graph, hints, threads=cfg.threads)
+
+        quant_kinds: dict = {}
+        for qw in student.quant.values():
+            quant_kinds[qw.kind] = quant_kinds.get(qw.kind, 0) + 1
+        source = "calibration data" if ctx.option("recover_data") is None else data.source
+        ctx.log(f"  recover: {len(data)} samples from {source}, "
+                f"{sum(p.numel() for p in student.params):,} trainable values"
+                + (f" ({', '.join(f'{v} {k}' for k, v in quant_kinds.items())} quantized "
+                   f"weight tensors, fake-quant/STE)" if quant_kinds else "")
+                + f", hints: {', '.join(hints) or 'none'}")
+        labels = data.labels if data.labels is not None else None
+        if cfg.label_weight > 0 and labels is None:
+            ctx.warn("--recover-label-weight given but the recovery data has no labels")
+        result = distill(student, teacher, data.inputs, labels, cfg,
+                         progress=ctx.progress, log=ctx.log)
+        report.changed = student.write_back()
+        if structure(graph) != before:      # never expected: write_back only sets values
+            raise RuntimeError("recover changed the graph structure")
+
+        report.note(f"distilled {result.steps} steps ({result.epochs_done} epochs) in "
+                    f"{result.seconds:.0f} s on {len(data)} samples; "
+                    f"{report.changed} constant tensors updated in place")
+        if result.stopped_by_time:
+            report.note(f"stopped by --recover-minutes {cfg.minutes}")
+        report.extra.update({
+            "samples": len(data), "data": source, "steps": result.steps,
+            "epochs": result.epochs_done, "train_seconds": result.seconds,
+            "stopped_by_time": result.stopped_by_time, "hints": hints,
+            "quantized_weights": quant_kinds, "trainable_tensors": report.changed,
+            "config": {"optimizer": cfg.optimizer, "lr": cfg.lr, "batch": cfg.batch_size, "temperature": cfg.temperature,
+                       "hint_weight": cfg.hint_weight, "label_weight": cfg.label_weight,
+                       "augment": list(cfg.augment), "threads": cfg.threads,
+                       "seed": cfg.seed, "epochs": cfg.epochs, "minutes": cfg.minutes},
+            "loss_log": result.loss_log,
+        })
+        return graph
+
+
+__all__ = ["Recover", "TorchGraph", "structure"]

@@ -1,0 +1,278 @@
+"""Knowledge distillation of a compressed graph (student) from the original one (teacher).
+
+Loss per batch (Hinton et al. 2015, FitNets-style hints from Romero et al. 2015):
+
+    T² · KL(softmax(t/T) ‖ softmax(s/T))                 soft targets of the teacher
+  + hint_weight · Σ_h mean((s_h − t_h)²) / mean(t_h²)    feature hints (scale-free)
+  + label_weight · CE(s, y)                              only when asked and labels exist
+
+The teacher runs on ONNX Runtime (the reference runtime, and 2× faster than a torch
+forward here); the student is a :class:`TorchGraph`. Everything random (shuffling,
+flips, crops) comes from one seeded numpy generator, so a run with a fixed number of
+epochs and threads is bit-reproducible.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+
+from onnxc.errors import DataError, UsageError
+from onnxc.verify import _session
+
+from .torch_graph import TorchGraph
+
+
+@dataclass
+class DistillConfig:
+    epochs: float = 8.0
+    minutes: float | None = None      # wall-clock cap; the LR schedule is fitted to it
+    lr: float = 0.01
+    optimizer: str = "sgd"
+    clip: float = 2.0                 # global gradient-norm clip (BN-free nets spike early)
+    batch_size: int = 64
+    temperature: float = 4.0
+    hint_weight: float = 1.0
+    label_weight: float = 0.0
+    augment: tuple = ("flip", "crop")
+    threads: int = 2
+    seed: int = 0
+
+
+@dataclass
+class DistillResult:
+    steps: int = 0
+    epochs_done: float = 0.0
+    seconds: float = 0.0
+    stopped_by_time: bool = False
+    loss_log: list = field(default_factory=list)   # per epoch: {"epoch", "kd", "hint", ...}
+
+
+# ----------------------------------------------------------------------------------------
+# Augmentation
+
+
+def augment_batch(x: np.ndarray, rng: np.random.Generator, kinds) -> np.ndarray:
+    """Random horizontal flip and random crop (reflect-padded by H/8) of N×C×H×W images.
+
+    Reflect padding rather than zeros: the data is already normalised, so "black" is
+    not a known value here, and reflection keeps image statistics unchanged.
+    """
+    if x.ndim != 4:
+        return x
+    out = x.copy()
+    n, _, h, w = x.shape
+    if "flip" in kinds:
+        flip = rng.random(n) < 0.5
+        out[flip] = out[flip, :, :, ::-1]
+    if "crop" in kinds:
+        p = max(1, h // 8)
+        padded = np.pad(out, ((0, 0), (0, 0), (p, p), (p, p)), mode="reflect")
+        dy = rng.integers(0, 2 * p + 1, n)
+        dx = rng.integers(0, 2 * p + 1, n)
+        for i in range(n):
+            out[i] = padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w]
+    return np.ascontiguousarray(out)
+
+
+# ----------------------------------------------------------------------------------------
+# Teacher on ONNX Runtime with hint taps
+
+
+class Teacher:
+    """Runs the original graph; returns its first output and the tapped tensors."""
+
+    def __init__(self, graph, taps, threads: int):
+        model = graph.to_onnx()
+        have = {o.name for o in model.graph.output}
+        for name in taps:
+            if name not in have:
+                model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+        self.taps = list(taps)
+        self.session = _session(model, threads)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.out_names = [model.graph.output[0].name] + self.taps
+
+    def __call__(self, feeds: dict):
+        outs = self.session.run(self.out_names, feeds)
+        return outs[0], outs[1:]
+
+
+# ----------------------------------------------------------------------------------------
+# Hint selection
+
+
+ACTIVATIONS = ("Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSwish", "PRelu")
+
+
+def auto_hints(student_graph, teacher_graph, every: bool = False) -> list:
+    """Activations both graphs share by name and shape: the last one per spatial
+    resolution, or (``every``) all of them.
+
+    Compression passes keep the tensors between blocks (pruning removes block-internal
+    channels, factorisation splits a conv, quantization adds Q/DQ after them), so the
+    block outputs are the natural points where student and teacher must agree.
+    """
+    t_shapes = {name: tuple(t.shape) for name, t in teacher_graph.tensors().items()
+                if getattr(t, "shape", None) is not None and not _is_const(t)}
+    last_by_res: dict = {}
+    for node in student_graph.nodes:
+        if node.op not in ACTIVATIONS and node.op not in ("Add", "Mul"):
+            continue
+        out = node.outputs[0]
+        shape = tuple(out.shape) if out.shape is not None else None
+        if shape is None or len(shape) != 4 or t_shapes.get(out.name) != shape:
+            continue
+        if student_graph.is_graph_output(out):
+            continue
+        if every:
+            # Add → Relu: hint the activation only, not the same signal twice.
+            cons = out.outputs
+            if node.op in ("Add", "Mul") and len(cons) == 1 and cons[0].op in ACTIVATIONS:
+                continue
+            last_by_res[out.name] = out.name
+        else:
+            last_by_res[tuple(shape[2:])] = out.name
+    return list(last_by_res.values())
+
+
+def _is_const(t) -> bool:
+    import onnx_graphsurgeon as gs
+
+    return isinstance(t, gs.Constant)
+
+
+# ----------------------------------------------------------------------------------------
+# Training
+
+
+def distill(student: TorchGraph, teacher: Teacher, inputs: dict, labels, cfg: DistillConfig,
+            progress: bool = True, log=None) -> DistillResult:
+    """Train ``student`` in place to match ``teacher`` on ``inputs`` (one input supported)."""
+    if len(inputs) != 1:
+        raise DataError("recover supports models with exactly one input")
+    name, data = next(iter(inputs.items()))
+    n = len(data)
+    if n == 0:
+        raise DataError("recover: the data holds no samples")
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(max(1, int(cfg.threads)))
+    rng = np.random.default_rng(cfg.seed)
+    bs = max(1, min(cfg.batch_size, n))
+    steps_per_epoch = max(1, n // bs)            # drop the ragged last batch
+    total_steps = max(1, int(round(cfg.epochs * steps_per_epoch)))
+
+    params = [p for p in student.parameters() if p.requires_grad]
+    if cfg.optimizer == "adam":
+        opt = torch.optim.Adam(params, lr=cfg.lr)
+    else:
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True)
+    # A short linear warm-up: the first gradients of a freshly compressed student are
+    # large (its outputs are far from the teacher's) and the folded-BN net has no
+    # normalisation to absorb them.
+    temperature = float(cfg.temperature)
+    taps = teacher.taps if cfg.hint_weight > 0 else []
+    use_labels = cfg.label_weight > 0 and labels is not None
+    result = DistillResult()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_steps, desc="recover", unit="step", leave=False,
+                   dynamic_ncols=True)
+    start = time.perf_counter()
+    deadline = start + 60.0 * cfg.minutes if cfg.minutes else None
+    step = 0
+    epoch = 0
+    student.train()
+    while step < total_steps:
+        order = rng.permutation(n)
+        sums = {"kd": 0.0, "hint": 0.0, "ce": 0.0, "agree": 0.0}
+        done = 0
+        for b in range(steps_per_epoch):
+            if step >= total_steps:
+                break
+            idx = order[b * bs:(b + 1) * bs]
+            x = augment_batch(data[idx], rng, cfg.augment)
+            t_logits, t_feats = teacher({name: x})
+            warm = max(1, min(100, total_steps // 20))
+            lr = 0.5 * cfg.lr * (1 + math.cos(math.pi * step / total_steps))
+            lr *= min(1.0, (step + 1) / warm)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            outs, s_feats = student(torch.from_numpy(x), taps=taps) if taps else \
+                (student(torch.from_numpy(x)), [])
+            s_logits = outs[0].reshape(len(x), -1)
+            t = torch.from_numpy(t_logits).reshape(len(x), -1)
+            kd = F.kl_div(F.log_softmax(s_logits / temperature, 1),
+                          F.log_softmax(t / temperature, 1), reduction="batchmean",
+                          log_target=True) * temperature ** 2
+            loss = kd
+            hint = torch.zeros(())
+            for sf, tf in zip(s_feats, t_feats):
+                tf = torch.from_numpy(tf)
+                hint = hint + (sf - tf).pow(2).mean() / tf.pow(2).mean().clamp_min(1e-8)
+            if taps:
+                loss = loss + cfg.hint_weight * hint
+            ce = torch.zeros(())
+            if use_labels:
+                ce = F.cross_entropy(s_logits, torch.from_numpy(labels[idx]).long())
+                loss = loss + cfg.label_weight * ce
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.clip:
+                torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+            opt.step()
+            step += 1
+            done += 1
+            sums["kd"] += float(kd.detach())
+            sums["hint"] += float(hint.detach())
+            sums["ce"] += float(ce.detach())
+            sums["agree"] += float((s_logits.argmax(1) == t.argmax(1)).float().mean())
+            if not math.isfinite(sums["kd"]):
+                raise UsageError("recover diverged (loss is not finite); lower --recover-lr")
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(kd=f"{float(kd.detach()):.3f}",
+                                hint=f"{float(hint.detach()):.3f}")
+            if deadline is not None:
+                now = time.perf_counter()
+                if step == 5:
+                    # Fit the cosine schedule to the time budget once the speed is known.
+                    per_step = (now - start) / step
+                    fit = int((deadline - start) / max(per_step, 1e-6))
+                    total_steps = max(step + 1, min(total_steps, fit))
+                    if bar is not None:
+                        bar.total = total_steps
+                        bar.refresh()
+                elif now > deadline:
+                    result.stopped_by_time = True
+                    break
+        epoch += 1
+        entry = {"epoch": epoch, "steps": done,
+                 **{k: round(v / max(done, 1), 5) for k, v in sums.items()}}
+        if not taps:
+            entry.pop("hint")
+        if not use_labels:
+            entry.pop("ce")
+        result.loss_log.append(entry)
+        if log is not None:
+            log(f"  recover epoch {epoch}: kd {entry['kd']:.4f}"
+                + (f" hint {entry['hint']:.4f}" if taps else "")
+                + (f" ce {entry['ce']:.4f}" if use_labels else "")
+                + f" teacher-agreement {100 * entry['agree']:.1f}%")
+        if result.stopped_by_time:
+            break
+    if bar is not None:
+        bar.close()
+    student.eval()
+    result.steps = step
+    result.epochs_done = round(step / steps_per_epoch, 3)
+    result.seconds = round(time.perf_counter() - start, 2)
+    return result
