@@ -167,6 +167,8 @@ def cmd_compress(args) -> int:
         for opt in cls.options:
             options[opt.dest] = getattr(args, opt.dest, None)
     options["calib_samples"] = args.calib_samples
+    # Preprocessing, for passes that read their own data files (recover's --recover-data).
+    options.update(scale=args.scale, mean=args.mean, std=args.std, layout=args.layout)
     calib, eval_ = data_loaders(args)
     shapes = frontend.parse_input_shapes(args.input_shape)
     log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
