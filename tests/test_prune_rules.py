@@ -21,7 +21,8 @@ def prune_dead(model, dead: int, **options):
     graph = frontend.load(model)
     dg = DependencyGraph(graph)
     n = sum(len(g.classes) for g in prunable_groups(dg, []))
-    opts = {"prune_ratio": (dead + 0.5) / n, "prune_global": True, "prune_criterion": "l1"}
+    opts = {"prune_ratio": (dead + 0.5) / n, "prune_global": True, "prune_criterion": "l1",
+            "prune_residual": True}
     opts.update(options)
     return compress(model, ["prune"], options=opts, log=lambda m: None), n
 
@@ -230,6 +231,23 @@ def test_skip_pattern_leaves_matching_group_whole():
                       log=lambda m: None)
     w = {n.name: n.inputs[1].values.shape for n in result.graph.nodes if n.op == "Conv"}
     assert (w["c1"][0], w["c2"][0]) == (4, 8)
+
+
+def test_residual_groups_are_left_whole_unless_asked():
+    n = Net()
+    t = n.op("Relu", [n.conv("x", 3, 8, name="c0")])
+    a = n.conv(n.op("Relu", [n.conv(t, 8, 8, name="ca")]), 8, 8, name="cb")
+    out = n.conv(n.op("Relu", [n.op("Add", [a, t])]), 8, 4, name="c3")
+    model = n.model([out])
+    result = compress(model, ["prune"], options={"prune_ratio": 0.5}, log=lambda m: None)
+    w = {n.name: n.inputs[1].values.shape for n in result.graph.nodes if n.op == "Conv"}
+    assert (w["c0"][0], w["ca"][0], w["cb"][0]) == (8, 4, 8)
+    skipped = result.report["passes"][-1]["skipped"]
+    assert any("residual group" in s["reason"] and "c0" in s["node"] for s in skipped)
+    result = compress(model, ["prune"], options={"prune_ratio": 0.5, "prune_residual": True},
+                      log=lambda m: None)
+    w = {n.name: n.inputs[1].values.shape for n in result.graph.nodes if n.op == "Conv"}
+    assert (w["c0"][0], w["ca"][0], w["cb"][0]) == (4, 4, 4)
 
 
 def test_multiple_rounds_kept_channels_up():

@@ -53,7 +53,7 @@ def name_nodes(graph) -> None:
             node.name = graph.unique_name(f"{node.op}_{node.outputs[0].name}")
 
 
-def prunable_groups(dg, skip_patterns, report=None):
+def prunable_groups(dg, skip_patterns, report=None, residual=True):
     """Groups that may be pruned: not blocked, not skipped. Reports the others."""
     matched = {p: 0 for p in skip_patterns}
     out = []
@@ -68,6 +68,11 @@ def prunable_groups(dg, skip_patterns, report=None):
         if hits:
             if report is not None:
                 report.skip(g.label, f"--prune-skip '{hits[0]}'")
+            continue
+        if g.residual and not residual:
+            if report is not None:
+                report.skip(g.label, "residual group (channels shared through Add/Sum by "
+                            f"{len(g.sources)} layers); --prune-residual prunes it")
             continue
         out.append(g)
     unmatched = [p for p, n in matched.items() if n == 0]
@@ -99,6 +104,9 @@ class Prune(Pass):
                "same ratio in each", action="store_true"),
         Option("--prune-skip", str, None, "comma-separated glob(s) of layer names whose "
                "group is left whole, e.g. '/conv1/*,*downsample*'"),
+        Option("--prune-residual", None, None, "also prune groups whose channels several "
+               "layers share through residual Add/Sum (e.g. a ResNet trunk); off by "
+               "default: every block reads and writes them", action="store_true"),
         Option("--prune-criterion", str, "l1", "channel importance", choices=CRITERIA),
         Option("--prune-min-channels", int, 1, "keep at least this many channels per group"),
         Option("--prune-multiple", int, 1, "round kept channel counts up to a multiple "
@@ -144,12 +152,15 @@ class Prune(Pass):
 
         name_nodes(graph)
         dg = DependencyGraph(graph)
-        groups = prunable_groups(dg, skip, report)
+        groups = prunable_groups(dg, skip, report,
+                                 residual=bool(ctx.option("prune_residual", False)))
         if not groups:
             reasons = sorted({g.blocked for g in dg.groups if g.blocked})
             why = f" ({reasons[0]})" if reasons else \
                 " (no Conv/ConvTranspose/Gemm/MatMul with constant weights)"
-            if skip and dg.groups and all(not g.blocked for g in dg.groups):
+            if any(g.residual and not g.blocked for g in dg.groups):
+                why = " (only residual groups are left; --prune-residual prunes them)"
+            elif skip and dg.groups and all(not g.blocked for g in dg.groups):
                 why = " (every group is excluded by --prune-skip)"
             raise UnsupportedError(f"nothing to prune: no channel group can be removed{why}")
 

@@ -77,6 +77,7 @@ class Group:
     sources: list = field(default_factory=list)   # source node names
     subgroups: list = field(default_factory=list)  # list of class-id arrays
     blocked: str | None = None              # reason the group is left whole
+    residual: bool = False                  # channels shared by several sources (Add/Sum)
 
     @property
     def label(self) -> str:
@@ -217,7 +218,9 @@ class DependencyGraph:
             self.class_group[c] = g
         for g in self.groups:
             g.classes = np.flatnonzero(self.class_group == g.gid)
+        n_src = np.zeros(k, np.int64)          # distinct sources per class
         for s, cl in zip(self.sources, src_classes):
+            n_src[cl] += 1
             grp = self.groups[self.class_group[cl[0]]]
             if s.node.name not in grp.sources:
                 grp.sources.append(s.node.name)
@@ -225,6 +228,7 @@ class DependencyGraph:
             reasons = [self.fixed_reason[int(c)] for c in g.classes
                        if int(c) in self.fixed_reason]
             g.blocked = reasons[0] if reasons else None
+            g.residual = bool((n_src[g.classes] > 1).any())
 
         # Subgroups: classes of a group found in exactly the same set of tensors.
         signature: dict[int, list] = {}
