@@ -1,1 +1,225 @@
-"""VTA target (being written)."""
+"""Target ``vta``: the Versatile Tensor Accelerator (TVM's FPGA deep-learning accelerator).
+
+After ``int8 --pow2-scales``, every conv/dense layer in the QDQ pattern (with its bias,
+ReLU, requantisation and clip) is lowered to a VTA program — tiles that fit the on-chip
+buffers, uop kernels, a load/compute/store instruction stream with dependency tokens and
+double buffering — and everything else runs on the host. The simulator in ``sim.py``
+runs those programs bit-exactly and reports cycles; see docs/vta.md.
+
+Artifact (``out/``): ``model.onnx`` (the quantized model), ``vta/host.onnx`` (host part,
+VTA layers as ``onnxc.vta::VtaLayer`` nodes), ``vta/program.json`` (configuration,
+partition, per-layer layout and cycles), ``vta/layer_XX.{insn,uop,wgt,acc}.bin`` (the
+128-bit instruction stream, 32-bit uops, blocked int8 weights, int32 ALU constants),
+``vta/layer_XX.npz`` (the integer layer, for the reference) and ``report.json``.
+``onnxc vta-sim out/ --input x.npy`` runs it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from onnxc.backends import Backend, Option, register_backend
+from onnxc.errors import UnsupportedError
+
+from .config import DEFAULT, VtaConfig
+
+HOSTS = ("onnx",)
+
+
+def config_from_options(options: dict) -> VtaConfig:
+    path = options.get("vta_config")
+    cfg = VtaConfig.load(path) if path else DEFAULT
+    return cfg.with_overrides(CLOCK_MHZ=options.get("vta_clock_mhz"),
+                              ROUNDING=options.get("vta_rounding"))
+
+
+def layer_report(prog, stats, cfg) -> dict:
+    """Per-layer figures from one simulated run (timing does not depend on the data)."""
+    info = prog.info
+    cycles = max(stats.cycles, 1)
+    return {
+        "name": prog.layer.name, "kind": prog.layer.kind,
+        "in_shape": list(prog.layer.in_shape), "out_shape": list(prog.layer.out_shape),
+        "macs": info["macs"], "padded_macs": info["padded_macs"],
+        "padding_waste": round(1 - info["macs"] / max(info["padded_macs"], 1), 4),
+        "channel_padding": info["channel_padding"],
+        "cycles": int(stats.cycles),
+        "latency_us": round(stats.cycles / cfg.CLOCK_MHZ, 2),
+        "gemm_utilization": round(info["macs"] / (cycles * cfg.macs_per_cycle), 4),
+        "gemm_busy": round(stats.gemm_cycles / cycles, 4),
+        "alu_cycles": int(stats.alu_cycles), "gemm_cycles": int(stats.gemm_cycles),
+        "busy": stats.busy, "dram_bytes": stats.dram_bytes,
+        "dram_read": dict(stats.dram_read), "dram_write": int(stats.dram_write),
+        "insns": info["insns"], "uops": info["uops"], "uop_mode": info["uop_mode"],
+        "tiling": info["tiling"],
+    }
+
+
+def totals(layers: list, cfg) -> dict:
+    cyc = sum(r["cycles"] for r in layers)
+    macs = sum(r["macs"] for r in layers)
+    padded = sum(r["padded_macs"] for r in layers)
+    return {"layers": len(layers), "cycles": cyc, "latency_ms": round(cyc / cfg.CLOCK_MHZ / 1e3, 4),
+            "macs": macs, "padded_macs": padded,
+            "padding_waste": round(1 - macs / max(padded, 1), 4),
+            "gemm_utilization": round(macs / max(cyc * cfg.macs_per_cycle, 1), 4),
+            "dram_bytes": sum(r["dram_bytes"] for r in layers)}
+
+
+def compile_graph(graph, cfg, log=lambda m: None):
+    """Partition and lower ``graph`` (a copy is edited). Returns
+    (host graph, programs, placement, layer reports)."""
+    from .lower import lower
+    from .partition import partition
+    from .sim import Simulator
+
+    host = graph.copy()
+    layers, placement = partition(host)
+    if not layers:
+        reasons = sorted({p["reason"] for p in placement})
+        if not placement:
+            raise UnsupportedError("no conv or dense layer to run on VTA (the model has no "
+                                   "Conv/Gemm/MatMul)")
+        raise UnsupportedError("no layer can run on VTA: " + "; ".join(reasons[:3])
+                               + (" ..." if len(reasons) > 3 else ""))
+    programs, reports = [], []
+    for layer in layers:
+        prog = lower(layer, cfg)
+        dram = prog.dram.copy()
+        stats = Simulator(cfg, dram).run(prog.insns)
+        programs.append(prog)
+        reports.append(layer_report(prog, stats, cfg))
+    return host, programs, placement, reports
+
+
+@register_backend
+class VtaBackend(Backend):
+    name = "vta"
+    summary = "VTA FPGA accelerator: int8 conv/dense on VTA (simulated), rest on the host"
+    options = (
+        Option("--vta-config", str, None, "VTA configuration JSON (vta_config.json keys: "
+               "LOG_BLOCK, LOG_*_BUFF_SIZE, ...; plus cycle-model keys)"),
+        Option("--vta-clock-mhz", float, None, "clock for latency estimates (default 100)"),
+        Option("--vta-rounding", str, None, "requantisation rounding: even = bit-exact with "
+               "ONNX QuantizeLinear (default), up = add-half-and-shift (fewer ALU ops)",
+               choices=("even", "up")),
+        Option("--vta-host", str, "onnx", "runtime for the host partition", choices=HOSTS),
+        Option("--vta-verify-samples", int, 8, "samples simulated at build time to check "
+               "the artifact against ONNX Runtime and the integer reference"),
+    )
+
+    def validate(self, ctx) -> None:
+        config_from_options(ctx.options)
+        n = ctx.option("vta_verify_samples", 8)
+        if n < 0:
+            from onnxc.errors import UsageError
+
+            raise UsageError("--vta-verify-samples must be >= 0")
+
+    def build(self, graph, ctx, out_dir, report) -> None:
+        import gc
+
+        from .runtime import PROGRAM_FILE, VtaArtifact, save_layer
+
+        cfg = config_from_options(ctx.options)
+        host, programs, placement, layer_reports = compile_graph(graph, cfg, ctx.log)
+        vta_dir = os.path.join(out_dir, "vta")
+        os.makedirs(vta_dir, exist_ok=True)
+        _save_host(host, os.path.join(vta_dir, "host.onnx"))
+        entries = []
+        for i, (prog, rep) in enumerate(zip(programs, layer_reports)):
+            entry = save_layer(prog, vta_dir, i)
+            entry["stats"] = rep
+            entries.append(entry)
+        meta = {"config": cfg.as_dict(), "host": ctx.option("vta_host", "onnx"),
+                "placement": placement, "layers": entries}
+        with open(os.path.join(out_dir, PROGRAM_FILE), "w") as f:
+            json.dump(meta, f, indent=1, default=_jsonable)
+        summary = {
+            "config": cfg.as_dict(), "describe": cfg.describe(),
+            "placement": placement,
+            "host_layers": [p for p in placement if p["where"] == "host"],
+            "layers": layer_reports, "totals": totals(layer_reports, cfg),
+            "note": "cycles come from onnxc's cycle model (see docs/vta.md), not hardware",
+        }
+        waste = summary["totals"]["padding_waste"]
+        if waste > 0:
+            summary["padding_advice"] = (
+                f"{100 * waste:.1f}% of VTA MACs multiply channel padding (channels are "
+                f"padded to BLOCK={cfg.block}); prune with --prune-multiple {cfg.block} to "
+                f"avoid it")
+        # Build-time check: run the artifact just written on a few samples.
+        n = int(ctx.option("vta_verify_samples", 8))
+        if n:
+            art = VtaArtifact(out_dir)
+            summary["verification"] = verify_artifact(art, graph, ctx, n)
+            del art
+            gc.collect()
+        report["vta"] = summary
+        n_vta = sum(p["where"] == "vta" for p in placement)
+        ctx.log(f"  vta: {n_vta} of {len(placement)} conv/dense layers on VTA, "
+                f"{summary['totals']['cycles']:,} cycles = "
+                f"{summary['totals']['latency_ms']:.3f} ms at {cfg.CLOCK_MHZ:g} MHz, GEMM "
+                f"utilisation {100 * summary['totals']['gemm_utilization']:.1f}%")
+        for p in summary["host_layers"]:
+            ctx.log(f"  vta: host runs {p['node']} ({p['op']}): {p['reason']}")
+        report["runtime"] = {"name": "onnxc VTA simulator + onnxruntime host",
+                             "load": "from onnxc.backends.vta.runtime import load_artifact\n"
+                                     "art = load_artifact('out')\n"
+                                     "outputs = art.run({'input': x})"}
+
+
+def verify_artifact(art, graph, ctx, n: int) -> dict:
+    """Run ``art`` on ``n`` verification samples: per-layer bit-exactness against the
+    numpy integer reference and output agreement with ONNX Runtime on the QDQ graph."""
+    from onnxc.verify import Runner, Verifier
+
+    from .qlayer import reference
+
+    ds = Verifier.for_context(graph, ctx).dataset.take(n)
+    feeds = {k: v[:n] for k, v in ds.inputs.items()}
+    ref = Runner(graph).run(feeds)
+    checked = {"exact": 0, "total": 0}
+    orig = [p.run for p in art.programs]
+
+    def checking(prog, run):
+        def wrapped(x, schedule="load-first", poison=False):
+            y, st = run(x, schedule=schedule, poison=poison)
+            checked["total"] += 1
+            checked["exact"] += int(np.array_equal(y, reference(prog.layer, x,
+                                                                 prog.cfg.ROUNDING)))
+            return y, st
+        return wrapped
+    for p, run in zip(art.programs, orig):
+        p.run = checking(p, run)
+    outs = art.run(feeds)
+    result = {"samples": int(len(next(iter(feeds.values())))),
+              "layer_runs_bit_exact": f"{checked['exact']}/{checked['total']}"}
+    diffs = [float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))))
+             if a.size else 0.0 for a, b in zip(ref, outs)]
+    result["max_abs_diff_vs_onnxruntime"] = max(diffs) if diffs else 0.0
+    if ref and ref[0].ndim == 2 and ref[0].shape[1] > 1:
+        result["argmax_agreement"] = float(np.mean(ref[0].argmax(1) == outs[0].argmax(1)))
+    return result
+
+
+def _save_host(host, path: str) -> None:
+    import onnx
+
+    model = host.to_onnx()
+    # The custom op's outputs keep the int8 type of the QuantizeLinear they replace.
+    opsets = {o.domain for o in model.opset_import}
+    if "onnxc.vta" not in opsets:
+        model.opset_import.append(onnx.helper.make_opsetid("onnxc.vta", 1))
+    onnx.save(model, path)
+
+
+def _jsonable(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return str(obj)

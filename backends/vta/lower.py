@@ -103,27 +103,34 @@ class Program:
 
         dram = self.dram.copy()
         off, size = self.regions["input"]
-        packed = self.pack_input(np.asarray(x, np.int8))
+        x = np.asarray(x, np.int8)
+        packed = self.pack_input(x.reshape(self.layer.in_shape))
         dram[off:off + size] = packed
         sim = Simulator(self.cfg, dram, poison=poison)
         stats = sim.run(self.insns, schedule=schedule)
         off, size = self.regions["output"]
-        return self.unpack_output(dram[off:off + size]), stats
+        y = self.unpack_output(dram[off:off + size])
+        if self.layer.kind == "dense":           # [N, O, 1, 1] -> [N, O] like the Gemm
+            y = y.reshape(y.shape[:2])
+        return y, stats
 
 
 # ---- tiling ---------------------------------------------------------------------------------
 
 
 def _param_rows(layer: QLayer, rounding: str) -> list:
-    """Per-channel int32 constant rows [name, values[O]] the ALU program reads."""
-    n = layer.shift.astype(np.int64)
-    half = np.where(n > 0, np.left_shift(np.int64(1), np.maximum(n - 1, 0)), 0)
-    rows = [("bias+half", layer.bias.astype(np.int64) + half)]
-    if rounding == "even":
-        rows += [("half", half), ("shl", np.where(n > 0, n - 31, 0))]
-        if np.any(n <= 0):
-            rows.append(("mask", np.where(n > 0, -1, 0)))
-    rows.append(("shr", n))
+    """Per-channel int32 constant rows [name, values[O]] the ALU program reads; one
+    group per requantisation stage k (stage 0 also adds the bias)."""
+    rows = []
+    for k, (n, _) in enumerate(layer.stages):
+        n = np.asarray(n, np.int64)
+        half = np.where(n > 0, np.left_shift(np.int64(1), np.maximum(n - 1, 0)), 0)
+        rows.append((f"add{k}", (layer.bias.astype(np.int64) if k == 0 else 0) + half))
+        if rounding == "even":
+            rows += [(f"half{k}", half), (f"shl{k}", np.where(n > 0, n - 31, 0))]
+            if np.any(n <= 0):
+                rows.append((f"mask{k}", np.where(n > 0, -1, 0)))
+        rows.append((f"shr{k}", n))
     return rows
 
 
@@ -199,7 +206,7 @@ def lower(layer: QLayer, cfg) -> Program:
     if max(layer.pads) > 15:
         raise UnsupportedError(f"layer {layer.name}: padding {max(layer.pads)} exceeds the "
                                f"4-bit pad fields of VTA loads")
-    if np.any(layer.shift > 31) or np.any(layer.shift < -31):
+    if any(np.any(np.abs(n) > 31) for n, _ in layer.stages):
         raise UnsupportedError(f"layer {layer.name}: requantisation shift outside "
                                f"[-31, 31] (scales too far apart)")
     b, bi, bo = cfg.batch, cfg.block_in, cfg.block_out
@@ -347,7 +354,7 @@ def lower(layer: QLayer, cfg) -> Program:
                         k += 1
                     # ---- compute: requantise the tile on the ALU
                     alus = _requant_program(kernel, a, acc_slot, acc_temp, acc_params, og,
-                                            ob_te, ohw, n_ent, P, prow, layer.relu, temp)
+                                            ob_te, ohw, n_ent, P, prow, layer.stages, temp)
                     alus[-1].deps.push_next = True
                     insns.extend(alus)
                     # ---- store module: one 2-D store per output channel block
@@ -415,7 +422,7 @@ def lower(layer: QLayer, cfg) -> Program:
 
 
 def _requant_program(kernel, a, acc_slot, acc_temp, acc_params, og, ob_te, ohw, n_ent, P,
-                     prow, relu, temp) -> list:
+                     prow, stages, temp) -> list:
     """ALU instructions that turn the int32 tile at ``a`` into clipped int8 outputs."""
 
     def vec(dst, name, op):
@@ -432,19 +439,21 @@ def _requant_program(kernel, a, acc_slot, acc_temp, acc_params, og, ob_te, ohw, 
         return kernel(AluInsn(op, False, 0, 0, 0, 1, n_ent, 0, 1, 0, 1),
                       ("alu-reg", dst, src), lambda: [[dst, src, 0]])
 
-    out = [vec(a, "bias+half", isa.ALU_ADD)]
-    if temp:
-        tmp = acc_temp
-        out.append(kernel(GemmInsn(True, 0, 0, 1, n_ent, 0, 1, 0, 0), ("reset", tmp),
-                          lambda: [[tmp, 0, 0]]))
-        out.append(reg(tmp, a, isa.ALU_ADD))                 # t = a + bias + h
-        out.append(vec(tmp, "half", isa.ALU_ADD))            # bit n of t = !parity
-        out.append(vec(tmp, "shl", isa.ALU_SHR))             # negative amount: << 31-n
-        out.append(imm(tmp, isa.ALU_SHR, 31))                # t = parity - 1 (0 or -1)
-        if "mask" in prow:
-            out.append(vec(tmp, "mask", isa.ALU_MAX))        # no rounding where n <= 0
-        out.append(reg(a, tmp, isa.ALU_ADD))
-    out.append(vec(a, "shr", isa.ALU_SHR))
-    out.append(imm(a, isa.ALU_MAX, 0 if relu else -128))
-    out.append(imm(a, isa.ALU_MIN, 127))
+    out = []
+    for k, (_, relu) in enumerate(stages):
+        out.append(vec(a, f"add{k}", isa.ALU_ADD))          # (+ bias) + h
+        if temp:
+            tmp = acc_temp
+            out.append(kernel(GemmInsn(True, 0, 0, 1, n_ent, 0, 1, 0, 0), ("reset", tmp),
+                              lambda: [[tmp, 0, 0]]))
+            out.append(reg(tmp, a, isa.ALU_ADD))             # t = a + h
+            out.append(vec(tmp, f"half{k}", isa.ALU_ADD))    # bit n of t = !parity
+            out.append(vec(tmp, f"shl{k}", isa.ALU_SHR))     # negative amount: << 31-n
+            out.append(imm(tmp, isa.ALU_SHR, 31))            # t = parity - 1 (0 or -1)
+            if f"mask{k}" in prow:
+                out.append(vec(tmp, f"mask{k}", isa.ALU_MAX))  # no rounding where n <= 0
+            out.append(reg(a, tmp, isa.ALU_ADD))
+        out.append(vec(a, f"shr{k}", isa.ALU_SHR))
+        out.append(imm(a, isa.ALU_MAX, 0 if relu else -128))
+        out.append(imm(a, isa.ALU_MIN, 127))
     return out

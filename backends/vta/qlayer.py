@@ -28,6 +28,13 @@ class QLayer:
     input_name: str = ""
     output_name: str = ""
     notes: list = field(default_factory=list)
+    # Further requantisation stages [(shift[O], relu)] applied to the int8 result, e.g.
+    # Q(s_y) -> DQ -> Relu -> Q(s_r) becomes (s_r/s_y as a shift, relu=True).
+    extra_stages: list = field(default_factory=list)
+
+    @property
+    def stages(self) -> list:
+        return [(np.asarray(self.shift, np.int64), self.relu)] + list(self.extra_stages)
 
     @property
     def out_channels(self) -> int:
@@ -55,7 +62,8 @@ class QLayer:
 
 def accumulate(layer: QLayer, x: np.ndarray) -> np.ndarray:
     """int32 accumulators (wrapped) [N, O, OH, OW] = conv(x, w) + bias."""
-    n, c, h, w = layer.in_shape
+    n = len(x)
+    _, c, h, w = layer.in_shape
     kh, kw = layer.kernel
     sh, sw = layer.stride
     pt, pl, pb, pr = layer.pads
@@ -95,4 +103,8 @@ def requantize(acc: np.ndarray, shift: np.ndarray, relu: bool, rounding: str = "
 
 def reference(layer: QLayer, x: np.ndarray, rounding: str = "even") -> np.ndarray:
     """The layer's int8 output for int8 input ``x`` [N, C, H, W], computed in numpy."""
-    return requantize(accumulate(layer, x), layer.shift, layer.relu, rounding)
+    x = np.asarray(x).reshape((len(x),) + tuple(layer.in_shape[1:]))
+    y = accumulate(layer, x)
+    for shift, relu in layer.stages:
+        y = requantize(y, shift, relu, rounding)
+    return y.reshape(y.shape[:2]) if layer.kind == "dense" else y

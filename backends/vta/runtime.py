@@ -1,0 +1,201 @@
+"""Run a VTA artifact: host segments on ONNX Runtime, VTA layers in the simulator.
+
+``vta/host.onnx`` is the model with every accelerated chain replaced by a
+``onnxc.vta::VtaLayer`` node. It is cut, in topological order, into maximal host
+segments (each becomes a small ONNX model run by ONNX Runtime) and VTA layers (each
+runs its stored instruction stream — ``layer_XX.insn.bin``, ``.uop.bin``, ``.wgt.bin``,
+``.acc.bin`` — in the simulator, one sample at a time, exactly as compiled).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import onnx
+
+from onnxc.errors import BackendError, DataError, UsageError
+
+from . import isa
+from .config import VtaConfig
+from .lower import Program, Tiling
+from .partition import DOMAIN, OP
+from .qlayer import QLayer
+
+PROGRAM_FILE = os.path.join("vta", "program.json")
+
+
+def save_layer(prog: Program, vta_dir: str, idx: int) -> dict:
+    """Write one compiled layer; returns its program.json entry."""
+    layer, cfg = prog.layer, prog.cfg
+    stem = f"layer_{idx:02d}"
+    files = {"insn": f"{stem}.insn.bin", "uop": f"{stem}.uop.bin", "wgt": f"{stem}.wgt.bin",
+             "acc": f"{stem}.acc.bin", "layer": f"{stem}.npz"}
+    with open(os.path.join(vta_dir, files["insn"]), "wb") as f:
+        f.write(isa.encode_stream(prog.insns, cfg))
+    for key, region in (("uop", "uop"), ("wgt", "weights"), ("acc", "params")):
+        off, size = prog.regions[region]
+        with open(os.path.join(vta_dir, files[key]), "wb") as f:
+            f.write(prog.dram[off:off + size].tobytes())
+    np.savez(os.path.join(vta_dir, files["layer"]), weight=layer.weight, bias=layer.bias,
+             shift=layer.shift, stages=np.array([s for s, _ in layer.stages], np.int64),
+             relus=np.array([r for _, r in layer.stages], bool))
+    return {"index": idx, "name": layer.name, "kind": layer.kind, "input": layer.input_name,
+            "output": layer.output_name, "in_shape": list(layer.in_shape),
+            "out_shape": list(layer.out_shape), "stride": list(layer.stride),
+            "pads": list(layer.pads), "regions": {k: list(v) for k, v in prog.regions.items()},
+            "dram_bytes": int(len(prog.dram)), "tiling": prog.tiling.as_dict(),
+            "files": files, "notes": layer.notes}
+
+
+def load_layer(vta_dir: str, entry: dict, cfg: VtaConfig) -> Program:
+    """Rebuild a runnable Program from the files of one layer (no re-lowering)."""
+    files = entry["files"]
+    try:
+        data = np.load(os.path.join(vta_dir, files["layer"]))
+        stages = [(s, bool(r)) for s, r in zip(data["stages"], data["relus"])]
+        layer = QLayer(entry["name"], entry["kind"], tuple(entry["in_shape"]),
+                       data["weight"], data["bias"], data["shift"], tuple(entry["stride"]),
+                       tuple(entry["pads"]), stages[0][1], entry["input"], entry["output"],
+                       list(entry.get("notes", [])), extra_stages=stages[1:])
+        with open(os.path.join(vta_dir, files["insn"]), "rb") as f:
+            insns = isa.decode_stream(f.read(), cfg)
+        dram = np.zeros(entry["dram_bytes"], np.uint8)
+        regions = {k: tuple(v) for k, v in entry["regions"].items()}
+        for key, region in (("uop", "uop"), ("wgt", "weights"), ("acc", "params")):
+            with open(os.path.join(vta_dir, files[key]), "rb") as f:
+                blob = np.frombuffer(f.read(), np.uint8)
+            off, size = regions[region]
+            if blob.size != size:
+                raise BackendError(f"{files[key]}: {blob.size} bytes, expected {size}")
+            dram[off:off + size] = blob
+    except (OSError, KeyError, ValueError) as exc:
+        raise BackendError(f"VTA artifact layer {entry.get('index')}: cannot load ({exc})") \
+            from None
+    return Program(layer, cfg, insns, dram, regions, Tiling(**entry["tiling"]))
+
+
+class VtaArtifact:
+    """A loaded VTA artifact: ``run(feeds) -> [outputs]`` plus per-layer statistics."""
+
+    kind = "vta"
+
+    def __init__(self, path: str):
+        self.path = path
+        vta_dir = os.path.join(path, "vta")
+        prog_file = os.path.join(path, PROGRAM_FILE)
+        if not os.path.isfile(prog_file):
+            raise UsageError(f"{path} is not a VTA artifact (no {PROGRAM_FILE}; compile with "
+                             f"--target vta)")
+        try:
+            with open(prog_file) as f:
+                self.meta = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise BackendError(f"{prog_file}: unreadable ({exc})") from None
+        self.cfg = VtaConfig.from_dict(self.meta["config"], where=prog_file)
+        self.programs = [load_layer(vta_dir, e, self.cfg) for e in self.meta["layers"]]
+        host = onnx.load(os.path.join(vta_dir, "host.onnx"))
+        self.plan, self.inputs, self.outputs = _segments(host)
+        self.layer_stats: list = [None] * len(self.programs)
+
+    def qdq_model(self) -> onnx.ModelProto:
+        """The quantized model the artifact was compiled from (for comparisons)."""
+        return onnx.load(os.path.join(self.path, "model.onnx"))
+
+    def run(self, feeds: dict, schedule="load-first") -> list:
+        env = {}
+        for spec in self.inputs:
+            if spec["name"] not in feeds:
+                raise DataError(f"missing input '{spec['name']}'")
+            env[spec["name"]] = np.asarray(feeds[spec["name"]]).astype(spec["dtype"],
+                                                                          copy=False)
+        for kind, item in self.plan:
+            if kind == "host":
+                session, in_names, out_names = item
+                outs = session.run(out_names, {n: env[n] for n in in_names})
+                env.update(zip(out_names, outs))
+            else:
+                prog = self.programs[item]
+                x = env[prog.layer.input_name]
+                per_sample = prog.layer.in_shape[0]
+                if len(x) % per_sample:
+                    raise DataError(f"batch {len(x)} is not a multiple of the compiled "
+                                    f"batch {per_sample}")
+                ys = []
+                for k in range(0, len(x), per_sample):
+                    y, stats = prog.run(x[k:k + per_sample], schedule=schedule)
+                    ys.append(y)
+                    self.layer_stats[item] = stats
+                env[prog.layer.output_name] = np.concatenate(ys)
+        return [env[o["name"]] for o in self.outputs]
+
+
+def _segments(model: onnx.ModelProto):
+    """[("host", (session, inputs, outputs)) | ("vta", layer index)] in execution order."""
+    from onnxc.verify import _session
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    graph_outputs = {o.name for o in graph.output}
+    value_info = {v.name: v for v in list(graph.value_info) + list(graph.input)
+                  + list(graph.output)}
+    nodes = list(graph.node)
+    # which node (index) reads each tensor
+    readers: dict = {}
+    for i, n in enumerate(nodes):
+        for t in n.input:
+            readers.setdefault(t, []).append(i)
+    plan, run = [], []
+
+    def flush(end):
+        if not run:
+            return
+        members = set(run)
+        produced = {t for i in run for t in nodes[i].output}
+        needed = []
+        for i in run:
+            for t in nodes[i].input:
+                if t and t not in produced and t not in inits and t not in needed:
+                    needed.append(t)
+        outs = [t for i in run for t in nodes[i].output
+                if t in graph_outputs or any(r not in members for r in readers.get(t, []))]
+        used_inits = [inits[t] for i in run for t in nodes[i].input if t in inits]
+        seen = set()
+        used_inits = [x for x in used_inits if not (x.name in seen or seen.add(x.name))]
+
+        def vi(name):
+            if name in value_info:
+                return value_info[name]
+            raise BackendError(f"VTA host graph: no type for tensor '{name}'")
+        sub = onnx.helper.make_graph([nodes[i] for i in run], f"host_{len(plan)}",
+                                     [vi(t) for t in needed], [vi(t) for t in outs],
+                                     used_inits)
+        m = onnx.helper.make_model(sub, opset_imports=[o for o in model.opset_import
+                                                       if o.domain != DOMAIN])
+        m.ir_version = model.ir_version
+        plan.append(("host", (_session(m), needed, outs)))
+        run.clear()
+
+    for i, n in enumerate(nodes):
+        if n.domain == DOMAIN and n.op_type == OP:
+            flush(i)
+            idx = next(a.i for a in n.attribute if a.name == "layer")
+            plan.append(("vta", idx))
+        else:
+            run.append(i)
+    flush(len(nodes))
+    inputs = []
+    for i in graph.input:
+        if i.name in inits:
+            continue
+        elem = onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type)
+        dims = [d.dim_value if d.HasField("dim_value") else None
+                for d in i.type.tensor_type.shape.dim]
+        inputs.append({"name": i.name, "shape": dims, "dtype": np.dtype(elem).name})
+    outputs = [{"name": o.name} for o in graph.output]
+    return plan, inputs, outputs
+
+
+def load_artifact(path: str) -> VtaArtifact:
+    return VtaArtifact(os.fspath(path))
