@@ -46,7 +46,7 @@ def save_layer(prog: Program, vta_dir: str, idx: int) -> dict:
             "out_shape": list(layer.out_shape), "stride": list(layer.stride),
             "pads": list(layer.pads), "regions": {k: list(v) for k, v in prog.regions.items()},
             "dram_bytes": int(len(prog.dram)), "tiling": prog.tiling.as_dict(),
-            "files": files, "notes": layer.notes}
+            "files": files, "notes": layer.notes, "info": prog.info}
 
 
 def load_layer(vta_dir: str, entry: dict, cfg: VtaConfig) -> Program:
@@ -73,7 +73,8 @@ def load_layer(vta_dir: str, entry: dict, cfg: VtaConfig) -> Program:
     except (OSError, KeyError, ValueError) as exc:
         raise BackendError(f"VTA artifact layer {entry.get('index')}: cannot load ({exc})") \
             from None
-    return Program(layer, cfg, insns, dram, regions, Tiling(**entry["tiling"]))
+    return Program(layer, cfg, insns, dram, regions, Tiling(**entry["tiling"]),
+                   info=dict(entry.get("info", {})))
 
 
 class VtaArtifact:
