@@ -70,6 +70,8 @@ def clip_range(stats: TensorStats, method: str = "minmax", scheme: Scheme = Sche
         raise ValueError(f"no statistics collected for tensor '{stats.name}'")
     if method == "minmax" or stats.max == stats.min:
         return stats.min, stats.max
+    if stats.counts is None:
+        raise ValueError(f"calibrator '{method}' needs histograms; collect them")
     if method not in CALIBRATORS:
         raise UsageError(f"unknown calibrator '{method}' (choose from {', '.join(CALIBRATORS)})")
     one_sided = stats.min >= 0
@@ -77,11 +79,15 @@ def clip_range(stats: TensorStats, method: str = "minmax", scheme: Scheme = Sche
     if method == "percentile":
         t = _percentile_threshold(counts, width, percentile)
     elif method == "entropy":
-        # Levels available on one side of zero: 256 for uint8 ReLU outputs, else 128.
-        levels = 256 if one_sided and not scheme.signed else 128
-        t = _entropy_threshold(counts, width, levels)
+        # TensorRT's setting: |x| in 2048 bins over [0, max|x|], 128 quantized levels.
+        # Exact zeros (half of a ReLU output) are left out: they are exact in any
+        # quantization, and in bin 0 they would make every wide first chunk look lossy.
+        nz = counts.copy()
+        nz[0] -= min(stats.zeros, nz[0])
+        coarse, cwidth = _rebin(nz, width, 2048)
+        t = _entropy_threshold(coarse, cwidth, 128)
     else:
-        t = _mse_threshold(stats, scheme)
+        return _mse_range(stats, scheme)
     max_abs = max(abs(stats.min), abs(stats.max))
     t = min(max(t, width), max_abs)
     return max(stats.min, -t), min(stats.max, t)
@@ -96,6 +102,15 @@ def _percentile_threshold(counts: np.ndarray, width: float, percentile: float) -
     cdf = np.cumsum(counts) / max(counts.sum(), 1)
     i = int(np.searchsorted(cdf, percentile / 100.0))
     return (min(i, len(counts) - 1) + 1) * width
+
+
+def _rebin(counts: np.ndarray, width: float, bins: int) -> tuple[np.ndarray, float]:
+    """Histogram over [0, len·width) regridded to ``bins`` equal bins (mass by bin center)."""
+    top = len(counts) * width
+    new_width = top / bins
+    centers = (np.arange(len(counts)) + 0.5) * width
+    idx = np.minimum((centers / new_width).astype(np.int64), bins - 1)
+    return np.bincount(idx, weights=counts, minlength=bins), new_width
 
 
 def _entropy_threshold(counts: np.ndarray, width: float, levels: int) -> float:
@@ -131,28 +146,44 @@ def _entropy_threshold(counts: np.ndarray, width: float, levels: int) -> float:
     return best_i * width
 
 
-def _mse_threshold(stats: TensorStats, scheme: Scheme, candidates: int = 200) -> float:
-    """Threshold t minimising Σ_bins count·(c − fakequant(c))² over bin centers c."""
-    c = stats.centers()                              # (B,)
-    w = stats.counts.astype(np.float64)              # (B,)
-    keep = w > 0
-    c, w = c[keep], w[keep]
-    max_abs = max(abs(stats.min), abs(stats.max))
-    ts = max_abs * np.arange(1, candidates + 1) / candidates          # (T,)
-    lo = np.maximum(stats.min, -ts)                                   # (T,)
-    hi = np.minimum(stats.max, ts)
+def _fq_error(c, w, lo, hi, scheme: Scheme) -> np.ndarray:
+    """Σ_bins count·(c − fakequant(c))² for candidate ranges lo, hi (each shape (T,))."""
     lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
     if scheme.signed:
         scale = np.maximum(-lo, hi) / scheme.qmax
-        zp = np.zeros_like(scale)
     else:
         scale = (hi - lo) / (scheme.qmax - scheme.qmin)
     scale = np.maximum(scale, 1e-12)
     if scheme.pow2:
         scale = 2.0 ** np.ceil(np.log2(scale))
-    if not scheme.signed:
-        zp = np.clip(np.round(-lo / scale), scheme.qmin, scheme.qmax)
+    zp = np.zeros_like(scale) if scheme.signed else \
+        np.clip(np.round(-lo / scale), scheme.qmin, scheme.qmax)
     q = np.clip(np.round(c[None, :] / scale[:, None]) + zp[:, None], scheme.qmin, scheme.qmax)
     fq = (q - zp[:, None]) * scale[:, None]                           # (T, B)
-    err = ((fq - c[None, :]) ** 2 * w[None, :]).sum(1)
-    return float(ts[int(np.argmin(err))])
+    return ((fq - c[None, :]) ** 2 * w[None, :]).sum(1)
+
+
+def _mse_range(stats: TensorStats, scheme: Scheme, candidates: int = 200) -> tuple:
+    """Range minimising the expected squared quantization error over the histogram.
+
+    Symmetric int8 or a one-sided tensor: one threshold t. uint8 with both signs (the
+    zero point is free): the two ends are searched in turn (coordinate descent, two
+    rounds), because the best clip of a skewed tensor is not symmetric."""
+    c = stats.centers()                              # (B,)
+    w = stats.counts.astype(np.float64)              # (B,)
+    keep = w > 0
+    c, w = c[keep], w[keep]
+    frac = np.arange(1, candidates + 1) / candidates                  # (T,)
+    if scheme.signed or stats.min >= 0 or stats.max <= 0:
+        max_abs = max(abs(stats.min), abs(stats.max))
+        ts = max_abs * frac
+        err = _fq_error(c, w, np.maximum(stats.min, -ts), np.minimum(stats.max, ts), scheme)
+        t = float(ts[int(np.argmin(err))])
+        return max(stats.min, -t), min(stats.max, t)
+    lo, hi = stats.min, stats.max
+    for _ in range(2):
+        his = stats.max * frac
+        hi = float(his[int(np.argmin(_fq_error(c, w, np.full_like(his, lo), his, scheme)))])
+        los = stats.min * frac
+        lo = float(los[int(np.argmin(_fq_error(c, w, los, np.full_like(los, hi), scheme)))])
+    return lo, hi

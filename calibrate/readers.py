@@ -107,7 +107,15 @@ def check_against_graph(ds: Dataset, graph) -> None:
 
 def load_npz(path: str, graph, preprocess: Preprocess | None = None,
              samples: int | None = None, key: str | None = None) -> Dataset:
-    """Read ``images`` (or the only array / ``key``) and optional ``labels`` from npz/npy."""
+    """Read ``images`` (or the only array / ``key``) and optional ``labels`` from npz/npy.
+
+    Also accepts a folder of images (see :func:`load_image_folder`) and
+    ``random[:LO,HI]`` (see :func:`random_range_dataset`), so every ``--calib-data`` /
+    ``--eval-data`` flag takes all three."""
+    if str(path).startswith("random") and not os.path.exists(path):
+        return random_range_dataset(graph, path, samples)
+    if os.path.isdir(path):
+        return load_image_folder(path, graph, preprocess, samples)
     if not os.path.exists(path):
         raise DataError(f"data file not found: {path}")
     if os.path.getsize(path) == 0:
@@ -174,3 +182,77 @@ def random_dataset(graph, n: int, seed: int = 0) -> Dataset:
         else:
             inputs[tensor.name] = rng.integers(0, 4, dims).astype(dtype)
     return Dataset(inputs, None, "random", synthetic=True)
+
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
+
+
+def load_image_folder(path: str, graph, preprocess: Preprocess | None = None,
+                      samples: int | None = None) -> Dataset:
+    """Images under ``path`` (sorted; sub-folders name classes → labels), resized so the
+    short side fits the model input, centre-cropped to H×W, RGB, then ``preprocess``
+    (raw pixel values 0..255, as for npz images)."""
+    from PIL import Image, UnidentifiedImageError
+
+    inputs = _expected_inputs(graph)
+    if len(inputs) != 1 or len(inputs[0][1]) != 4:
+        raise DataError(f"{path}: an image folder needs a model with one N×C×H×W input")
+    _, c, h, w = inputs[0][1]
+    if not all(isinstance(d, (int, np.integer)) for d in (c, h, w)) or c not in (1, 3):
+        raise DataError(f"{path}: model input {inputs[0][1]} is not N×(1|3)×H×W with static "
+                        "H, W (fix it with --input-shape)")
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs
+                   if f.lower().endswith(IMAGE_EXTENSIONS))
+    if not files:
+        raise DataError(f"{path}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    if samples is not None:
+        if samples <= 0:
+            raise DataError(f"sample count must be positive, got {samples}")
+        if samples > len(files):
+            raise DataError(f"{path}: asked for {samples} samples but it holds {len(files)}")
+        files = files[:samples]
+    classes = sorted({os.path.relpath(os.path.dirname(f), path) for f in files})
+    labelled = len(classes) > 1 or classes != ["."]
+    raw = np.empty((len(files), c, h, w), np.float32)        # N × C × H × W, 0..255
+    for i, f in enumerate(files):
+        try:
+            img = Image.open(f).convert("RGB" if c == 3 else "L")
+        except (UnidentifiedImageError, OSError) as exc:
+            raise DataError(f"{f}: not a readable image ({exc})") from None
+        scale = max(h / img.height, w / img.width)           # short side fits, then crop
+        img = img.resize((max(w, round(img.width * scale)), max(h, round(img.height * scale))),
+                         Image.BILINEAR)
+        left, top = (img.width - w) // 2, (img.height - h) // 2
+        arr = np.asarray(img.crop((left, top, left + w, top + h)), np.float32)
+        raw[i] = arr.reshape(h, w, c).transpose(2, 0, 1)
+    pre = preprocess or Preprocess()
+    x = Preprocess(pre.scale, pre.mean, pre.std, "NCHW").apply(raw)
+    labels = np.array([classes.index(os.path.relpath(os.path.dirname(f), path))
+                       for f in files], np.int64) if labelled else None
+    ds = Dataset({inputs[0][0]: x}, labels, path)
+    check_against_graph(ds, graph)
+    return ds
+
+
+def random_range_dataset(graph, spec: str, samples: int | None = None,
+                         seed: int = 0) -> Dataset:
+    """``random`` (standard normal) or ``random:LO,HI`` (uniform in the declared range):
+    seeded synthetic samples shaped like the inputs. Calibrating on these loses accuracy;
+    callers warn (``Dataset.synthetic``)."""
+    n = samples or 64
+    rest = spec[len("random"):]
+    if not rest:
+        return random_dataset(graph, n, seed)
+    try:
+        lo, hi = (float(v) for v in rest.lstrip(":").split(","))
+    except ValueError:
+        raise DataError(f"'{spec}': expected random or random:LO,HI") from None
+    if not lo < hi:
+        raise DataError(f"'{spec}': LO must be below HI")
+    ds = random_dataset(graph, n, seed)
+    rng = np.random.default_rng(seed)
+    for name, arr in ds.inputs.items():
+        if arr.dtype.kind == "f":
+            ds.inputs[name] = rng.uniform(lo, hi, arr.shape).astype(arr.dtype)
+    ds.source = spec
+    return ds

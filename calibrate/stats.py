@@ -21,6 +21,9 @@ from onnxc.errors import DataError
 
 MAX_BINS = 4096
 BATCH_SIZE = 32
+# Histogram at most this many values per tensor per batch (a fixed odd stride, so it does
+# not alias with power-of-two spatial dims); min/max always see every value.
+HIST_VALUES = 1 << 17
 
 
 @dataclass
@@ -37,9 +40,10 @@ class TensorStats:
     width: float = 0.0
     first: int = 0
     counts: np.ndarray | None = None      # int64, len ≤ MAX_BINS
+    zeros: int = 0                        # exact zeros among the histogrammed values
 
     # -- update ------------------------------------------------------------------------
-    def update(self, x: np.ndarray) -> None:
+    def update(self, x: np.ndarray, histogram: bool = True) -> None:
         x = np.asarray(x, np.float32).reshape(-1)
         if x.size == 0:
             return
@@ -48,6 +52,8 @@ class TensorStats:
             raise DataError(f"tensor '{self.name}' produced NaN/Inf during calibration")
         self.count += x.size
         self.min, self.max = min(self.min, lo), max(self.max, hi)
+        if not histogram:
+            return
         if self.width == 0.0:
             span = max(abs(self.min), abs(self.max), 1e-12)
             # Start with the finest power-of-two width that fits the first batch.
@@ -55,6 +61,10 @@ class TensorStats:
             self.first = math.floor(self.min / self.width)
             self.counts = np.zeros(math.floor(self.max / self.width) - self.first + 1, np.int64)
         self._cover(lo, hi)
+        if x.size > HIST_VALUES:
+            stride = x.size // HIST_VALUES
+            x = x[::stride | 1]
+        self.zeros += int(np.count_nonzero(x == 0))
         idx = np.floor(x * np.float32(1.0 / self.width)).astype(np.int64) - self.first
         np.clip(idx, 0, len(self.counts) - 1, out=idx)  # float rounding at the edges
         self.counts += np.bincount(idx, minlength=len(self.counts))
@@ -95,8 +105,10 @@ class TensorStats:
 
 
 def collect(model: onnx.ModelProto, tensors: list[str], dataset, batch_size: int = BATCH_SIZE,
-            progress: bool = True, desc: str = "calibrating") -> dict[str, TensorStats]:
-    """Run ``model`` over ``dataset`` once; statistics of every tensor in ``tensors``."""
+            progress: bool = True, desc: str = "calibrating",
+            histograms: bool = True) -> dict[str, TensorStats]:
+    """Run ``model`` over ``dataset`` once; statistics of every tensor in ``tensors``
+    (min/max always; histograms unless ``histograms`` is False, e.g. for minmax)."""
     from onnxc.verify import _session
 
     if len(dataset) == 0:
@@ -120,7 +132,7 @@ def collect(model: onnx.ModelProto, tensors: list[str], dataset, batch_size: int
         outs = session.run(None, {k: v for k, v in feeds.items() if k in inputs})
         for name, value in zip(out_names, outs):
             if name in wanted:
-                stats[name].update(value)
+                stats[name].update(value, histograms)
     return stats
 
 

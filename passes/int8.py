@@ -31,6 +31,7 @@ from onnxc.calibrate.stats import collect
 from onnxc.errors import UsageError
 from onnxc.pipeline import Option, Pass, register_pass
 
+MAX_CALIB = 512
 # Nodes computed in int8 when all their float activation inputs are quantized.
 COMPUTE_OPS = {"Conv", "Gemm", "MatMul", "Add", "Mul", "Concat", "GlobalAveragePool",
                "AveragePool"}
@@ -187,9 +188,13 @@ class Int8(Pass):
         candidates = {n.name for n in graph.nodes if n.op in COMPUTE_OPS} - keep
         full = Plan(graph, candidates, scheme.signed)
 
-        data = ctx.calibration_data(graph)
-        stats = collect(graph.to_onnx(), full.stat_tensors(), data, progress=ctx.progress)
-        ranges = {name: clip_range(s, method, scheme, percentile) for name, s in stats.items()}
+        data = calibration_set(ctx, graph)
+        stats = collect(graph.to_onnx(), full.stat_tensors(), data, progress=ctx.progress,
+                        histograms=method != "minmax")
+        outputs = {t.name for t in graph.gs.outputs}
+        # Never clip what the user reads: graph outputs keep their observed range.
+        ranges = {name: clip_range(s, "minmax" if name in outputs else method, scheme,
+                                   percentile) for name, s in stats.items()}
         params = {name: scheme.params(*r) for name, r in ranges.items()}
 
         def build(layers: set):
@@ -230,6 +235,18 @@ class Int8(Pass):
         if scheme.pow2:
             report.extra["shifts"] = requant_shifts(result)
         return result
+
+
+def calibration_set(ctx, graph):
+    """The calibration samples: --calib-samples if given, else at most MAX_CALIB (more
+    rarely moves a range, and statistics cost grows linearly)."""
+    n = ctx.option("calib_samples")
+    if n is None and ctx.calibration is not None:
+        n = min(len(ctx.calibration), MAX_CALIB)
+    data = ctx.calibration_data(graph, n)
+    if data.synthetic and ctx.calibration is not None:
+        ctx.warn(f"calibration data '{data.source}' is synthetic: accuracy will suffer")
+    return data
 
 
 def apply_plan(graph, plan: Plan, params: dict, scheme: Scheme, reduce: bool,
