@@ -371,8 +371,12 @@ class TorchGraph(nn.Module):
         return torch.abs
 
     def _op_Sign(self, node):
-        # Binary activations: sign forward, hardtanh gradient (the usual STE).
-        return ste_sign
+        # Binary activations: ONNX sign (0 stays 0) forward, hardtanh gradient (the
+        # usual STE, Courbariaux et al.), so XNOR-style layers train.
+        def fn(x):
+            soft = torch.clamp(x, -1.0, 1.0)
+            return soft + (torch.sign(x) - soft).detach()
+        return fn
 
     def _op_Pow(self, node):
         return torch.pow

@@ -1,0 +1,207 @@
+"""The recover pass: distillation keeps the compressed structure, improves the student,
+stays on quantization grids, is deterministic, and rejects bad input with one line."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import pytest
+
+from conftest import CIFAR_FLAGS, cifar_preprocess, run_cli
+from onnxc import frontend
+from onnxc.calibrate.readers import load_npz
+from onnxc.passes.recover import Recover, structure
+from onnxc.pipeline import Context, PassReport
+
+FAST = {"recover_epochs": 1.0, "recover_batch": 32, "recover_threads": 1}
+
+
+def prune_block_internal(graph, ratio=0.5):
+    """L1-prune the first conv of each residual block (conv1 → Relu → conv2): the
+    simplest structured compression, built here so the test needs no other pass."""
+    for c1 in list(graph.nodes):
+        outs = c1.outputs[0].outputs if c1.op == "Conv" else []
+        if len(outs) != 1 or outs[0].op != "Relu":
+            continue
+        cons = outs[0].outputs[0].outputs
+        if len(cons) != 1 or cons[0].op != "Conv":
+            continue
+        c2 = cons[0]
+        w1, b1 = graph.constant(c1.inputs[1]), graph.constant(c1.inputs[2])
+        w2 = graph.constant(c2.inputs[1])
+        keep = np.sort(np.argsort(-np.abs(w1).sum((1, 2, 3)))[:max(1, int(len(w1) * ratio))])
+        c1.inputs[1] = graph.make_constant(c1.name + "_w_p", w1[keep])
+        c1.inputs[2] = graph.make_constant(c1.name + "_b_p", b1[keep])
+        c2.inputs[1] = graph.make_constant(c2.name + "_w_p", w2[:, keep])
+    return graph.refresh()
+
+
+@pytest.fixture(scope="module")
+def teacher(resnet20_path):
+    return frontend.load(resnet20_path)
+
+
+@pytest.fixture(scope="module")
+def train128(teacher, cifar_train_path):
+    return load_npz(str(cifar_train_path), teacher, cifar_preprocess(), samples=128)
+
+
+def _recover(student, teacher, data, **opts):
+    ctx = Context({**FAST, **opts}, seed=0, calibration=data, original=teacher,
+                  progress=False, log=lambda m: None)
+    report = PassReport("recover", False)
+    out = Recover().run(student, ctx, report)
+    return out, report
+
+
+def _onnx_signature(graph):
+    """Op types and inferred shapes of every tensor, read back from the exported model."""
+    model = onnx.shape_inference.infer_shapes(graph.to_onnx())
+    shapes = {v.name: [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim]
+              for v in list(model.graph.value_info) + list(model.graph.output)}
+    inits = {i.name: (list(i.dims), i.data_type) for i in model.graph.initializer}
+    return [n.op_type for n in model.graph.node], shapes, inits
+
+
+def test_structure_is_identical_after_recover(teacher, train128):
+    student = prune_block_internal(teacher.copy())
+    before_sig, before_onnx = structure(student), _onnx_signature(student)
+    before_w = {n: np.array(t.values) for n, t in student.tensors().items()
+                if isinstance(t, gs.Constant)}
+    out, report = _recover(student, teacher, train128)
+    assert structure(out) == before_sig
+    assert _onnx_signature(out.refresh()) == before_onnx
+    changed = [n for n, t in out.tensors().items() if isinstance(t, gs.Constant)
+               and n in before_w and not np.array_equal(before_w[n], t.values)]
+    assert len(changed) == report.changed > 0
+    assert report.extra["loss_log"] and report.extra["steps"] == 4
+
+
+def test_recover_brings_student_closer_to_teacher(teacher, train128):
+    from onnxc.verify import Runner
+
+    student = prune_block_internal(teacher.copy())
+    x = train128.inputs["input"]
+    ref = Runner(teacher).run({"input": x})[0]
+    before = Runner(student).run({"input": x})[0]
+    out, _ = _recover(student.copy(), teacher, train128, recover_epochs=3.0)
+    after = Runner(out).run({"input": x})[0]
+    agree = [np.mean(o.argmax(1) == ref.argmax(1)) for o in (before, after)]
+    assert agree[1] > agree[0]
+
+
+def test_recover_is_deterministic(teacher, train128):
+    a, _ = _recover(prune_block_internal(teacher.copy()), teacher, train128)
+    b, _ = _recover(prune_block_internal(teacher.copy()), teacher, train128)
+    wa = {n: t.values for n, t in a.tensors().items() if isinstance(t, gs.Constant)}
+    wb = {n: t.values for n, t in b.tensors().items() if isinstance(t, gs.Constant)}
+    assert wa.keys() == wb.keys()
+    assert all(np.array_equal(wa[n], wb[n]) for n in wa)
+
+
+def _quantize_weights(graph, levels: str):
+    """Put every 3×3 conv weight behind a per-channel DequantizeLinear with int8 codes:
+    'int8' (symmetric, 127 levels), 'ternary' (TWN threshold) or 'binary' (sign)."""
+    for node in [n for n in graph.nodes if n.op == "Conv"]:
+        w = graph.constant(node.inputs[1])
+        if w.shape[2] != 3:
+            continue
+        flat = np.abs(w).reshape(len(w), -1)
+        if levels == "int8":
+            scale = flat.max(1) / 127
+            q = np.clip(np.round(w / scale[:, None, None, None]), -127, 127)
+        elif levels == "ternary":
+            delta = 0.7 * flat.mean(1)[:, None, None, None]
+            q = np.sign(w) * (np.abs(w) > delta)
+            scale = np.array([np.abs(wc[qc != 0]).mean() for wc, qc in zip(w, q)])
+        else:
+            q = np.where(w >= 0, 1, -1)
+            scale = flat.mean(1)
+        out = graph.make_variable(node.name + "_wdq", np.float32, w.shape)
+        dq = gs.Node("DequantizeLinear", graph.unique_name(node.name + "_dq"),
+                     attrs={"axis": 0},
+                     inputs=[graph.make_constant(node.name + "_wq", q.astype(np.int8)),
+                             graph.make_constant(node.name + "_ws", scale.astype(np.float32)),
+                             graph.make_constant(node.name + "_wz",
+                                                 np.zeros(len(w), np.int8))],
+                     outputs=[out])
+        node.inputs[1] = out
+        graph.gs.nodes.append(dq)
+    return graph.refresh()
+
+
+@pytest.mark.parametrize("levels,allowed", [("int8", None), ("ternary", {-1, 0, 1}),
+                                             ("binary", {-1, 1})])
+def test_quantized_student_stays_on_its_grid(teacher, train128, levels, allowed):
+    student = _quantize_weights(teacher.copy(), levels)
+    scales = {n: np.array(t.values) for n, t in student.tensors().items()
+              if n.endswith("_ws")}
+    before = structure(student)
+    n_quant = sum(n.op == "DequantizeLinear" for n in student.nodes)
+    out, report = _recover(student, teacher, train128)
+    assert structure(out) == before
+    assert report.extra["quantized_weights"] == {
+        {"int8": "int", "ternary": "ternary", "binary": "binary"}[levels]: n_quant}
+    for name, t in out.tensors().items():
+        if name.endswith("_wq"):
+            assert t.values.dtype == np.int8
+            if allowed:
+                assert set(np.unique(t.values).tolist()) <= allowed
+        if name.endswith("_ws"):
+            assert np.array_equal(t.values, scales[name])      # grid unchanged
+
+
+# ---- bad input: one line, documented exit code -----------------------------------------
+
+def _error_line(err: str) -> str:
+    """The CLI's single error line (no traceback around it)."""
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.startswith("onnxc: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_recover_without_data_is_refused(resnet20_path, tmp_path):
+    code, _, err = run_cli("compress", resnet20_path, "--passes", "recover",
+                           "-o", tmp_path / "out")
+    assert code == 2
+    assert "recover needs training images" in _error_line(err)
+
+
+def test_recover_data_of_the_wrong_shape_is_refused(resnet20_path, tmp_path):
+    bad = tmp_path / "small.npz"
+    np.savez(bad, images=np.zeros((4, 3, 16, 16), np.uint8))
+    code, _, err = run_cli("compress", resnet20_path, "--passes", "recover",
+                           "--recover-data", bad, *CIFAR_FLAGS, "-o", tmp_path / "out")
+    assert code == 7
+    assert "expects [3, 32, 32]" in _error_line(err)
+
+
+def test_recover_missing_data_file_is_refused(resnet20_path, tmp_path):
+    code, _, err = run_cli("compress", resnet20_path, "--passes", "recover",
+                           "--recover-data", tmp_path / "nope.npz", "-o", tmp_path / "out")
+    assert code == 7 and "not found" in _error_line(err)
+
+
+def test_graph_with_untrainable_op_is_refused(tmp_path, cifar_train_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("GlobalAveragePool", ["c"], ["p"]),
+             helper.make_node("Flatten", ["p"], ["f"]),
+             helper.make_node("TopK", ["f", "k"], ["y", "i"], axis=1)]
+    rng = np.random.default_rng(0)
+    g = helper.make_graph(
+        nodes, "topk", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                      ["N", 3, 32, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        [numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w"),
+         numpy_helper.from_array(np.array([4], np.int64), "k")])
+    path = tmp_path / "topk.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), path)
+    code, _, err = run_cli("compress", path, "--passes", "recover", "--calib-data",
+                           cifar_train_path, "--calib-samples", "16", *CIFAR_FLAGS,
+                           "-o", tmp_path / "out")
+    assert code == 4
+    assert "cannot train graphs with op(s) TopK" in _error_line(err)
