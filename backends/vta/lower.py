@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from onnxc.errors import UnsupportedError
+from onnxc.errors import DataError, UnsupportedError
 
 from . import isa
 from .isa import AluInsn, Deps, GemmInsn, MemInsn
@@ -98,21 +98,34 @@ class Program:
         return np.ascontiguousarray(full[:n, :o])
 
     def run(self, x: np.ndarray, schedule="load-first", poison: bool = False):
-        """Simulate on int8 input ``x``; returns (int8 output, SimStats)."""
+        """Simulate on int8 input ``x`` (any batch: the program, compiled for batch
+        ``in_shape[0]``, runs once per chunk); returns (int8 output, SimStats of the last
+        run — timing does not depend on the data)."""
+        x = np.asarray(x, np.int8)
+        per = self.layer.in_shape[0]
+        x = x.reshape((len(x),) + tuple(self.layer.in_shape[1:]))
+        if len(x) % per:
+            raise DataError(f"layer {self.layer.name}: batch {len(x)} is not a multiple of "
+                            f"the compiled batch {per}")
+        ys, stats = [], None
+        for k in range(0, len(x), per):
+            y, stats = self._run_once(x[k:k + per], schedule, poison)
+            ys.append(y)
+        y = np.concatenate(ys)
+        if self.layer.kind == "dense":           # [N, O, 1, 1] -> [N, O] like the Gemm
+            y = y.reshape(y.shape[:2])
+        return y, stats
+
+    def _run_once(self, x, schedule, poison):
         from .sim import Simulator
 
         dram = self.dram.copy()
         off, size = self.regions["input"]
-        x = np.asarray(x, np.int8)
-        packed = self.pack_input(x.reshape(self.layer.in_shape))
-        dram[off:off + size] = packed
+        dram[off:off + size] = self.pack_input(x)
         sim = Simulator(self.cfg, dram, poison=poison)
         stats = sim.run(self.insns, schedule=schedule)
         off, size = self.regions["output"]
-        y = self.unpack_output(dram[off:off + size])
-        if self.layer.kind == "dense":           # [N, O, 1, 1] -> [N, O] like the Gemm
-            y = y.reshape(y.shape[:2])
-        return y, stats
+        return self.unpack_output(dram[off:off + size]), stats
 
 
 # ---- tiling ---------------------------------------------------------------------------------

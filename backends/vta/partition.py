@@ -95,7 +95,14 @@ def _q(graph, node, what):
 
 def match_layer(graph, node) -> tuple:
     """(QLayer, nodes to remove) for a VTA-able node, else raises _Reject(reason)."""
-    x_codes, sx, _, x_dq = _dq(graph, node.inputs[0], "the input")
+    x_in = node.inputs[0]
+    flatten = None
+    prod = graph.producer(x_in)
+    if node.op != "Conv" and prod is not None and prod.op == "Flatten" \
+            and prod.attrs.get("axis", 1) == 1 and len(x_in.outputs) == 1:
+        flatten = prod           # N×C×H×W int8 read as N×(C·H·W): same bytes, no copy
+        x_in = prod.inputs[0]
+    x_codes, sx, _, x_dq = _dq(graph, x_in, "the input")
     if x_codes is not None:
         raise _Reject("the input is a constant")
     x_q = x_dq.inputs[0]
@@ -146,13 +153,13 @@ def match_layer(graph, node) -> tuple:
             raise _Reject("the input is not N×C×H×W")
         in_shape = (1,) + tuple(int(d) for d in shape[1:])
     else:
-        if len(shape) != 2:
+        if len(shape) != 2 and flatten is None:
             raise _Reject("the input is not N×K")
-        in_shape = (1, int(shape[1]), 1, 1)
+        in_shape = (1, int(np.prod([int(d) for d in shape[1:]])), 1, 1)
     if in_shape[1] != weight.shape[1]:
         raise _Reject("the input channels do not match the weight")
 
-    removed = [node]
+    removed = [node] + ([flatten] if flatten is not None else [])
     bias = np.zeros(o, np.int64)
     notes = []
     b_tensor = node.inputs[2] if node.op != "MatMul" and len(node.inputs) > 2 else None

@@ -105,6 +105,23 @@ class VtaArtifact:
         return onnx.load(os.path.join(self.path, "model.onnx"))
 
     def run(self, feeds: dict, schedule="load-first") -> list:
+        """Outputs for ``feeds``; a model compiled with a fixed batch runs chunk by chunk
+        (the last chunk padded by repeating its final sample)."""
+        fixed = self.inputs[0]["shape"][0] if self.inputs and self.inputs[0]["shape"] else None
+        n = len(np.asarray(next(iter(feeds.values())))) if feeds else 0
+        if not isinstance(fixed, int) or fixed == n or n == 0:
+            return self._run(feeds, schedule)
+        chunks = []
+        for start in range(0, n, fixed):
+            part = {k: np.asarray(v)[start:start + fixed] for k, v in feeds.items()}
+            got = len(next(iter(part.values())))
+            if got < fixed:
+                part = {k: np.concatenate([v, np.repeat(v[-1:], fixed - got, 0)])
+                        for k, v in part.items()}
+            chunks.append([o[:got] for o in self._run(part, schedule)])
+        return [np.concatenate([c[i] for c in chunks]) for i in range(len(chunks[0]))]
+
+    def _run(self, feeds: dict, schedule) -> list:
         env = {}
         for spec in self.inputs:
             if spec["name"] not in feeds:
@@ -118,17 +135,9 @@ class VtaArtifact:
                 env.update(zip(out_names, outs))
             else:
                 prog = self.programs[item]
-                x = env[prog.layer.input_name]
-                per_sample = prog.layer.in_shape[0]
-                if len(x) % per_sample:
-                    raise DataError(f"batch {len(x)} is not a multiple of the compiled "
-                                    f"batch {per_sample}")
-                ys = []
-                for k in range(0, len(x), per_sample):
-                    y, stats = prog.run(x[k:k + per_sample], schedule=schedule)
-                    ys.append(y)
-                    self.layer_stats[item] = stats
-                env[prog.layer.output_name] = np.concatenate(ys)
+                y, self.layer_stats[item] = prog.run(env[prog.layer.input_name],
+                                                     schedule=schedule)
+                env[prog.layer.output_name] = y
         return [env[o["name"]] for o in self.outputs]
 
 
