@@ -95,8 +95,8 @@ class TensorStats:
         return (self.first + np.arange(len(self.counts)) + 0.5) * self.width
 
     def abs_histogram(self) -> tuple[np.ndarray, float]:
-        """(counts, width) of |x| over bins [i·width, (i+1)·width), folded exactly:
-        negative bin k covers [k·w, (k+1)·w), whose magnitudes fall in bin -k-1."""
+        """(counts, width) of |x| over bins [i·width, (i+1)·width): negative bin k covers
+        [k·w, (k+1)·w), whose magnitudes fall in bin -k-1 (all but the edge value k·w)."""
         ks = self.first + np.arange(len(self.counts))
         mag = np.where(ks >= 0, ks, -ks - 1)
         out = np.zeros(int(mag.max()) + 1, np.int64)
