@@ -158,6 +158,8 @@ class Int8(Pass):
         Option("--max-drop", float, None,
                "mixed precision: top-1 drop budget (pt) on labelled data; the most "
                "sensitive layers fall back to higher precision until it holds"),
+        Option("--format", str, "qdq", "also export QONNX-style Quant nodes "
+               "(model_qonnx.onnx) for FPGA toolflows", choices=("qdq", "qonnx")),
     )
 
     def validate(self, ctx):
@@ -234,6 +236,11 @@ class Int8(Pass):
         })
         if scheme.pow2:
             report.extra["shifts"] = requant_shifts(result)
+        if ctx.option("format", "qdq") == "qonnx":
+            from onnxc.calibrate.qonnx import to_qonnx
+
+            report.files["model_qonnx.onnx"] = to_qonnx(result).SerializeToString()
+            report.note("QONNX export written to model_qonnx.onnx")
         return result
 
 
