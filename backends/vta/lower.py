@@ -160,7 +160,7 @@ def choose_tiling(layer: QLayer, cfg, n_params: int, temp: bool) -> Tiling:
     resident = ob_full * cb * kh * kw <= cfg.wgt_depth
     iter_max = (1 << 14) - 1
 
-    def fits(ob, ib, oh, ow, si, sa):
+    def fits(ob, ib, oh, ow, si, sa, uop_budget):
         rows, cols = (oh - 1) * sh + kh, (ow - 1) * sw + kw
         if ib * rows * cols * si > cfg.inp_depth:
             return False
@@ -169,19 +169,21 @@ def choose_tiling(layer: QLayer, cfg, n_params: int, temp: bool) -> Tiling:
         tile = ob * oh * ow
         if ob_full * n_params + tile * (sa + (1 if temp else 0)) > acc_cap or tile > iter_max:
             return False
-        # every GEMM kernel variant (2 input slots × 2 acc slots × edge shapes) must fit
-        return 8 * ow * ib * kh * kw + 64 <= cfg.uop_depth
+        return ow * ib * kh * kw <= uop_budget
 
-    for si, sa in ((2, 2), (1, 2), (2, 1), (1, 1)):
-        for ib in range(cb, 0, -1):
-            for ob in range(ob_full, 0, -1):
-                for ow in range(ow_full, 0, -1):
-                    if not fits(ob, ib, 1, ow, si, sa):
-                        continue
-                    oh = 1
-                    while oh < oh_full and fits(ob, ib, oh + 1, ow, si, sa):
-                        oh += 1
-                    return Tiling(ob, ib, oh, ow, si, sa, resident)
+    # First try tiles whose GEMM kernel variants (2 input slots × 2 acc slots × edge
+    # shapes) all stay resident in the uop buffer; else accept reloading kernels.
+    for uop_budget in (cfg.uop_depth // 8 - 8, cfg.uop_depth - 16):
+        for si, sa in ((2, 2), (1, 2), (2, 1), (1, 1)):
+            for ib in range(cb, 0, -1):
+                for ob in range(ob_full, 0, -1):
+                    for ow in range(ow_full, 0, -1):
+                        if not fits(ob, ib, 1, ow, si, sa, uop_budget):
+                            continue
+                        oh = 1
+                        while oh < oh_full and fits(ob, ib, oh + 1, ow, si, sa, uop_budget):
+                            oh += 1
+                        return Tiling(ob, ib, oh, ow, si, sa, resident)
     raise UnsupportedError(
         f"layer {layer.name}: the VTA buffers cannot hold one tile "
         f"(needs {kh * kw} input elements, {ob_full * n_params + 2} accumulator elements "
