@@ -1,0 +1,143 @@
+"""``--target vta`` end to end on small QDQ models: partition, artifact, simulator run,
+agreement with ONNX Runtime, and one-line errors for inputs VTA cannot take."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from conftest import run_cli
+from vta_qdq import float_model, qdq_model
+
+MIXED = [{"op": "conv", "out": 20, "relu": True},
+         {"op": "dwconv"},                                   # depthwise: host
+         {"op": "conv", "out": 16, "k": 1, "stride": 2, "pad": 0, "relu": True,
+          "relu_shift": 1},                                  # ReLU with its own scale
+         {"op": "maxpool"},                                  # host
+         {"op": "gemm", "out": 10}]
+
+
+def _ort_exact(model_path, x):
+    """ONNX Runtime evaluating the QDQ graph as written (no integer-kernel fusion)."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    sess = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+    return sess.run(None, {"input": x})[0]
+
+
+@pytest.fixture(scope="module")
+def mixed_artifact(tmp_path_factory):
+    d = tmp_path_factory.mktemp("vta")
+    onnx.save(qdq_model(MIXED, (1, 3, 10, 10), seed=3), d / "q.onnx")
+    code, out, err = run_cli("compress", d / "q.onnx", "--passes", "cleanup",
+                             "--target", "vta", "-o", d / "out")
+    assert code == 0, err
+    return d
+
+
+def test_artifact_holds_streams_partition_and_report(mixed_artifact):
+    out = mixed_artifact / "out"
+    for name in ("model.onnx", "report.json", "vta/host.onnx", "vta/program.json",
+                 "vta/layer_00.insn.bin", "vta/layer_00.uop.bin", "vta/layer_00.wgt.bin",
+                 "vta/layer_00.acc.bin", "vta/layer_02.insn.bin"):
+        assert (out / name).is_file(), name
+    assert os.path.getsize(out / "vta/layer_00.insn.bin") % 16 == 0
+    rep = json.loads((out / "report.json").read_text())["vta"]
+    where = {p["op"] + ("-host" if p["where"] == "host" else ""): p for p in rep["placement"]}
+    assert [p["where"] for p in rep["placement"]] == ["vta", "host", "vta", "vta"]
+    assert "depthwise" in rep["host_layers"][0]["reason"]
+    assert "Gemm" in where
+    layer = rep["layers"][0]
+    for key in ("cycles", "latency_us", "gemm_utilization", "dram_bytes", "padding_waste"):
+        assert key in layer
+    assert 0 < layer["gemm_utilization"] <= 1
+    assert layer["padding_waste"] > 0.8           # 3 input channels padded to 16
+    assert "--prune-multiple 16" in rep["padding_advice"]
+    ver = rep["verification"]
+    assert ver["max_abs_diff_vs_onnxruntime_basic"] == 0.0
+    assert ver["layer_runs_bit_exact"].split("/")[0] == ver["layer_runs_bit_exact"].split("/")[1]
+
+
+def test_vta_sim_output_equals_onnxruntime_on_the_quantized_model(mixed_artifact, tmp_path):
+    x = np.random.default_rng(0).standard_normal((1, 3, 10, 10)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    code, out, err = run_cli("vta-sim", mixed_artifact / "out", "--input", tmp_path / "x.npy",
+                             "--output", tmp_path / "y.npy", "--schedule", "compute-first")
+    assert code == 0, err
+    assert "GEMM util" in out and "total" in out
+    y = np.load(tmp_path / "y.npy")
+    np.testing.assert_array_equal(y, _ort_exact(mixed_artifact / "out" / "model.onnx", x))
+
+
+def test_vta_sim_dumps_a_decoded_instruction_stream(mixed_artifact):
+    code, out, err = run_cli("vta-sim", mixed_artifact / "out", "--dump", "0")
+    assert code == 0, err
+    assert "GEMM" in out and "ALU" in out and "STORE" in out and "FINISH" in out
+    code, _, err = run_cli("vta-sim", mixed_artifact / "out", "--dump", "9")
+    assert code == 2 and "layers 0..2" in err
+
+
+def test_block32_configuration_from_a_config_file(tmp_path):
+    onnx.save(qdq_model([{"op": "conv", "out": 40, "relu": True},
+                         {"op": "conv", "out": 8}], (2, 20, 6, 6), seed=1), tmp_path / "q.onnx")
+    (tmp_path / "vta.json").write_text(json.dumps({"LOG_BLOCK": 5, "LOG_BUS_WIDTH": 7}))
+    code, out, err = run_cli("compress", tmp_path / "q.onnx", "--passes", "cleanup",
+                             "--target", "vta", "--vta-config", tmp_path / "vta.json",
+                             "--vta-clock-mhz", "200", "-o", tmp_path / "out")
+    assert code == 0, err
+    rep = json.loads((tmp_path / "out" / "report.json").read_text())["vta"]
+    assert rep["config"]["LOG_BLOCK"] == 5 and rep["config"]["CLOCK_MHZ"] == 200
+    assert rep["verification"]["max_abs_diff_vs_onnxruntime_basic"] == 0.0
+
+
+def test_model_without_int8_layers_is_refused(tmp_path):
+    onnx.save(float_model(), tmp_path / "f.onnx")
+    code, _, err = run_cli("compress", tmp_path / "f.onnx", "--passes", "cleanup",
+                           "--target", "vta", "-o", tmp_path / "out")
+    assert code == 4
+    assert "no layer can run on VTA" in err and "DequantizeLinear" in err
+    assert len(err.strip().splitlines()) <= 3 and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_scales_that_are_not_powers_of_two_are_named(tmp_path):
+    onnx.save(qdq_model([{"op": "conv", "out": 16}], pow2=False), tmp_path / "q.onnx")
+    code, _, err = run_cli("compress", tmp_path / "q.onnx", "--passes", "cleanup",
+                           "--target", "vta", "-o", tmp_path / "out")
+    assert code == 4
+    assert "not a power of two" in err and "--pow2-scales" in err
+
+
+def test_config_whose_buffers_cannot_hold_one_tile(tmp_path):
+    onnx.save(qdq_model([{"op": "conv", "out": 64}], (1, 16, 8, 8)), tmp_path / "q.onnx")
+    (tmp_path / "tiny.json").write_text(json.dumps({"LOG_INP_BUFF_SIZE": 6,
+                                                    "LOG_ACC_BUFF_SIZE": 8}))
+    code, _, err = run_cli("compress", tmp_path / "q.onnx", "--passes", "cleanup",
+                           "--target", "vta", "--vta-config", tmp_path / "tiny.json",
+                           "-o", tmp_path / "out")
+    assert code == 4 and "cannot hold one tile" in err
+
+
+def test_bad_config_files_fail_before_any_pass(tmp_path):
+    onnx.save(qdq_model([{"op": "conv", "out": 16}]), tmp_path / "q.onnx")
+    (tmp_path / "bad.json").write_text("{LOG_BLOCK: 4")
+    code, _, err = run_cli("compress", tmp_path / "q.onnx", "--target", "vta",
+                           "--vta-config", tmp_path / "bad.json", "-o", tmp_path / "out")
+    assert code == 2 and "not valid JSON" in err
+    code, _, err = run_cli("compress", tmp_path / "q.onnx", "--target", "vta",
+                           "--vta-config", tmp_path / "missing.json", "-o", tmp_path / "out")
+    assert code == 2 and "not found" in err
+
+
+def test_vta_sim_refuses_a_non_vta_artifact(tmp_path):
+    onnx.save(qdq_model([{"op": "conv", "out": 16}]), tmp_path / "q.onnx")
+    code, _, err = run_cli("compress", tmp_path / "q.onnx", "--target", "onnx",
+                           "-o", tmp_path / "out")
+    assert code == 0, err
+    code, _, err = run_cli("vta-sim", tmp_path / "out", "--dump", "0")
+    assert code == 2 and "not a VTA artifact" in err
