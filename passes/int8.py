@@ -158,6 +158,10 @@ class Int8(Pass):
         Option("--max-drop", float, None,
                "mixed precision: top-1 drop budget (pt) on labelled data; the most "
                "sensitive layers fall back to higher precision until it holds"),
+        Option("--int8-mode", str, "static",
+               "static: calibrated QDQ; dynamic: int8 weights, activations quantized at "
+               "run time (MatMul/Gemm only; for MatMul-heavy models, no data needed)",
+               choices=("static", "dynamic")),
         Option("--format", str, "qdq", "also export QONNX-style Quant nodes "
                "(model_qonnx.onnx) for FPGA toolflows", choices=("qdq", "qonnx")),
     )
@@ -180,6 +184,8 @@ class Int8(Pass):
         return Scheme(signed=signed, pow2=pow2), reduce
 
     def run(self, graph, ctx, report):
+        if ctx.option("int8_mode", "static") == "dynamic":
+            return self._dynamic(graph, ctx, report)
         scheme, reduce = self._config(ctx)
         method = ctx.option("calibrator", "minmax")
         percentile = float(ctx.option("percentile", 99.99))
@@ -242,6 +248,78 @@ class Int8(Pass):
             report.files["model_qonnx.onnx"] = to_qonnx(result).SerializeToString()
             report.note("QONNX export written to model_qonnx.onnx")
         return result
+
+
+    def _dynamic(self, graph, ctx, report):
+        """MatMul/Gemm → DynamicQuantizeLinear + MatMulInteger + Cast + Mul (+ Add bias):
+        the pattern ONNX Runtime fuses into DynamicQuantizeMatMul / MatMulIntegerToFloat."""
+        _, reduce = self._config(ctx)
+        qdq.name_nodes(graph)
+        weighted = qdq.weighted_layers(graph)
+        keep = qdq.resolve_keep(ctx.option("keep_float"), weighted, "none")
+        done = []
+        for node in weighted:
+            if node.name in keep:
+                report.skip(node.name, "kept in float (--keep-float)")
+                continue
+            if node.op == "Conv":
+                report.skip(node.name, "dynamic mode quantizes MatMul/Gemm only")
+                continue
+            reason = _quantizable(graph, node) if node.op == "Gemm" else None
+            w = graph.constant(node.inputs[1])
+            if reason or w.ndim != 2 or not _is_float_var(graph, node.inputs[0]):
+                report.skip(node.name, reason or "needs a 2-D weight and a float input")
+                continue
+            if node.op == "Gemm" and node.attrs.get("transB", 0):
+                w = w.T                                        # MatMulInteger wants K × N
+            bias = graph.constant(node.inputs[2]) if node.op == "Gemm" \
+                and len(node.inputs) > 2 else None
+            dynamic_matmul(graph, node, w, bias, qdq.weight_qmax(reduce))
+            done.append(node.name)
+        report.changed = len(done)
+        report.note(f"{len(done)} MatMul/Gemm with int8 weights, activations quantized "
+                    "at run time (dynamic)")
+        report.extra.update({"mode": "dynamic", "quantized_layers": done,
+                             "weight_range": qdq.weight_qmax(reduce)})
+        return graph
+
+
+def dynamic_matmul(graph, node, w, bias, qmax: int) -> None:
+    """Replace ``node`` (x @ w [+ bias]) by its dynamically quantized form, in place."""
+    import onnx_graphsurgeon as gs
+
+    x, y = node.inputs[0], node.outputs[0]
+    base = node.name
+    codes, w_scale = qdq.quantize_weight(w, 1, qmax)           # K × N, scale per column
+    xq = graph.make_variable(base + "_xq", dtype=np.uint8)
+    xs = graph.make_variable(base + "_xscale", dtype=np.float32)
+    xz = graph.make_variable(base + "_xzp", dtype=np.uint8)
+    acc = graph.make_variable(base + "_acc", dtype=np.int32)
+    accf = graph.make_variable(base + "_accf", dtype=np.float32)
+    scale = graph.make_variable(base + "_scale", dtype=np.float32)
+    out = graph.make_variable(base + "_scaled", dtype=np.float32) if bias is not None else y
+    const = qdq._const
+    new = [
+        gs.Node("DynamicQuantizeLinear", graph.unique_name(base + "_dql"), inputs=[x],
+                outputs=[xq, xs, xz]),
+        gs.Node("MatMulInteger", graph.unique_name(base + "_mmi"),
+                inputs=[xq, const(graph, base + "_Wq", codes), xz,
+                        const(graph, base + "_Wzp", np.zeros(codes.shape[1], np.int8))],
+                outputs=[acc]),
+        gs.Node("Cast", graph.unique_name(base + "_cast"), attrs={"to": 1}, inputs=[acc],
+                outputs=[accf]),
+        gs.Node("Mul", graph.unique_name(base + "_scales_mul"),
+                inputs=[xs, const(graph, base + "_Wscale", w_scale)], outputs=[scale]),
+        gs.Node("Mul", graph.unique_name(base + "_output_scale_mul"), inputs=[accf, scale],
+                outputs=[out]),
+    ]
+    if bias is not None:
+        new.append(gs.Node("Add", graph.unique_name(base + "_bias"),
+                           inputs=[out, const(graph, base + "_B", bias.astype(np.float32))],
+                           outputs=[y]))
+    node.inputs.clear()
+    node.outputs.clear()
+    graph.gs.nodes.extend(new)
 
 
 def calibration_set(ctx, graph):

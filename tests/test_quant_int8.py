@@ -196,3 +196,32 @@ def test_max_drop_falls_back_most_sensitive_layers_until_budget_holds(model, dat
     assert mp["reference_top1"] - mp["final_top1"] <= 0.0 or \
         len(mp["fallback"]) == len(sens)
     assert set(mp["fallback"]) <= set(extra["float_layers"])
+
+
+def _mlp(seed=0):
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(seed)
+    w1 = numpy_helper.from_array(rng.standard_normal((64, 128)).astype(np.float32) / 8, "w1")
+    w2 = numpy_helper.from_array(rng.standard_normal((10, 128)).astype(np.float32) / 11, "w2")
+    b2 = numpy_helper.from_array(rng.standard_normal(10).astype(np.float32), "b2")
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"], "mm"),
+         helper.make_node("Relu", ["h"], ["r"], "relu"),
+         helper.make_node("Gemm", ["r", "w2", "b2"], ["y"], "fc", transB=1)],
+        "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], [w1, w2, b2])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    return m
+
+
+def test_dynamic_mode_quantizes_matmuls_without_data_into_fused_kernels(tmp_path):
+    logs = []
+    res = compress(_mlp(), ["int8"], options={"int8_mode": "dynamic"}, log=logs.append)
+    assert not any("RANDOM" in m for m in logs)            # no calibration needed
+    assert res.report["passes"][-1]["extra"]["quantized_layers"] == ["mm", "fc"]
+    assert res.report["error"]["max_rel"] < 0.05
+    optimized = ort_optimized_ops(res.graph.to_onnx(), tmp_path)
+    assert "MatMul" not in optimized and "Gemm" not in optimized
+    assert {"DynamicQuantizeMatMul", "MatMulIntegerToFloat"} & set(optimized)
