@@ -323,8 +323,11 @@ class Simulator:
             return 1
         if dst.max() >= cfg.acc_depth or (not ins.use_imm and src.max() >= cfg.acc_depth):
             raise BackendError("ALU index beyond the accumulator buffer (compiler bug)")
-        independent = len(np.unique(dst)) == n and (
-            ins.use_imm or not np.intersect1d(dst, src).size)
+        # Lane-parallel evaluation is exact only when no element is written twice and
+        # no element written is also read as the second operand.
+        mark = np.zeros(cfg.acc_depth, bool)
+        mark[dst] = True
+        independent = int(mark.sum()) == n and (ins.use_imm or not mark[src].any())
         if independent:
             a = self.acc[dst]
             b = np.int64(ins.imm) if ins.use_imm else self.acc[src]
