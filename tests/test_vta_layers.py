@@ -194,3 +194,42 @@ def test_reference_equals_onnxruntime_on_the_qdq_graph_including_ties():
     assert not np.array_equal(reference(layer, x, "up"), want)
     got, _ = lower(layer, VtaConfig()).run(x)
     np.testing.assert_array_equal(got, want)
+
+
+# ---- simulator semantics of single instructions ---------------------------------------------
+
+
+def _sim_with_acc(values):
+    from onnxc.backends.vta.sim import Simulator
+
+    cfg = VtaConfig()
+    sim = Simulator(cfg, np.zeros(16, np.uint8))
+    sim.acc[:len(values)] = np.asarray(values, np.int64)[:, None, None]
+    return sim
+
+
+def test_alu_chain_inside_one_instruction_runs_in_hardware_order():
+    from onnxc.backends.vta import isa
+
+    # dst = i+1, src = i over iter_in: a running prefix sum only if executed in order
+    sim = _sim_with_acc([1, 2, 3, 4, 5])
+    sim.uop[0] = [1, 0, 0]
+    sim._alu(isa.AluInsn(isa.ALU_ADD, False, 0, 0, 1, 1, 4, 0, 1, 0, 1))
+    np.testing.assert_array_equal(sim.acc[:5, 0, 0], [1, 3, 6, 10, 15])
+    np.testing.assert_array_equal(sim.out[1:5, 0, 0], [3, 6, 10, 15])
+
+
+def test_alu_shift_semantics_wrap_and_negative_amounts():
+    from onnxc.backends.vta import isa
+
+    sim = _sim_with_acc([-7, 1 << 30, 5, 2147483647])
+    sim.uop[0] = [0, 0, 0]
+    sim._alu(isa.AluInsn(isa.ALU_SHR, True, 1, 0, 1, 1, 1, 0, 0, 0, 0))
+    assert sim.acc[0, 0, 0] == -4                     # arithmetic: floor(-7 / 2)
+    sim.uop[0] = [1, 0, 0]
+    sim._alu(isa.AluInsn(isa.ALU_SHR, True, -2, 0, 1, 1, 1, 0, 0, 0, 0))
+    assert sim.acc[1, 0, 0] == 0                      # 2^30 << 2 wraps to 0 in int32
+    sim.uop[0] = [3, 0, 0]
+    sim._alu(isa.AluInsn(isa.ALU_ADD, True, 1, 0, 1, 1, 1, 0, 0, 0, 0))
+    assert sim.acc[3, 0, 0] == -2147483648            # int32 wrap-around
+    assert sim.out[3, 0, 0] == 0                      # low byte of 0x80000000
