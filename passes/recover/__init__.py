@@ -56,6 +56,9 @@ class Recover(Pass):
         Option("--recover-data", str, None,
                "npz/npy training images for recovery (default: --calib-data); labels "
                "optional"),
+        Option("--recover-teacher", str, None,
+               "teacher .onnx when the input is already compressed (default: the "
+               "pipeline's input model)"),
         Option("--recover-epochs", _positive(float), 8.0, "passes over the recovery data"),
         Option("--recover-minutes", _positive(float), None,
                "wall-clock cap; the LR schedule is fitted to it (then not bit-reproducible)"),
@@ -63,7 +66,8 @@ class Recover(Pass):
                "peak learning rate, cosine decay (default: 0.01 sgd, 0.001 adam)"),
         Option("--recover-optimizer", str, "sgd", "sgd (Nesterov momentum) or adam",
                choices=("sgd", "adam")),
-        Option("--recover-batch", _positive(int), 64, "batch size"),
+        Option("--recover-batch", _positive(int), 32,
+               "batch size (32 beat 64 per epoch: more updates from little data)"),
         Option("--recover-temperature", _positive(float), 4.0, "distillation temperature"),
         Option("--recover-hints", str, "auto",
                "feature hints: auto (last shared activation per resolution), all (every "
@@ -92,8 +96,35 @@ class Recover(Pass):
         for dest in ("recover_hint_weight", "recover_label_weight"):
             if float(ctx.option(dest, 0.0)) < 0:
                 raise UsageError(f"--{dest.replace('_', '-')} must not be negative")
+        teacher = self._teacher(ctx)
+        if teacher is not None:
+            self._dataset(ctx, teacher)          # bad files fail before any pass runs
+
+    def _teacher(self, ctx):
+        """The teacher graph: --recover-teacher if given, else the pipeline's input."""
+        spec = ctx.option("recover_teacher")
+        if spec is None:
+            return ctx.original
+        cached = getattr(self, "_teacher_cache", None)
+        if cached is not None and cached[0] is spec:
+            return cached[1]
+        from onnxc import frontend
+        from onnxc.ir import Graph
+
+        if isinstance(spec, Graph):
+            graph = spec
+        else:
+            if isinstance(spec, str) and not os.path.exists(spec):
+                raise UsageError(f"--recover-teacher file not found: {spec}")
+            graph = frontend.load(spec)
         if ctx.original is not None:
-            self._dataset(ctx, ctx.original)     # bad files fail before any pass runs
+            want = [(t.name, tuple(t.shape or ())) for t in ctx.original.gs.inputs]
+            have = [(t.name, tuple(t.shape or ())) for t in graph.gs.inputs]
+            if want != have:
+                raise UsageError(f"--recover-teacher inputs {have} do not match the "
+                                 f"model's inputs {want}")
+        self._teacher_cache = (spec, graph)
+        return graph
 
     def _dataset(self, ctx, graph):
         from onnxc.calibrate.readers import Dataset, Preprocess, check_against_graph, load_npz
@@ -125,7 +156,7 @@ class Recover(Pass):
             optimizer=str(ctx.option("recover_optimizer", "sgd")),
             lr=float(ctx.option("recover_lr",
                                 0.001 if ctx.option("recover_optimizer") == "adam" else 0.01)),
-            batch_size=int(ctx.option("recover_batch", 64)),
+            batch_size=int(ctx.option("recover_batch", 32)),
             temperature=float(ctx.option("recover_temperature", 4.0)),
             hint_weight=float(ctx.option("recover_hint_weight", 1.0)),
             label_weight=float(ctx.option("recover_label_weight", 0.0)),
@@ -153,7 +184,7 @@ class Recover(Pass):
 
     # -- the pass ------------------------------------------------------------------------
     def run(self, graph, ctx, report):
-        teacher_graph = ctx.original
+        teacher_graph = self._teacher(ctx)
         if teacher_graph is None:
             # Used outside compress(): the input graph is its own teacher.
             teacher_graph = graph.copy()

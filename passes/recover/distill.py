@@ -36,7 +36,7 @@ class DistillConfig:
     lr: float = 0.01
     optimizer: str = "sgd"
     clip: float = 2.0                 # global gradient-norm clip (BN-free nets spike early)
-    batch_size: int = 64
+    batch_size: int = 32
     temperature: float = 4.0
     hint_weight: float = 1.0
     label_weight: float = 0.0
@@ -184,8 +184,9 @@ def distill(student: TorchGraph, teacher: Teacher, inputs: dict, labels, cfg: Di
     if progress:
         from tqdm import tqdm
 
+        # disable=None: a bar on a terminal, silence in log files.
         bar = tqdm(total=total_steps, desc="recover", unit="step", leave=False,
-                   dynamic_ncols=True)
+                   dynamic_ncols=True, disable=None)
     start = time.perf_counter()
     deadline = start + 60.0 * cfg.minutes if cfg.minutes else None
     step = 0

@@ -1,0 +1,479 @@
+"""Rate–distortion benchmark suite: one command, every configuration through the public API.
+
+    python tools/bench_suite.py                       # full suite -> BENCHMARKS.md + plots
+    python tools/bench_suite.py --models resnet56 --configs prune50,prune50+recover --merge
+
+For ResNet-20 and ResNet-56 (../shared, CIFAR-10) and each configuration (fold_bn; int8;
+prune 30% / 50% FLOPs with the best criterion; prune50+int8; Tucker-2; ternary; binary;
+each lossy one also +recover) it runs ``onnxc.compress`` and records top-1 on test_dev
+and its drop, params, MACs, size and Cr, ONNX Runtime latency at batch 1 and 64 for the
+original and the compressed model measured in the same run (interleaved, so machine load
+hits both alike) and their ratio Sr, and TVM x86 latency where the TVM backend exists.
+A configuration whose pass is not registered is reported as "not available".
+
+Results are written after every configuration (``--json``, ``BENCHMARKS.md``, plots), so
+an interrupted run still leaves a consistent partial report; ``--merge`` reruns a subset
+and keeps the other rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED = pathlib.Path(os.environ.get("ONNXC_SHARED", REPO.parent / "shared"))
+CIFAR = dict(scale=1 / 255.0, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+MODELS = {"resnet20": "resnet20_cifar10.onnx", "resnet56": "resnet56_cifar10.onnx"}
+PRUNE_CRITERIA = ("l1", "fpgm", "thinet")
+
+# name -> (passes, options). "{criterion}" is filled with the selected prune criterion.
+BASE_CONFIGS = {
+    "fold_bn": (["fold_bn"], {}),
+    "int8": (["fold_bn", "int8"], {}),
+    "prune30": (["fold_bn", "prune"], {"prune_flops": 0.3, "prune_criterion": "{criterion}"}),
+    "prune50": (["fold_bn", "prune"], {"prune_flops": 0.5, "prune_criterion": "{criterion}"}),
+    "prune50+int8": (["fold_bn", "prune", "int8"],
+                     {"prune_flops": 0.5, "prune_criterion": "{criterion}"}),
+    "tucker2": (["fold_bn", "lowrank"], {"lowrank_method": "tucker2", "lowrank_layers": "conv"}),
+    "ternary": (["fold_bn", "ternary"], {}),
+    "binary": (["fold_bn", "binary"], {}),
+}
+LOSSY = ["int8", "prune30", "prune50", "prune50+int8", "tucker2", "ternary", "binary"]
+# Recovery minutes per configuration: the must-show ResNet-56 figures get the most time;
+# int8 loses little and gets a short touch-up. Scaled by --recover-scale.
+RECOVER_MINUTES = {
+    "resnet20": {"int8": 0.5, "prune30": 0.5, "prune50": 0.5, "prune50+int8": 0.5,
+                 "tucker2": 0.5, "ternary": 0.5, "binary": 0.5},
+    "resnet56": {"int8": 1.0, "prune30": 1.5, "prune50": 5.0, "prune50+int8": 5.0,
+                 "tucker2": 1.5, "ternary": 4.0, "binary": 4.0},
+}
+ALL_CONFIGS = ["fold_bn"] + [c for base in LOSSY for c in (base, base + "+recover")]
+TVM_DEFAULT = ("original", "prune50")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------
+# Data and measurement
+
+
+def datasets(graph):
+    from onnxc.calibrate.readers import Preprocess, load_npz
+
+    pre = Preprocess(CIFAR["scale"], CIFAR["mean"], CIFAR["std"])
+    train = load_npz(str(SHARED / "data/cifar10/train.npz"), graph, pre)
+    test = load_npz(str(SHARED / "data/cifar10/test_dev.npz"), graph, pre)
+    return train, test
+
+
+def ort_latency_pair(a, b, batch: int, rounds: int = 7, per_round: int | None = None,
+                     threads: int = 2) -> tuple[float, float]:
+    """Median ms per inference of models a and b, interleaved round by round."""
+    from onnxc.verify import _session
+
+    sa, sb = _session(a, threads), _session(b, threads)
+    name_a, name_b = sa.get_inputs()[0].name, sb.get_inputs()[0].name
+    x = np.random.default_rng(0).standard_normal((batch, 3, 32, 32)).astype(np.float32)
+    for s, n in ((sa, name_a), (sb, name_b)):
+        for _ in range(2):
+            s.run(None, {n: x})                      # warm-up
+    per_round = per_round or (5 if batch == 1 else 2)
+    ta, tb = [], []
+    for _ in range(rounds):
+        for s, n, acc in ((sa, name_a, ta), (sb, name_b, tb)):
+            t0 = time.perf_counter()
+            for _ in range(per_round):
+                s.run(None, {n: x})
+            acc.append((time.perf_counter() - t0) * 1e3 / per_round)
+    return statistics.median(ta), statistics.median(tb)
+
+
+def tvm_latency(model) -> tuple[float | None, str]:
+    try:
+        from onnxc.backends.tvm import x86_latency
+    except ImportError:
+        return None, "TVM backend not available"
+    try:
+        fig = x86_latency(model, input_shapes={"input": [1, 3, 32, 32]}, tune_trials=0,
+                          warmup=3, repeat=15)
+        return float(fig["median_ms"]), f"untuned, compile {fig['compile_seconds']:.0f} s"
+    except Exception as exc:          # report, never abort the suite
+        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+
+
+def storage_bytes(report: dict) -> int:
+    return int(report.get("storage_bytes") or report["final"]["bytes"])
+
+
+# ----------------------------------------------------------------------------------------
+# Configurations
+
+
+def needed_passes(config: str) -> list:
+    base = config.replace("+recover", "")
+    passes = list(BASE_CONFIGS[base][0])
+    if config.endswith("+recover"):
+        passes.append("recover")
+    return passes
+
+
+def options_for(model: str, config: str, criterion: str, args) -> dict:
+    base = config.replace("+recover", "")
+    opts = {k: (v.format(criterion=criterion) if isinstance(v, str) else v)
+            for k, v in BASE_CONFIGS[base][1].items()}
+    if config.endswith("+recover"):
+        opts.update(recover_epochs=args.recover_epochs, recover_threads=args.threads,
+                    recover_hints=args.recover_hints,
+                    recover_minutes=RECOVER_MINUTES[model][base] * args.recover_scale)
+    return opts
+
+
+def select_criterion(model_path, graph, train, registry, cache: dict, name: str) -> str:
+    """Best pruning criterion at −50% FLOPs by top-1 on 1000 *training* images
+    (test_dev stays untouched by every choice the suite makes)."""
+    from onnxc.compress import compress
+    from onnxc.verify import top1
+
+    if name in cache:
+        return cache[name]["criterion"]
+    if "prune" not in registry:
+        return "l1"
+    held = train.take(1000)
+    scores = {}
+    for crit in PRUNE_CRITERIA:
+        try:
+            res = compress(str(model_path), ["fold_bn", "prune"],
+                                 options={"prune_flops": 0.5, "prune_criterion": crit},
+                                 calibration=train, seed=0, log=lambda m: None)
+            scores[crit] = round(top1(res.graph, held), 2)
+        except Exception as exc:
+            log(f"  criterion {crit}: failed ({str(exc).splitlines()[0][:100]})")
+    best = max(scores, key=scores.get) if scores else "l1"
+    cache[name] = {"criterion": best, "train_top1_at_prune50": scores}
+    log(f"  {name}: prune criterion {best} (train top-1 at -50% FLOPs: {scores})")
+    return best
+
+
+def run_config(model: str, model_path, config: str, criterion: str, train, test,
+               original_proto, args, bases: dict) -> dict:
+    """One row. A "+recover" row continues from its base configuration's compressed model
+    (kept in ``bases``) with ``compress(base, ["recover"], recover_teacher=original)`` —
+    what ``compress(original, base_passes + ["recover"])`` computes, since recover runs
+    last with the original as teacher — so slow lossy passes (int8 calibration, pruning
+    criteria) run once, not twice."""
+    # The function, not ``onnxc.compress``: once the submodule onnxc.compress is imported
+    # (the CLI and several passes do), that attribute is the module, not the function.
+    from onnxc.compress import compress
+    from onnxc.pipeline import all_passes
+
+    registry = all_passes()
+    row = {"model": model, "config": config}
+    missing = [p for p in needed_passes(config) if p not in registry]
+    if missing:
+        row["status"] = f"not available (pass {', '.join(missing)} not registered)"
+        return row
+    base = config.replace("+recover", "")
+    recovering = config.endswith("+recover")
+    if recovering and base not in bases:
+        bases[base] = run_config(model, model_path, base, criterion, train, test,
+                                 original_proto, args, bases)
+    if recovering and bases[base].get("status") != "ok":
+        row["status"] = f"base failed: {bases[base].get('status')}"
+        return row
+    opts = options_for(model, config, criterion, args)
+    say = (lambda m: log("   " + m.strip())) if args.verbose else (lambda m: None)
+    start = time.perf_counter()
+    try:
+        if recovering:
+            res = compress(bases[base]["_model"], ["recover"],
+                           options={**opts, "recover_teacher": str(model_path)},
+                           calibration=train, evaluation=test, seed=0, log=say)
+        else:
+            res = compress(str(model_path), needed_passes(config), options=opts,
+                           calibration=train, evaluation=test, seed=0, log=say)
+    except Exception as exc:
+        row["status"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+        return row
+    rep = res.report
+    ref = bases[base] if recovering else None
+    original_top1 = ref["original_top1"] if ref else rep["accuracy"]["original_top1"]
+    row.update(status="ok", seconds=round(time.perf_counter() - start, 1),
+               options={k: v for k, v in opts.items() if v is not None},
+               top1=rep["accuracy"]["final_top1"], original_top1=original_top1,
+               drop=round(original_top1 - rep["accuracy"]["final_top1"], 3),
+               params=rep["final"]["params"], macs=rep["final"]["macs"],
+               bytes=rep["final"]["bytes"],
+               storage_bytes=ref["storage_bytes"] if ref else storage_bytes(rep),
+               original_bytes=ref["original_bytes"] if ref else rep["original"]["bytes"])
+    if ref and (row["params"], row["macs"]) != (ref["params"], ref["macs"]):
+        row["status_note"] = "recover changed params/MACs (unexpected)"
+    row["cr"] = round(row["original_bytes"] / row["storage_bytes"], 2)
+    rec = next((p for p in rep["passes"] if p["name"] == "recover"), None)
+    if rec:
+        ex = rec["extra"]
+        row["recover"] = {"steps": ex["steps"], "epochs": ex["epochs"],
+                          "seconds": ex["train_seconds"], "hints": len(ex["hints"]),
+                          "stopped_by_time": ex["stopped_by_time"],
+                          "last_epoch": ex["loss_log"][-1] if ex["loss_log"] else None}
+    compressed = res.graph.to_onnx()
+    for bs in (1, 64):
+        o, c = ort_latency_pair(original_proto, compressed, bs, threads=args.ort_threads)
+        row[f"ort_bs{bs}_original_ms"] = round(o, 3)
+        row[f"ort_bs{bs}_ms"] = round(c, 3)
+        row[f"sr_bs{bs}"] = round(o / c, 2)
+    if args.tvm != "none" and (args.tvm == "all" or config in args.tvm_configs) \
+            and not recovering:
+        ms, note = tvm_latency(compressed)
+        row["tvm_x86_ms"], row["tvm_note"] = (round(ms, 3) if ms else None), note
+    elif recovering and base in args.tvm_configs:
+        row["tvm_note"] = f"same structure as {base} (recover changes only values)"
+    if not recovering:
+        row["_model"] = compressed          # in memory only: the start of base+recover
+        bases[base] = row
+    return row
+
+
+# ----------------------------------------------------------------------------------------
+# Report
+
+
+def fmt_int(v) -> str:
+    return f"{v / 1e6:.3f} M" if v >= 1e6 else f"{v / 1e3:.1f} k"
+
+
+def write_markdown(results: dict, path: pathlib.Path, plots: list, command: str) -> None:
+    lines = ["# onnxc benchmarks: rate–distortion on CIFAR-10 ResNets", "",
+             "Produced by one command (the numbers below are whatever it measured; rerun "
+             "it to reproduce):", "", "```", command, "```", "",
+             f"Run: {results['meta']['started']} → {results['meta'].get('finished', '(running)')}"
+             f", {results['meta']['machine']}. Load average at start "
+             f"{results['meta']['load_start']}, at end {results['meta'].get('load_end', '?')} "
+             "(the machine is shared; latencies are noisy, which is why original and "
+             "compressed are timed interleaved in the same run and only their ratio Sr "
+             "should be compared).", "",
+             "- top-1 on `test_dev` (509 images); drop = original − compressed, in points.",
+             "- size: bytes of the serialized ONNX model, or the packed storage a pass "
+             "declares (ternary 2-bit, binary 1-bit); Cr = original size / size.",
+             "- ORT: ONNX Runtime CPU, "
+             f"{results['meta']['ort_threads']} threads, median ms per batch; Sr = original "
+             "/ compressed latency, measured in the same run.",
+             "- TVM x86: untuned Relax build via `onnxc.backends.tvm.x86_latency`, batch 1 "
+             "(only for the listed configurations; +recover variants have the same graph "
+             "structure as their base, so the same latency).",
+             "- +recover: the `recover` pass (distillation from the original, "
+             "fake-quant/STE for quantized graphs) with the time budget shown; see "
+             "docs/recover.md.", ""]
+    for model in results["models"]:
+        rows = [r for r in results["rows"] if r["model"] == model]
+        if not rows:
+            continue
+        meta = results["models"][model]
+        lines += [f"## {model}", "",
+                  f"Original: top-1 {meta.get('original_top1', '?')}%, "
+                  f"{fmt_int(meta.get('params', 0))} params, {fmt_int(meta.get('macs', 0))} "
+                  f"MACs, {meta.get('bytes', 0) / 1024:.0f} KiB. Prune criterion: "
+                  f"{meta.get('criterion', '?')} (chosen on training images: "
+                  f"{meta.get('criterion_scores', {})}).", "",
+                  "| config | top-1 % | drop pt | params | MACs | size KiB | Cr | ORT bs1 ms "
+                  "(orig) | Sr bs1 | ORT bs64 ms (orig) | Sr bs64 | TVM x86 bs1 ms | "
+                  "recover |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for r in rows:
+            if r.get("status") != "ok":
+                lines.append(f"| {r['config']} | {r.get('status')} |" + " |" * 11)
+                continue
+            rec = r.get("recover")
+            rec_s = (f"{rec['epochs']} ep, {rec['seconds']:.0f} s"
+                     + (", hints" if rec["hints"] else "")) if rec else ""
+            tvm = f"{r['tvm_x86_ms']:.2f}" if r.get("tvm_x86_ms") else \
+                ("same as base" if "same structure" in r.get("tvm_note", "") else
+                 ("n/a" if "tvm_note" in r else ""))
+            lines.append(
+                f"| {r['config']} | {r['top1']:.2f} | {r['drop']:+.2f} | {fmt_int(r['params'])}"
+                f" | {fmt_int(r['macs'])} | {r['storage_bytes'] / 1024:.0f} | {r['cr']:.2f}×"
+                f" | {r['ort_bs1_ms']:.2f} ({r['ort_bs1_original_ms']:.2f}) | "
+                f"{r['sr_bs1']:.2f}× | {r['ort_bs64_ms']:.1f} ({r['ort_bs64_original_ms']:.1f})"
+                f" | {r['sr_bs64']:.2f}× | {tvm} | {rec_s} |")
+        if meta.get("tvm_original_ms"):
+            lines.append(f"\nTVM x86 original (bs 1): {meta['tvm_original_ms']:.2f} ms.")
+        notes = [f"{r['config']}: TVM {r['tvm_note']}" for r in rows
+                 if r.get("tvm_note") and not r.get("tvm_x86_ms")
+                 and "same structure" not in r["tvm_note"]]
+        if notes:
+            lines += [""] + [f"- {n}" for n in notes]
+        lines.append("")
+    if plots:
+        lines += ["## Plots", ""] + [f"![{p.stem}]({p.relative_to(path.parent)})" for p in plots]
+        lines.append("")
+    path.write_text("\n".join(lines))
+
+
+def write_plots(results: dict, out_dir: pathlib.Path) -> list:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    made = []
+    for key, label, fname in (("cr", "compression ratio Cr (size, log scale)", "top1_vs_cr.png"),
+                              ("sr_bs1", "speed-up Sr (ORT, batch 1, log scale)",
+                               "top1_vs_sr.png")):
+        fig, ax = plt.subplots(figsize=(8, 5.5))
+        for model, color in zip(results["models"], ("tab:blue", "tab:red", "tab:green")):
+            rows = [r for r in results["rows"] if r["model"] == model and r.get("status") == "ok"]
+            for recovered, marker in ((False, "o"), (True, "^")):
+                pts = [r for r in rows if r["config"].endswith("+recover") == recovered]
+                if not pts:
+                    continue
+                ax.scatter([r[key] for r in pts], [r["top1"] for r in pts], color=color,
+                           marker=marker, alpha=0.85,
+                           label=f"{model}{' +recover' if recovered else ''}")
+                for r in pts:
+                    ax.annotate(r["config"].replace("+recover", "+r"), (r[key], r["top1"]),
+                                fontsize=7, xytext=(3, 3), textcoords="offset points")
+            orig = results["models"][model].get("original_top1")
+            if orig is not None:
+                ax.axhline(orig, color=color, lw=0.8, ls="--")
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("top-1 on test_dev (%)")
+        ax.set_title(f"top-1 vs {key.split('_')[0].upper()} (dashed: original)")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out_dir / fname
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        made.append(path)
+    return made
+
+
+# ----------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="resnet20,resnet56")
+    p.add_argument("--configs", default=",".join(ALL_CONFIGS),
+                   help=f"comma-separated subset of: {', '.join(ALL_CONFIGS)}")
+    p.add_argument("--out", default=str(REPO / "BENCHMARKS.md"))
+    p.add_argument("--plots", default=str(REPO / "docs" / "bench"))
+    p.add_argument("--json", default=str(REPO / "docs" / "bench" / "results.json"))
+    p.add_argument("--merge", action="store_true", help="keep rows of other (model, config)")
+    p.add_argument("--recover-scale", type=float, default=1.0,
+                   help="multiply every recover time budget")
+    p.add_argument("--recover-epochs", type=float, default=30.0,
+                   help="epoch cap for recover (the time budget normally ends it first)")
+    p.add_argument("--recover-hints", default="auto")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads for recover (1 is faster than 2 on a busy 2-core box)")
+    p.add_argument("--ort-threads", type=int, default=2)
+    p.add_argument("--tvm", choices=("none", "some", "all"), default="some")
+    p.add_argument("--tvm-configs", default=",".join(TVM_DEFAULT))
+    p.add_argument("--verbose", action="store_true")
+    args = p.parse_args(argv)
+    args.tvm_configs = [c.strip() for c in args.tvm_configs.split(",")]
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    bad = [c for c in configs if c not in ALL_CONFIGS]
+    if bad:
+        p.error(f"unknown configuration(s): {', '.join(bad)}")
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    command = "python tools/bench_suite.py " + " ".join(argv if argv is not None
+                                                        else sys.argv[1:])
+
+    import torch
+
+    from onnxc import frontend
+    from onnxc.pipeline import all_passes
+
+    torch.set_num_threads(args.threads)
+    registry = all_passes()
+    json_path, out, plot_dir = pathlib.Path(args.json), pathlib.Path(args.out), \
+        pathlib.Path(args.plots)
+    results = {"rows": [], "models": {}}
+    if args.merge and json_path.exists():
+        results = json.loads(json_path.read_text())
+        results["rows"] = [r for r in results["rows"]
+                           if not (r["model"] in models and r["config"] in configs)]
+    results["meta"] = {"started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                       "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+                       "load_start": round(os.getloadavg()[0], 1),
+                       "ort_threads": args.ort_threads, "command": command,
+                       "passes_registered": sorted(registry)}
+    suite_start = time.perf_counter()
+    for model in models:
+        path = SHARED / "models" / MODELS[model]
+        graph = frontend.load(str(path))
+        train, test = datasets(graph)
+        from onnxc.verify import top1
+
+        meta = results["models"].setdefault(model, {})
+        stats = graph.stats()
+        meta.update(original_top1=round(top1(graph, test), 3), params=stats.params,
+                    macs=stats.macs, bytes=stats.bytes)
+        original_proto = graph.to_onnx()
+        if any("prune" in c for c in configs):
+            cache = results.setdefault("criteria", {})
+            crit = select_criterion(path, graph, train, registry, cache, model)
+            meta["criterion"] = crit
+            meta["criterion_scores"] = cache.get(model, {}).get("train_top1_at_prune50", {})
+        crit = meta.get("criterion", "l1")
+        if args.tvm != "none" and "original" in args.tvm_configs \
+                and not meta.get("tvm_original_ms"):
+            ms, note = tvm_latency(original_proto)
+            meta["tvm_original_ms"], meta["tvm_original_note"] = ms, note
+            log(f"{model}: TVM x86 original {ms} ms ({note})")
+        bases: dict = {}
+        for config in configs:
+            log(f"{model} {config} ...")
+            row = run_config(model, path, config, crit, train, test, original_proto, args,
+                             bases)
+            base = config.replace("+recover", "")
+            if base != config and base not in configs and base in bases \
+                    and not any(r is bases[base] for r in results["rows"]):
+                results["rows"] = [r for r in results["rows"]
+                                   if (r["model"], r["config"]) != (model, base)]
+                results["rows"].append(bases[base])     # measured anyway: report it
+            results["rows"].append(row)
+            if row.get("status") == "ok":
+                log(f"{model} {config}: top-1 {row['top1']:.2f} (drop {row['drop']:+.2f}) "
+                    f"Cr {row['cr']:.2f}x Sr bs1 {row['sr_bs1']:.2f}x bs64 "
+                    f"{row['sr_bs64']:.2f}x in {row['seconds']:.0f} s")
+            else:
+                log(f"{model} {config}: {row['status']}")
+            order = {c: i for i, c in enumerate(ALL_CONFIGS)}
+            results["rows"].sort(key=lambda r: (list(MODELS).index(r["model"]),
+                                                order[r["config"]]))
+            _save(results, json_path, out, plot_dir, command)
+    results["meta"]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    results["meta"]["load_end"] = round(os.getloadavg()[0], 1)
+    results["meta"]["suite_minutes"] = round((time.perf_counter() - suite_start) / 60, 1)
+    _save(results, json_path, out, plot_dir, command)
+    log(f"done in {results['meta']['suite_minutes']} min: {out}")
+    return 0
+
+
+def _save(results, json_path, out, plot_dir, command) -> None:
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    clean = dict(results, rows=[{k: v for k, v in r.items() if not k.startswith("_")}
+                                for r in results["rows"]])
+    json_path.write_text(json.dumps(clean, indent=1, default=str) + "\n")
+    plots = write_plots(results, plot_dir) if results["rows"] else []
+    write_markdown(results, out, plots, results["meta"].get("command", command))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
