@@ -141,3 +141,16 @@ def test_vta_sim_refuses_a_non_vta_artifact(tmp_path):
     assert code == 0, err
     code, _, err = run_cli("vta-sim", tmp_path / "out", "--dump", "0")
     assert code == 2 and "not a VTA artifact" in err
+
+
+def test_batch2_configuration_computes_two_samples_per_program(tmp_path):
+    onnx.save(qdq_model([{"op": "conv", "out": 16, "relu": True}, {"op": "gemm", "out": 5}],
+                        (3, 4, 6, 6), seed=2), tmp_path / "q.onnx")
+    (tmp_path / "b2.json").write_text(json.dumps({"LOG_BATCH": 1}))
+    code, _, err = run_cli("compress", tmp_path / "q.onnx", "--passes", "cleanup",
+                           "--target", "vta", "--vta-config", tmp_path / "b2.json",
+                           "-o", tmp_path / "out")
+    assert code == 0, err
+    rep = json.loads((tmp_path / "out" / "report.json").read_text())["vta"]
+    assert rep["layers"][0]["in_shape"][0] == 2
+    assert rep["verification"]["max_abs_diff_vs_onnxruntime_basic"] == 0.0

@@ -87,6 +87,8 @@ def compile_graph(graph, cfg, log=lambda m: None):
                                + (" ..." if len(reasons) > 3 else ""))
     programs, reports = [], []
     for layer in layers:
+        # one program computes BATCH samples (VTA's GEMM rows); the runtime feeds blocks
+        layer.in_shape = (cfg.batch,) + tuple(layer.in_shape[1:])
         prog = lower(layer, cfg)
         dram = prog.dram.copy()
         stats = Simulator(cfg, dram).run(prog.insns)

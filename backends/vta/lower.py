@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from onnxc.errors import DataError, UnsupportedError
+from onnxc.errors import UnsupportedError
 
 from . import isa
 from .isa import AluInsn, Deps, GemmInsn, MemInsn
@@ -103,15 +103,15 @@ class Program:
         run — timing does not depend on the data)."""
         x = np.asarray(x, np.int8)
         per = self.layer.in_shape[0]
-        x = x.reshape((len(x),) + tuple(self.layer.in_shape[1:]))
-        if len(x) % per:
-            raise DataError(f"layer {self.layer.name}: batch {len(x)} is not a multiple of "
-                            f"the compiled batch {per}")
+        n = len(x)
+        x = x.reshape((n,) + tuple(self.layer.in_shape[1:]))
+        if n % per:                 # a partial last batch block: zero samples fill it
+            x = np.concatenate([x, np.zeros((per - n % per,) + x.shape[1:], np.int8)])
         ys, stats = [], None
         for k in range(0, len(x), per):
             y, stats = self._run_once(x[k:k + per], schedule, poison)
             ys.append(y)
-        y = np.concatenate(ys)
+        y = np.concatenate(ys)[:n]
         if self.layer.kind == "dense":           # [N, O, 1, 1] -> [N, O] like the Gemm
             y = y.reshape(y.shape[:2])
         return y, stats
