@@ -205,3 +205,37 @@ def test_graph_with_untrainable_op_is_refused(tmp_path, cifar_train_path):
                            "-o", tmp_path / "out")
     assert code == 4
     assert "cannot train graphs with op(s) TopK" in _error_line(err)
+
+
+# ---- end to end through the CLI --------------------------------------------------------
+
+def test_cli_prune_then_recover_keeps_the_pruned_structure(resnet20_path, cifar_train_path,
+                                                           cifar_test_path, tmp_path):
+    """`--recover-data` with the CLI's preprocessing flags; the artifact of
+    prune+recover has exactly the op types and initializer shapes of prune alone."""
+    from onnxc.pipeline import all_passes
+
+    if "prune" not in all_passes():
+        pytest.skip("prune pass not registered in this checkout")
+    common = ["--prune-flops", "0.5", "--calib-data", cifar_train_path, "--calib-samples",
+              "64", "--eval-data", cifar_test_path, "--eval-samples", "64", *CIFAR_FLAGS,
+              "--quiet"]
+    code, _, err = run_cli("compress", resnet20_path, "--passes", "fold_bn,prune",
+                           *common, "-o", tmp_path / "p")
+    assert code == 0, err
+    code, out, err = run_cli("compress", resnet20_path, "--passes", "fold_bn,prune,recover",
+                             *common, "--recover-data", cifar_train_path,
+                             "--recover-epochs", "0.02", "--recover-threads", "1",
+                             "-o", tmp_path / "pr")
+    assert code == 0, err
+    a = onnx.load(str(tmp_path / "p" / "model.onnx"))
+    b = onnx.load(str(tmp_path / "pr" / "model.onnx"))
+    assert [n.op_type for n in a.graph.node] == [n.op_type for n in b.graph.node]
+    assert sorted((i.name, tuple(i.dims)) for i in a.graph.initializer) == \
+        sorted((i.name, tuple(i.dims)) for i in b.graph.initializer)
+    import json
+
+    report = json.loads((tmp_path / "pr" / "report.json").read_text())
+    rec = report["passes"][-1]
+    assert rec["name"] == "recover" and rec["extra"]["samples"] == 5085
+    assert rec["extra"]["loss_log"] and rec["extra"]["data"].endswith("train.npz")
