@@ -9,7 +9,8 @@ from __future__ import annotations
 import importlib
 
 # Modules that define commands; a missing module is simply not offered.
-COMMAND_MODULES: list = ["onnxc.backends.tvm.commands", "onnxc.backends.vta.commands"]
+COMMAND_MODULES: list = ["onnxc.backends.tvm.commands", "onnxc.backends.vta.commands",
+                         "onnxc.passes.prune.sensitivity"]
 
 EXTRA_COMMANDS: list = []   # callables(subparsers) adding a sub-parser
 HANDLERS: dict = {}         # command name -> handler(args) -> exit code
