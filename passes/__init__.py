@@ -9,3 +9,5 @@ from . import prune, sparsify  # noqa: F401  (issue 3: channel pruning, sparsity
 from . import int8  # noqa: F401  (issue 5: quantization)
 from . import ternary, binary  # noqa: F401  (issue 5: low-bit weights)
 from . import recover  # noqa: F401  (issue 8: distillation, runs last)
+from . import lowrank  # noqa: F401  (issue 4: SVD / Tucker-2 / CP splitting)
+from . import gap  # noqa: F401  (issue 4: GlobalAveragePool replacement of FC heads)

@@ -1,0 +1,129 @@
+"""Train the small FC-head CIFAR-10 model used by the ``gap``/``lowrank`` tests and benchmarks.
+
+A VGG-style CNN (3 conv layers with BN, each followed by a 2×2 max-pool: 32×32 -> 64×4×4) followed by a
+2-layer FC head (1024 -> 128 -> 10) — the classic "flatten a C×H×W map into FC layers"
+head the ``gap`` pass replaces. Trained on CPU with torch, seeded, on
+``../shared/data/cifar10/train.npz`` (preprocessing /255, ImageNet mean/std, the same as
+the shared ResNets), exported with ``onnxc.frontend.from_torch`` and evaluated on
+``test_dev.npz`` with ONNX Runtime. The committed model was made with::
+
+    nice python tools/train_fc_model.py --out tests/models/vgg_fc_cifar10.onnx
+
+The data stays in ../shared; only the exported .onnx (≈0.6 MB) is committed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import time
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED = pathlib.Path(os.environ.get("ONNXC_SHARED", REPO.parent / "shared"))
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+def build_model():
+    import torch.nn as nn
+
+    def block(cin, cout):
+        return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
+                nn.ReLU(inplace=True)]
+
+    # Kept cheap (≈3 M MACs) so training takes minutes on a shared 2-core CPU.
+    features = nn.Sequential(*block(3, 16), nn.MaxPool2d(2),             # N×16×16×16
+                             *block(16, 32), nn.MaxPool2d(2),            # N×32×8×8
+                             *block(32, 64), nn.MaxPool2d(2))            # N×64×4×4
+    head = nn.Sequential(nn.Flatten(), nn.Linear(64 * 4 * 4, 128), nn.ReLU(inplace=True),
+                         nn.Dropout(0.5), nn.Linear(128, 10))
+    return nn.Sequential(features, head)
+
+
+def preprocess(images: np.ndarray) -> np.ndarray:
+    """uint8 N×3×32×32 -> float32 (x/255 - mean)/std, as for the shared ResNets."""
+    x = images.astype(np.float32) / 255.0
+    return (x - np.asarray(MEAN, np.float32)[:, None, None]) / \
+        np.asarray(STD, np.float32)[:, None, None]
+
+
+def augment(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Random 4-pixel-padded crops and horizontal flips (the standard CIFAR recipe)."""
+    n = len(x)
+    padded = np.pad(x, ((0, 0), (0, 0), (4, 4), (4, 4)))
+    dy, dx = rng.integers(0, 9, n), rng.integers(0, 9, n)
+    out = np.stack([padded[i, :, dy[i]:dy[i] + 32, dx[i]:dx[i] + 32] for i in range(n)])
+    flip = rng.random(n) < 0.5
+    out[flip] = out[flip, :, :, ::-1]
+    return np.ascontiguousarray(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=str(REPO / "tests" / "models" / "vgg_fc_cifar10.onnx"))
+    ap.add_argument("--epochs", type=int, default=15)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+
+    import torch
+    import torch.nn.functional as F
+
+    from onnxc.frontend import from_torch
+    from onnxc.verify import Runner
+
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    rng = np.random.default_rng(args.seed)
+    train = np.load(SHARED / "data" / "cifar10" / "train.npz")
+    test = np.load(SHARED / "data" / "cifar10" / "test_dev.npz")
+    x_train, y_train = preprocess(train["images"]), train["labels"].astype(np.int64)
+    x_test, y_test = preprocess(test["images"]), test["labels"].astype(np.int64)
+
+    model = build_model()
+    steps = args.epochs * ((len(x_train) + args.batch_size - 1) // args.batch_size)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=steps)
+    start = time.time()
+    for epoch in range(args.epochs):
+        model.train()
+        order = rng.permutation(len(x_train))
+        xb_all = augment(x_train[order], rng)
+        total = correct = 0
+        loss_sum = 0.0
+        for i in range(0, len(order), args.batch_size):
+            xb = torch.from_numpy(xb_all[i:i + args.batch_size])
+            yb = torch.from_numpy(y_train[order[i:i + args.batch_size]])
+            logits = model(xb)
+            loss = F.cross_entropy(logits, yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum += float(loss.detach()) * len(yb)
+            correct += int((logits.argmax(1) == yb).sum())
+            total += len(yb)
+        print(f"epoch {epoch + 1:2d}/{args.epochs}  loss {loss_sum / total:.3f}  "
+              f"train acc {100 * correct / total:.1f}%  {time.time() - start:.0f}s", flush=True)
+
+    model.eval()
+    proto = from_torch(model, torch.from_numpy(x_test[:1]), input_names=["input"],
+                       output_names=["logits"])
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    import onnx
+
+    onnx.save(proto, args.out)
+    logits = Runner(proto).run({"input": x_test})[0]
+    acc = 100.0 * float(np.mean(logits.argmax(1) == y_test))
+    print(f"saved {args.out} ({os.path.getsize(args.out):,} bytes); "
+          f"test_dev top-1 {acc:.2f}% on {len(y_test)} images")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
