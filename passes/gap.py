@@ -1,0 +1,404 @@
+"""gap: replace a flatten-into-FC classifier head by GlobalAveragePool → FC.
+
+VGG, AlexNet, ZFNet and LeNet-style nets flatten a C×H×W feature map (H·W > 1) into
+fully connected layers; the first FC alone holds most of the weights (VGG-19: 103 M of
+144 M). Following VGG-GAP / Network-in-Network, the map is averaged per channel instead
+(C values) and the FC that read C·H·W values is refitted to read C:
+
+- default: the first FC becomes C → hidden; the later FC layers stay, the last one is
+  refitted so the logits match (when there are several);
+- ``--gap-collapse``: the whole FC stack becomes one FC C → classes.
+
+Fitting: with calibration data (``--calib-data``) the new FC weights are a ridge least-
+squares fit on calibration activations, so the new head's outputs match the old head's
+(first-FC pre-activations, then logits); VGG-GAP needed retraining, this starts close
+without any. Without data the first FC's weights are summed over the H·W positions
+(exact when the map is spatially constant) and a warning says so.
+
+The head must be a plain chain: Flatten/Reshape → FC (Gemm, or MatMul [+ Add]) →
+elementwise activation → … → FC [→ Softmax/LogSoftmax] → graph output, each tensor
+read once. Anything else is reported and left alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxc.errors import UnsupportedError, UsageError
+from onnxc.pipeline import Option, Pass, register_pass
+
+RIDGE = 1e-3            # ridge = RIDGE × mean feature power: keeps the fit well posed
+_ACTIVATIONS = {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Clip", "Elu"}
+_FINAL = {"Softmax", "LogSoftmax"}
+
+
+@dataclass
+class Step:
+    """One element of the head: an FC (y = x·m + c) or an elementwise activation."""
+
+    kind: str                  # "fc" | "act" | "final"
+    nodes: list
+    m: np.ndarray | None = None       # in × out
+    c: np.ndarray | None = None       # out
+    op: str = ""
+    attrs: dict = field(default_factory=dict)
+    clip: tuple = (None, None)        # Clip's constant min/max inputs
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        """numpy forward (rows × features), used to fit and to measure the new head."""
+        if self.kind == "fc":
+            return x @ self.m + (0 if self.c is None else self.c)
+        if self.op == "Relu":
+            return np.maximum(x, 0)
+        if self.op == "LeakyRelu":
+            a = float(self.attrs.get("alpha", 0.01))
+            return np.where(x >= 0, x, a * x)
+        if self.op == "Sigmoid":
+            return 1 / (1 + np.exp(-x))
+        if self.op == "Tanh":
+            return np.tanh(x)
+        if self.op == "Elu":
+            a = float(self.attrs.get("alpha", 1.0))
+            return np.where(x >= 0, x, a * (np.exp(np.minimum(x, 0)) - 1))
+        if self.op == "Clip":
+            lo, hi = self.clip
+            return np.clip(x, -np.inf if lo is None else lo, np.inf if hi is None else hi)
+        return x            # final Softmax: not part of the logits being matched
+
+
+@dataclass
+class Head:
+    flatten: gs.Node
+    fmap: gs.Variable          # N × C × H × W
+    steps: list
+    channels: int
+    positions: int             # H·W
+
+    @property
+    def fcs(self) -> list:
+        return [s for s in self.steps if s.kind == "fc"]
+
+    def params(self) -> int:
+        return sum(s.m.size + (0 if s.c is None else np.size(s.c)) for s in self.fcs)
+
+
+@register_pass
+class GlobalAveragePoolHead(Pass):
+    name = "gap"
+    summary = "replace a flatten->FC classifier head by GlobalAveragePool->FC (fitted)"
+    order = 20
+    exact = False
+    needs_data = True
+    options = (
+        Option("--gap-collapse", action="store_true",
+               help="replace the whole FC stack by one FC (channels -> classes)"),
+        Option("--gap-samples", int, 512, help="calibration samples for the fit"),
+        Option("--gap-data-free", action="store_true",
+               help="ignore calibration data: sum the first FC's weights over positions"),
+    )
+
+    def validate(self, ctx) -> None:
+        samples = ctx.option("gap_samples", 512)
+        try:
+            ok = int(samples) == float(samples) and int(samples) > 0
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise UsageError(f"--gap-samples must be a positive integer, got {samples!r}")
+
+    def run(self, graph, ctx, report):
+        heads, reasons = self._find_heads(graph)
+        for node, reason in reasons:
+            report.skip(node, reason)
+        if not heads:
+            detail = f": {reasons[0][0]}: {reasons[0][1]}" if reasons else \
+                " (no Flatten/Reshape of a 4-D feature map into a Gemm/MatMul)"
+            raise UnsupportedError("gap: no plain classifier head to replace" + detail)
+        collapse = bool(ctx.option("gap_collapse", False))
+        data_free = bool(ctx.option("gap_data_free", False)) or ctx.calibration is None
+        for head in heads:
+            nonlinear = any(s.kind == "act" for s in head.steps)
+            if collapse and data_free and nonlinear:
+                raise UsageError("gap: --gap-collapse of a head with activations needs "
+                                 "calibration data (--calib-data); without it only the "
+                                 "first FC can be refitted")
+        if data_free and not ctx.option("gap_data_free", False):
+            ctx.warn("gap: no --calib-data: data-free fit (first FC's weights summed over "
+                     "positions); logits will move more than with a data fit")
+        acts = {} if data_free else self._activations(graph, ctx, heads)
+
+        summaries = []
+        for head in heads:
+            before = head.params()
+            if data_free:
+                steps, fit = self._fit_data_free(head, collapse), None
+            else:
+                steps, fit = self._fit_data(head, acts, collapse)
+            self._rewrite(graph, head, steps)
+            after = sum(s.m.size + (0 if s.c is None else np.size(s.c))
+                        for s in steps if s.kind == "fc")
+            row = {"flatten": head.flatten.name, "channels": head.channels,
+                   "positions": head.positions, "fc_layers_before": len(head.fcs),
+                   "fc_layers_after": sum(s.kind == "fc" for s in steps),
+                   "head_params_before": before, "head_params_after": after,
+                   "fit": "data-free" if data_free else "least-squares"}
+            if fit:
+                row.update(fit)
+            summaries.append(row)
+            report.note(f"head at '{head.flatten.name}': {head.channels}x{head.positions} "
+                        f"-> GAP, {row['fc_layers_before']} -> {row['fc_layers_after']} FC, "
+                        f"head params {before:,} -> {after:,} "
+                        f"({-100 * (before - after) / max(before, 1):+.1f}%)"
+                        + (f", calibration logit rel. error {fit['logit_rel_error']:.3f}, "
+                           f"argmax agreement {100 * fit['argmax_agreement']:.1f}%"
+                           if fit else ", data-free fit"))
+        report.changed = len(heads)
+        report.extra["gap"] = summaries
+        return graph
+
+    # -- discovery ----------------------------------------------------------------------
+    def _find_heads(self, graph):
+        heads, reasons = [], []
+        for node in graph.nodes:
+            if node.op not in ("Flatten", "Reshape") or not node.inputs:
+                continue
+            x, y = node.inputs[0], node.outputs[0]
+            consumers = list(y.outputs)
+            if not any(c.op in ("Gemm", "MatMul") for c in consumers):
+                continue
+            if x.shape is None or len(x.shape) != 4 or \
+                    not all(isinstance(d, (int, np.integer)) for d in x.shape[1:]):
+                reasons.append((node.name, "flattened tensor is not a 4-D map of known size"))
+                continue
+            c, h, w = (int(d) for d in x.shape[1:])
+            if node.op == "Flatten" and int(node.attrs.get("axis", 1)) != 1:
+                reasons.append((node.name, "Flatten axis is not 1"))
+                continue
+            if node.op == "Reshape" and (y.shape is None or len(y.shape) != 2
+                                         or y.shape[1] != c * h * w):
+                reasons.append((node.name, "Reshape does not give N × C·H·W"))
+                continue
+            if h * w == 1:
+                reasons.append((node.name, f"feature map is already {c}x1x1 (global pool "
+                                           f"head); nothing to replace"))
+                continue
+            steps, why = self._walk(graph, y, c * h * w)
+            if steps is None:
+                reasons.append((node.name, f"not a plain classifier head: {why}"))
+                continue
+            heads.append(Head(node, x, steps, c, h * w))
+        return heads, reasons
+
+    def _walk(self, graph, tensor, width):
+        """Follow single-consumer FC/activation nodes from the flattened tensor to a graph
+        output; (steps, None) or (None, reason)."""
+        steps = []
+        while True:
+            if graph.is_graph_output(tensor):
+                break
+            consumers = list(tensor.outputs)
+            if len(consumers) != 1:
+                return None, f"'{tensor.name}' is read by {len(consumers)} nodes"
+            node = consumers[0]
+            if steps and steps[-1].kind == "final":
+                return None, f"{steps[-1].op} is followed by {node.op}"
+            if node.op in ("Gemm", "MatMul"):
+                step = _fc_step(graph, node, tensor, width)
+                if isinstance(step, str):
+                    return None, step
+                width = step.m.shape[1]
+            elif node.op == "Add" and steps and steps[-1].kind == "fc" \
+                    and len(steps[-1].nodes) == 1 and steps[-1].nodes[0].op == "MatMul":
+                other = node.inputs[1] if node.inputs[0] is tensor else node.inputs[0]
+                bias = graph.constant(other)
+                if bias is None or bias.size not in (1, width):
+                    return None, f"Add '{node.name}' is not a constant bias"
+                prev = steps[-1]
+                prev.c = np.broadcast_to(bias.astype(np.float64).reshape(-1), (width,)) \
+                    + (0 if prev.c is None else prev.c)
+                prev.nodes.append(node)
+                tensor = node.outputs[0]
+                continue
+            elif node.op in _ACTIVATIONS:
+                step = Step("act", [node], op=node.op, attrs=dict(node.attrs))
+                if node.op == "Clip":
+                    bounds = [graph.constant(t) if t is not None and t.name else None
+                              for t in list(node.inputs[1:3]) + [None] * 2][:2]
+                    if any(t is not None and t.name and b is None
+                           for t, b in zip(node.inputs[1:3], bounds)):
+                        return None, "Clip bounds are not constant"
+                    lo = bounds[0] if bounds[0] is not None else node.attrs.get("min")
+                    hi = bounds[1] if bounds[1] is not None else node.attrs.get("max")
+                    step.clip = (None if lo is None else float(lo),
+                                 None if hi is None else float(hi))
+            elif node.op in _FINAL:
+                step = Step("final", [node], op=node.op, attrs=dict(node.attrs))
+            else:
+                return None, f"{node.op} '{node.name}' inside the head"
+            steps.append(step)
+            tensor = node.outputs[0]
+        if not steps or not any(s.kind == "fc" for s in steps):
+            return None, "no FC layer"
+        last_fc = max(i for i, s in enumerate(steps) if s.kind == "fc")
+        if any(s.kind == "act" for s in steps[last_fc + 1:]):
+            return None, "an activation follows the last FC (logits are not linear)"
+        return steps, None
+
+    # -- fitting ------------------------------------------------------------------------
+    def _activations(self, graph, ctx, heads) -> dict:
+        from ._activations import collect
+
+        n = int(ctx.option("gap_samples", 512))
+        if ctx.calibration is not None:
+            n = min(n, len(ctx.calibration))
+        data = ctx.calibration_data(graph, n)
+        names = []
+        for head in heads:
+            names.append(head.fmap.name)
+            names += [s.nodes[-1].outputs[0].name for s in head.fcs]
+        acts = collect(graph, names, data)
+        smallest = min(h.channels for h in heads)
+        if n <= smallest:
+            ctx.warn(f"gap: {n} calibration samples for {smallest} channels: the fit is "
+                     f"underdetermined and leans on the ridge term")
+        return acts
+
+    def _fit_data_free(self, head, collapse) -> list:
+        first = head.fcs[0]
+        # m: (C·H·W) × out with rows in (c, position) order, as Flatten lays them out.
+        m = first.m.reshape(head.channels, head.positions, -1).sum(axis=1)   # C × out
+        new_first = Step("fc", first.nodes, m=m, c=first.c)
+        steps = [new_first if s is first else s for s in head.steps]
+        if collapse:   # only reached for linear stacks: compose them exactly
+            steps = _compose_linear(steps)
+        return steps
+
+    def _fit_data(self, head, acts, collapse):
+        fmap = acts[head.fmap.name].astype(np.float64)          # n × C × H × W
+        g = fmap.reshape(len(fmap), head.channels, -1).mean(axis=2)   # n × C
+        fcs = head.fcs
+        logits = acts[fcs[-1].nodes[-1].outputs[0].name].reshape(len(g), -1)
+        logits = logits.astype(np.float64)                      # n × classes
+        if collapse or len(fcs) == 1:
+            m, c = _ridge_fit(g, logits)
+            last = len(head.steps) - 1 - [s.kind for s in head.steps][::-1].index("fc")
+            steps = [Step("fc", fcs[0].nodes, m=m, c=c)] + head.steps[last + 1:]
+        else:
+            # First FC: match its own outputs (pre-activation) from the pooled features.
+            target = acts[fcs[0].nodes[-1].outputs[0].name].astype(np.float64)
+            m, c = _ridge_fit(g, target.reshape(len(g), -1))
+            first = Step("fc", fcs[0].nodes, m=m, c=c)
+            steps = [first if s is fcs[0] else s for s in head.steps]
+            # Last FC: refit on the new penultimate activations so the logits match
+            # (absorbs what the first fit could not reproduce).
+            last = max(i for i, s in enumerate(steps) if s.kind == "fc")
+            h = g
+            for s in steps[:last]:
+                h = s.apply(h)
+            m, c = _ridge_fit(h, logits)
+            steps[last] = Step("fc", steps[last].nodes, m=m, c=c)
+        new_logits = g
+        for s in steps:
+            new_logits = s.apply(new_logits) if s.kind != "final" else new_logits
+        err = np.linalg.norm(new_logits - logits) / max(np.linalg.norm(logits), 1e-30)
+        agree = float(np.mean(new_logits.argmax(1) == logits.argmax(1))) \
+            if logits.shape[1] > 1 else None
+        return steps, {"calibration_samples": len(g), "logit_rel_error": round(float(err), 5),
+                       "argmax_agreement": agree}
+
+    # -- rewriting ----------------------------------------------------------------------
+    def _rewrite(self, graph, head, steps) -> None:
+        out = (head.steps[-1].nodes[-1]).outputs[0]            # the head's graph output
+        dtype = head.fmap.dtype or np.float32
+        base = head.flatten.name
+        pooled = graph.make_variable(base + "_gap", dtype=dtype)
+        flat = graph.make_variable(base + "_gap_flat", dtype=dtype)
+        new_nodes = [
+            gs.Node("GlobalAveragePool", graph.unique_name(base + "_gap"),
+                    inputs=[head.fmap], outputs=[pooled]),
+            gs.Node("Flatten", graph.unique_name(base + "_gap_flatten"), attrs={"axis": 1},
+                    inputs=[pooled], outputs=[flat]),
+        ]
+        current = flat
+        for i, step in enumerate(steps):
+            last = i == len(steps) - 1
+            target = out if last else graph.make_variable(f"{base}_gap_h{i}", dtype=dtype)
+            name = graph.unique_name(f"{base}_gap_{step.kind}{i}")
+            if step.kind == "fc":
+                inputs = [current, graph.make_constant(name + "_w",
+                                                       step.m.T.astype(np.float32))]
+                if step.c is not None:
+                    inputs.append(graph.make_constant(
+                        name + "_b", np.broadcast_to(step.c, (step.m.shape[1],))
+                        .astype(np.float32)))
+                new_nodes.append(gs.Node("Gemm", name, attrs={"transB": 1},
+                                         inputs=inputs, outputs=[target]))
+            else:
+                original = step.nodes[0]
+                new_nodes.append(gs.Node(original.op, name, attrs=dict(original.attrs),
+                                         inputs=[current] + list(original.inputs[1:]),
+                                         outputs=[target]))
+            current = target
+        for step in head.steps:
+            for node in step.nodes:
+                node.inputs.clear()
+                node.outputs.clear()
+        graph.gs.nodes.extend(new_nodes)
+
+
+# ----------------------------------------------------------------------------------------
+
+
+def _fc_step(graph, node, x, width):
+    """Step for an FC node reading ``x`` (rows × width), or the reason it is not one."""
+    if node.inputs[0] is not x or len(node.inputs) < 2:
+        return f"{node.op} '{node.name}' reads the features as its weight operand"
+    w = graph.constant(node.inputs[1])
+    if w is None or w.ndim != 2 or w.dtype.kind != "f":
+        return f"{node.op} '{node.name}' has no constant 2-D weight"
+    c = None
+    if node.op == "Gemm":
+        if int(node.attrs.get("transA", 0)):
+            return f"Gemm '{node.name}' has transA=1"
+        m = (w.T if int(node.attrs.get("transB", 0)) else w).astype(np.float64)
+        m = m * float(node.attrs.get("alpha", 1.0))
+        if len(node.inputs) > 2 and node.inputs[2].name:
+            c = graph.constant(node.inputs[2])
+            if c is None or c.size not in (1, m.shape[1]):
+                return f"Gemm '{node.name}' bias is not a constant vector"
+            c = np.broadcast_to(c.astype(np.float64).reshape(-1) *
+                                float(node.attrs.get("beta", 1.0)), (m.shape[1],))
+    else:
+        m = w.astype(np.float64)
+    if m.shape[0] != width:
+        return f"{node.op} '{node.name}' expects {m.shape[0]} inputs, gets {width}"
+    return Step("fc", [node], m=m, c=c)
+
+
+def _ridge_fit(x, y):
+    """min ‖[x 1]·[m; c] − y‖² + λ‖m‖², λ = RIDGE·mean feature power; x n×d, y n×k."""
+    x_mean = x.mean(axis=0)
+    y_mean = y.mean(axis=0)
+    xc, yc = x - x_mean, y - y_mean            # centring fits the bias exactly
+    gram = xc.T @ xc                            # d × d
+    lam = RIDGE * max(np.trace(gram) / max(len(gram), 1), 1e-30)
+    m = np.linalg.solve(gram + lam * np.eye(len(gram)), xc.T @ yc)     # d × k
+    return m, y_mean - x_mean @ m
+
+
+def _compose_linear(steps) -> list:
+    """Multiply consecutive FC layers (no activation between them) into one."""
+    out = []
+    for s in steps:
+        if s.kind == "fc" and out and out[-1].kind == "fc":
+            prev = out.pop()
+            c_prev = 0 if prev.c is None else prev.c
+            c = c_prev @ s.m + (0 if s.c is None else s.c)
+            out.append(Step("fc", prev.nodes + s.nodes, m=prev.m @ s.m,
+                            c=None if np.ndim(c) == 0 and c == 0 else c))
+        else:
+            out.append(s)
+    return out
