@@ -67,3 +67,21 @@ def test_resnet56_prune_multiple_16_removes_channel_padding(resnet56_path, cifar
     first_only = reps["16"]["padded_macs"] - reps["16"]["macs"]
     assert reps["1"]["padded_macs"] - reps["1"]["macs"] > first_only
     assert reps["16"]["padding_waste"] < reps["1"]["padding_waste"]
+
+
+def test_host_segments_compiled_by_the_tvm_x86_backend(tmp_path):
+    import onnx
+
+    from vta_qdq import qdq_model
+
+    onnx.save(qdq_model([{"op": "conv", "out": 16, "relu": True}, {"op": "dwconv"},
+                         {"op": "conv", "out": 8}], (1, 3, 8, 8), seed=4), tmp_path / "q.onnx")
+    code, _, err = run_cli("compress", tmp_path / "q.onnx", "--passes", "cleanup",
+                           "--target", "vta", "--vta-host", "x86", "-o", tmp_path / "out")
+    assert code == 0, err
+    meta = json.loads((tmp_path / "out" / "vta" / "program.json").read_text())
+    assert meta["host"] == "x86" and meta["host_libraries"]
+    ver = json.loads((tmp_path / "out" / "report.json").read_text())["vta"]["verification"]
+    assert ver["host"] == "tvm x86"
+    # TVM evaluates host QDQ in float: at most an LSB or two of the output scale
+    assert ver["max_abs_diff_vs_onnxruntime_basic"] <= 4.0

@@ -26,7 +26,7 @@ from onnxc.errors import UnsupportedError
 
 from .config import DEFAULT, VtaConfig
 
-HOSTS = ("onnx",)
+HOSTS = ("onnx", "x86", "arm")
 
 
 def config_from_options(options: dict) -> VtaConfig:
@@ -108,7 +108,9 @@ class VtaBackend(Backend):
         Option("--vta-rounding", str, None, "requantisation rounding: even = bit-exact with "
                "ONNX QuantizeLinear (default), up = add-half-and-shift (fewer ALU ops)",
                choices=("even", "up")),
-        Option("--vta-host", str, "onnx", "runtime for the host partition", choices=HOSTS),
+        Option("--vta-host", str, "onnx", "host partition: onnx (ONNX Runtime, evaluates "
+               "the QDQ graph exactly) or a library per host segment compiled by the TVM "
+               "x86/arm backend", choices=HOSTS),
         Option("--vta-verify-samples", int, 8, "samples simulated at build time to check "
                "the artifact against ONNX Runtime and the integer reference"),
     )
@@ -136,8 +138,12 @@ class VtaBackend(Backend):
             entry = save_layer(prog, vta_dir, i)
             entry["stats"] = rep
             entries.append(entry)
-        meta = {"config": cfg.as_dict(), "host": ctx.option("vta_host", "onnx"),
-                "placement": placement, "layers": entries}
+        host_kind = ctx.option("vta_host", "onnx")
+        meta = {"config": cfg.as_dict(), "host": host_kind, "placement": placement,
+                "layers": entries}
+        if host_kind != "onnx":
+            meta["host_libraries"] = _compile_host(os.path.join(vta_dir, "host.onnx"),
+                                                   host_kind, out_dir, ctx)
         with open(os.path.join(out_dir, PROGRAM_FILE), "w") as f:
             json.dump(meta, f, indent=1, default=_jsonable)
         summary = {
@@ -198,7 +204,7 @@ def verify_artifact(art, graph, ctx, n: int) -> dict:
     for p, run in zip(art.programs, orig):
         p.run = checking(p, run)
     outs = art.run(feeds)
-    result = {"samples": int(len(next(iter(feeds.values())))),
+    result = {"samples": int(len(next(iter(feeds.values())))), "host": art.host_runtime,
               "layer_runs_bit_exact": f"{checked['exact']}/{checked['total']}"}
     result["max_abs_diff_vs_onnxruntime"] = _max_diff(ref, outs)
     # ONNX Runtime's extended optimisations fuse QDQ into integer kernels (QLinearConv,
@@ -209,6 +215,30 @@ def verify_artifact(art, graph, ctx, n: int) -> dict:
     if ref and ref[0].ndim == 2 and ref[0].shape[1] > 1:
         result["argmax_agreement"] = float(np.mean(ref[0].argmax(1) == outs[0].argmax(1)))
     return result
+
+
+def _compile_host(host_path: str, target: str, out_dir: str, ctx) -> dict:
+    """Compile every host segment with the TVM backend; {segment index: directory}."""
+    import onnx
+
+    from .runtime import host_segments
+
+    try:
+        from onnxc.backends.tvm.build import compile_model
+    except ImportError as exc:
+        from onnxc.errors import BackendError
+
+        raise BackendError(f"--vta-host {target} needs the TVM backend ({exc})") from None
+    plan, _, _ = host_segments(onnx.load(host_path))
+    libs = {}
+    for k, (_, model, _, _) in enumerate(p for p in plan if p[0] == "host"):
+        rel = os.path.join("vta", f"host_{k:02d}")
+        ctx.log(f"  vta: compiling host segment {k} ({len(model.graph.node)} nodes) for "
+                f"{target}")
+        compile_model(model, target, os.path.join(out_dir, rel), options=ctx.options,
+                      log=ctx.log)
+        libs[str(k)] = rel
+    return libs
 
 
 def _max_diff(ref, outs) -> float:

@@ -97,7 +97,26 @@ class VtaArtifact:
         self.cfg = VtaConfig.from_dict(self.meta["config"], where=prog_file)
         self.programs = [load_layer(vta_dir, e, self.cfg) for e in self.meta["layers"]]
         host = onnx.load(os.path.join(vta_dir, "host.onnx"))
-        self.plan, self.inputs, self.outputs = _segments(host)
+        plan, self.inputs, self.outputs = host_segments(host)
+        self.host_runtime = "onnxruntime"
+        self.host_note = None
+        self.plan = []
+        libs = self.meta.get("host_libraries", {})
+        for item in plan:
+            if item[0] == "vta":
+                self.plan.append(item)
+                continue
+            _, model, needed, outs = item
+            k = str(sum(p[0] == "host" for p in self.plan))
+            runner = None
+            if k in libs:
+                try:
+                    runner = _tvm_runner(os.path.join(path, libs[k]))
+                    self.host_runtime = f"tvm {self.meta.get('host')}"
+                except BackendError as exc:      # e.g. an ARM library on this x86 machine
+                    self.host_note = f"host libraries not runnable here ({exc}); " \
+                                     f"host part on ONNX Runtime"
+            self.plan.append(("host", (runner or _ort_runner(model), needed, outs)))
         self.layer_stats: list = [None] * len(self.programs)
 
     def qdq_model(self) -> onnx.ModelProto:
@@ -130,8 +149,8 @@ class VtaArtifact:
                                                                           copy=False)
         for kind, item in self.plan:
             if kind == "host":
-                session, in_names, out_names = item
-                outs = session.run(out_names, {n: env[n] for n in in_names})
+                runner, in_names, out_names = item
+                outs = runner({n: env[n] for n in in_names}, out_names)
                 env.update(zip(out_names, outs))
             else:
                 prog = self.programs[item]
@@ -141,26 +160,48 @@ class VtaArtifact:
         return [env[o["name"]] for o in self.outputs]
 
 
-def _segments(model: onnx.ModelProto):
-    """[("host", (session, inputs, outputs)) | ("vta", layer index)] in execution order."""
-    from onnxc.verify import _session
+def host_segments(model: onnx.ModelProto):
+    """Cut the host model at its VtaLayer nodes.
 
+    Returns (plan, inputs, outputs): ``plan`` in execution order holds
+    ``("host", ModelProto, input names, output names)`` for each maximal run of host
+    nodes and ``("vta", layer index)`` for each VTA layer."""
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     graph_outputs = {o.name for o in graph.output}
     value_info = {v.name: v for v in list(graph.value_info) + list(graph.input)
                   + list(graph.output)}
     nodes = list(graph.node)
-    # which node (index) reads each tensor
-    readers: dict = {}
+    readers: dict = {}                  # tensor -> indices of the nodes reading it
     for i, n in enumerate(nodes):
         for t in n.input:
             readers.setdefault(t, []).append(i)
     plan, run = [], []
+    # Nodes computing only from initializers (weight DequantizeLinear, shape constants)
+    # are copied into every segment that reads them, so segments exchange activations only.
+    const_of: dict = {}
+    for i, n in enumerate(nodes):
+        if n.domain != DOMAIN and all(not t or t in inits or t in const_of for t in n.input):
+            for t in n.output:
+                const_of[t] = i
 
-    def flush(end):
+    def vi(name):
+        if name in value_info:
+            return value_info[name]
+        raise BackendError(f"VTA host graph: no type for tensor '{name}'")
+
+    def flush():
         if not run:
             return
+        # pull in the constant producers of what the segment reads (before the readers)
+        pulled, stack = [], [t for i in run for t in nodes[i].input]
+        while stack:
+            t = stack.pop()
+            j = const_of.get(t)
+            if j is not None and j not in run and j not in pulled:
+                pulled.append(j)
+                stack.extend(nodes[j].input)
+        run[:0] = sorted(pulled)
         members = set(run)
         produced = {t for i in run for t in nodes[i].output}
         needed = []
@@ -169,32 +210,26 @@ def _segments(model: onnx.ModelProto):
                 if t and t not in produced and t not in inits and t not in needed:
                     needed.append(t)
         outs = [t for i in run for t in nodes[i].output
-                if t in graph_outputs or any(r not in members for r in readers.get(t, []))]
-        used_inits = [inits[t] for i in run for t in nodes[i].input if t in inits]
-        seen = set()
-        used_inits = [x for x in used_inits if not (x.name in seen or seen.add(x.name))]
-
-        def vi(name):
-            if name in value_info:
-                return value_info[name]
-            raise BackendError(f"VTA host graph: no type for tensor '{name}'")
+                if t in graph_outputs or (t not in const_of and any(
+                    r not in members for r in readers.get(t, [])))]
+        seen: set = set()
+        used = [inits[t] for i in run for t in nodes[i].input
+                if t in inits and not (t in seen or seen.add(t))]
         sub = onnx.helper.make_graph([nodes[i] for i in run], f"host_{len(plan)}",
-                                     [vi(t) for t in needed], [vi(t) for t in outs],
-                                     used_inits)
+                                     [vi(t) for t in needed], [vi(t) for t in outs], used)
         m = onnx.helper.make_model(sub, opset_imports=[o for o in model.opset_import
                                                        if o.domain != DOMAIN])
         m.ir_version = model.ir_version
-        plan.append(("host", (_session(m), needed, outs)))
+        plan.append(("host", m, needed, outs))
         run.clear()
 
     for i, n in enumerate(nodes):
         if n.domain == DOMAIN and n.op_type == OP:
-            flush(i)
-            idx = next(a.i for a in n.attribute if a.name == "layer")
-            plan.append(("vta", idx))
-        else:
+            flush()
+            plan.append(("vta", next(a.i for a in n.attribute if a.name == "layer")))
+        elif i not in const_of.values() or any(t in graph_outputs for t in n.output):
             run.append(i)
-    flush(len(nodes))
+    flush()
     inputs = []
     for i in graph.input:
         if i.name in inits:
@@ -205,6 +240,38 @@ def _segments(model: onnx.ModelProto):
         inputs.append({"name": i.name, "shape": dims, "dtype": np.dtype(elem).name})
     outputs = [{"name": o.name} for o in graph.output]
     return plan, inputs, outputs
+
+
+def _ort_runner(model):
+    from onnxc.verify import _session
+
+    session = _session(model)
+    return lambda feeds, outs: session.run(outs, feeds)
+
+
+def _tvm_runner(lib_dir):
+    """Run a TVM-compiled host segment (compiled for one sample) on any batch."""
+    from onnxc.backends.tvm.runtime import load_artifact as load_tvm
+
+    art = load_tvm(lib_dir)
+    names = [o["name"] for o in art.outputs]
+
+    b = art.inputs[0]["shape"][0] if art.inputs and art.inputs[0]["shape"] else 1
+    b = b if isinstance(b, int) and b > 0 else 1
+
+    def run(feeds, outs):
+        n = len(next(iter(feeds.values())))
+        parts = []
+        for i in range(0, n, b):       # the library's compiled batch; pad the last chunk
+            chunk = {k: v[i:i + b] for k, v in feeds.items()}
+            got = len(next(iter(chunk.values())))
+            if got < b:
+                chunk = {k: np.concatenate([v, np.repeat(v[-1:], b - got, 0)])
+                         for k, v in chunk.items()}
+            parts.append([o[:got] for o in art.run(chunk)])
+        got = {name: np.concatenate([p[j] for p in parts]) for j, name in enumerate(names)}
+        return [got[o] for o in outs]
+    return run
 
 
 def load_artifact(path: str) -> VtaArtifact:
