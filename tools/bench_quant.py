@@ -1,0 +1,278 @@
+"""Quantization benchmark (issue 5): prints every figure the issue's "Must show" lists.
+
+    python tools/bench_quant.py [--shared ../shared] [--reps 10] [--skip-lowbit]
+
+1. ResNet-56 ``fold_bn,int8`` calibrated on 512 train images, per calibrator: top-1 on
+   test_dev vs fp32, size Cr, pass wall time (statistics + calibration + rewrite); then,
+   in the same run, ``onnxruntime.quantization.quantize_static`` on the same 512 images
+   (its wall time and top-1), and ORT latency fp32 / int8 at batch 64, interleaved
+   (fp32, ours, ORT's, fp32, ...) after warm-up, median of ``--reps``.
+2. ResNet-20 / ResNet-56 ``ternary`` and ``binary``: top-1 without recovery and the packed
+   storage Cr of the quantized layers.
+3. ``int8 --pow2-scales`` top-1 on ResNet-56.
+4. Bad calibration data: the one-line message for each case, produced before any work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import pathlib
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+MEAN, STD, SCALE = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 1 / 255.0
+CALIBRATORS = ("minmax", "percentile", "entropy", "mse")
+
+
+def _preprocess():
+    from onnxc.calibrate.readers import Preprocess
+
+    return Preprocess(SCALE, MEAN, STD)
+
+
+def _compress(model, passes, options, train, test, calib_samples=512):
+    from onnxc.calibrate.readers import load_npz
+    from onnxc.compress import compress
+
+    pre = _preprocess()
+    with tempfile.TemporaryDirectory() as tmp:
+        res = compress(str(model), passes, out_dir=os.path.join(tmp, "out"),
+                       options=options, log=lambda m: None,
+                       calibration_loader=lambda g: load_npz(str(train), g, pre,
+                                                             samples=calib_samples),
+                       evaluation_loader=lambda g: load_npz(str(test), g, pre))
+    return res
+
+
+def _session(model_bytes: bytes, threads: int = 2):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
+
+
+def _logits(sess, x) -> np.ndarray:
+    name = sess.get_inputs()[0].name
+    return np.concatenate([sess.run(None, {name: x[i:i + 64]})[0]
+                           for i in range(0, len(x), 64)])
+
+
+def _top1(sess, x, y) -> float:
+    return 100.0 * float(np.mean(_logits(sess, x).argmax(1) == y))
+
+
+def _weight_bytes(model_bytes: bytes) -> int:
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load_from_string(model_bytes)
+    return sum(numpy_helper.to_array(i).nbytes for i in m.graph.initializer)
+
+
+def _latency(sessions: dict, x: np.ndarray, reps: int, stat=np.median) -> dict:
+    """Seconds per run (``stat`` over reps), measured interleaved so load changes hit
+    all models alike."""
+    times = {k: [] for k in sessions}
+    for sess in sessions.values():                       # warm-up
+        for _ in range(2):
+            sess.run(None, {sess.get_inputs()[0].name: x})
+    for _ in range(reps):
+        for k, sess in sessions.items():
+            t = time.perf_counter()
+            sess.run(None, {sess.get_inputs()[0].name: x})
+            times[k].append(time.perf_counter() - t)
+    return {k: (float(np.median(v)), float(np.min(v))) for k, v in times.items()}
+
+
+def _ort_quantize_static(model_bytes: bytes, calib: np.ndarray, input_name: str,
+                         reduce_range: bool) -> tuple[bytes, float]:
+    from onnxruntime.quantization import (CalibrationDataReader, QuantType,
+                                          quantize_static)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{input_name: calib[i:i + 32]} for i in range(0, len(calib), 32)])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = os.path.join(tmp, "in.onnx"), os.path.join(tmp, "out.onnx")
+        with open(src, "wb") as f:
+            f.write(model_bytes)
+        import logging
+
+        logging.getLogger().setLevel(logging.ERROR)   # ORT's "consider pre-processing" hint
+        start = time.perf_counter()
+        with contextlib.redirect_stdout(io.StringIO()):
+            # The settings that make ORT fast and accurate on this CPU: uint8 activations
+            # (QLinear kernels), per-channel int8 weights, reduced range without VNNI.
+            quantize_static(src, dst, Reader(), per_channel=True, reduce_range=reduce_range,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        seconds = time.perf_counter() - start
+        with open(dst, "rb") as f:
+            return f.read(), seconds
+
+
+def int8_section(shared, reps):
+    from onnxc.calibrate.qdq import has_vnni
+
+    r56 = shared / "models" / "resnet56_cifar10.onnx"
+    train = shared / "data" / "cifar10" / "train.npz"
+    test = shared / "data" / "cifar10" / "test_dev.npz"
+    pre = _preprocess()
+    x_test = pre.apply(np.load(test)["images"])
+    y_test = np.load(test)["labels"].astype(np.int64)
+    calib = pre.apply(np.load(train)["images"][:512])
+
+    print("== 1. ResNet-56 fold_bn,int8 — 512 calibration images (train.npz), "
+          f"top-1 on {len(y_test)} test_dev images")
+    print(f"{'calibrator':<12}{'fp32 top-1':>11}{'int8 top-1':>11}{'drop':>7}"
+          f"{'size Cr':>9}{'pass s':>8}")
+    results = {}
+    for method in CALIBRATORS:
+        res = _compress(r56, ["fold_bn", "int8"], {"calibrator": method}, train, test)
+        rep = res.report
+        p = next(p for p in rep["passes"] if p["name"] == "int8")
+        acc = rep["accuracy"]
+        results[method] = res
+        print(f"{method:<12}{acc['original_top1']:>10.2f}%{acc['final_top1']:>10.2f}%"
+              f"{acc['drop']:>7.2f}{rep['compression_ratio']:>8.2f}x{p['seconds']:>8.1f}")
+
+    from onnxc import frontend
+
+    fp32_model = frontend.load(str(r56)).to_onnx().SerializeToString()
+    ours = results["minmax"].graph.to_onnx().SerializeToString()
+    ort_model, ort_seconds = _ort_quantize_static(fp32_model, calib, "input",
+                                                  reduce_range=not has_vnni())
+    ours_seconds = next(p["seconds"] for p in results["minmax"].report["passes"]
+                        if p["name"] == "int8")
+    s_fp32, s_ours, s_ort = _session(fp32_model), _session(ours), _session(ort_model)
+    print(f"onnxruntime quantize_static (minmax, same 512 images): top-1 "
+          f"{_top1(s_ort, x_test, y_test):.2f}%, size Cr "
+          f"{len(fp32_model) / len(ort_model):.2f}x, wall {ort_seconds:.1f} s")
+    print(f"calibration + quantization wall time: onnxc int8 (minmax) {ours_seconds:.1f} s "
+          f"vs quantize_static {ort_seconds:.1f} s "
+          f"({'faster' if ours_seconds <= ort_seconds else 'SLOWER'}, "
+          f"ratio {ort_seconds / ours_seconds:.2f}x)")
+    w32, w8 = _weight_bytes(fp32_model), _weight_bytes(ours)
+    print(f"initializer bytes fp32 {w32:,} -> int8 {w8:,} (weight payload Cr {w32 / w8:.2f}x); "
+          f"file {len(fp32_model):,} -> {len(ours):,} B (file Cr {len(fp32_model) / len(ours):.2f}x: "
+          f"the rest is graph structure, tensor names and shapes)")
+    agree = np.mean(_logits(s_fp32, x_test).argmax(1) == _logits(s_ours, x_test).argmax(1))
+    print(f"argmax agreement fp32 vs onnxc int8 (minmax) on test_dev: {100 * agree:.2f}%")
+    for bs in (1, 64):
+        x = x_test[:bs]
+        n = reps if bs == 64 else 5 * reps
+        lat = _latency({"fp32": s_fp32, "onnxc": s_ours, "ort": s_ort}, x, n)
+        med = {k: v[0] for k, v in lat.items()}
+        best = {k: v[1] for k, v in lat.items()}
+        print(f"ORT latency bs {bs:>2} (2 threads, {n} interleaved reps): median fp32 "
+              f"{1e3 * med['fp32']:.1f} ms, onnxc int8 {1e3 * med['onnxc']:.1f} ms, "
+              f"quantize_static {1e3 * med['ort']:.1f} ms -> speed-up fp32/int8 onnxc "
+              f"{med['fp32'] / med['onnxc']:.2f}x, ORT {med['fp32'] / med['ort']:.2f}x; "
+              f"best-of-{n}: onnxc {best['fp32'] / best['onnxc']:.2f}x, "
+              f"ORT {best['fp32'] / best['ort']:.2f}x")
+    print(f"(machine load average during the run: {os.getloadavg()[0]:.1f} on "
+          f"{os.cpu_count()} cores)")
+
+
+def lowbit_section(shared):
+    train = shared / "data" / "cifar10" / "train.npz"
+    test = shared / "data" / "cifar10" / "test_dev.npz"
+    print("\n== 2. ternary / binary weights, no recovery (first & last layer float)")
+    print(f"{'model':<11}{'pass':<9}{'fp32 top-1':>11}{'top-1':>9}{'layers':>8}"
+          f"{'packed Cr (quantized layers)':>30}{'storage Cr (model)':>20}")
+    for model in ("resnet20", "resnet56"):
+        path = shared / "models" / f"{model}_cifar10.onnx"
+        for name in ("ternary", "binary"):
+            rep = _compress(path, [name], {}, train, test).report
+            p = next(p for p in rep["passes"] if p["name"] == name)
+            acc = rep["accuracy"]
+            print(f"{model:<11}{name:<9}{acc['original_top1']:>10.2f}%"
+                  f"{acc['final_top1']:>8.2f}%{len(p['extra']['layers']):>8}"
+                  f"{p['extra']['quantized_layers_cr']:>29.2f}x"
+                  f"{rep['storage_compression_ratio']:>19.2f}x")
+
+
+def pow2_section(shared):
+    r56 = shared / "models" / "resnet56_cifar10.onnx"
+    train = shared / "data" / "cifar10" / "train.npz"
+    test = shared / "data" / "cifar10" / "test_dev.npz"
+    print("\n== 3. ResNet-56 int8 --pow2-scales (int8 zero-point-0 activations, shift requant)")
+    for method in ("minmax", "percentile"):
+        rep = _compress(r56, ["fold_bn", "int8"], {"pow2_scales": True, "calibrator": method},
+                        train, test).report
+        acc = rep["accuracy"]
+        shifts = next(p for p in rep["passes"] if p["name"] == "int8")["extra"]["shifts"]
+        ks = sorted({k for v in shifts.values() for k in v})
+        print(f"{method:<11} top-1 {acc['original_top1']:.2f}% -> {acc['final_top1']:.2f}% "
+              f"(drop {acc['drop']:.2f} pt); requant shifts used: {ks}")
+
+
+def bad_input_section(shared):
+    sys.path.insert(0, str(REPO / "tests"))
+    from onnxc.cli import main
+
+    r20 = shared / "models" / "resnet20_cifar10.onnx"
+    print("\n== 4. bad calibration data -> one-line error before any work")
+    with tempfile.TemporaryDirectory() as tmp:
+        good = np.load(shared / "data" / "cifar10" / "train.npz")["images"][:16]
+        cases = {
+            "wrong shape": np.zeros((16, 3, 28, 28), np.uint8),
+            "wrong dtype": np.array([["a"] * 4] * 16),
+            "empty file": None,
+            "fewer samples than asked": good,
+            "NaN in data": np.where(np.arange(good.size).reshape(good.shape) == 5, np.nan,
+                                    good.astype(np.float32)),
+        }
+        for what, arr in cases.items():
+            path = os.path.join(tmp, what.replace(" ", "_") + ".npz")
+            if arr is None:
+                open(path, "wb").close()
+            else:
+                np.savez(path, images=arr)
+            argv = ["compress", str(r20), "--passes", "int8", "-o", os.path.join(tmp, "o"),
+                    "--calib-data", path, "--scale", str(SCALE), "--quiet"]
+            if what == "fewer samples than asked":
+                argv += ["--calib-samples", "64"]
+            err = io.StringIO()
+            start = time.perf_counter()
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                code = main(argv)
+            line = err.getvalue().strip().splitlines()[-1] if err.getvalue().strip() else ""
+            wrote = os.path.exists(os.path.join(tmp, "o"))
+            print(f"{what:<26} exit {code} after {time.perf_counter() - start:.1f} s "
+                  f"(CLI start-up + model load; no pass ran, artifact written: "
+                  f"{'yes' if wrote else 'no'}): {line}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shared", default=str(REPO.parent / "shared"))
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--skip-lowbit", action="store_true")
+    args = ap.parse_args(argv)
+    shared = pathlib.Path(args.shared)
+    if not (shared / "models" / "resnet56_cifar10.onnx").exists():
+        print(f"error: shared models not found under {shared}", file=sys.stderr)
+        return 2
+    int8_section(shared, args.reps)
+    if not args.skip_lowbit:
+        lowbit_section(shared)
+    pow2_section(shared)
+    bad_input_section(shared)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
