@@ -75,7 +75,7 @@ def test_structure_is_identical_after_recover(teacher, train128):
     changed = [n for n, t in out.tensors().items() if isinstance(t, gs.Constant)
                and n in before_w and not np.array_equal(before_w[n], t.values)]
     assert len(changed) == report.changed > 0
-    assert report.extra["loss_log"] and report.extra["steps"] == 4
+    assert report.extra["loss_log"] and report.extra["steps"] > 0
 
 
 def test_recover_brings_student_closer_to_teacher(teacher, train128):
@@ -89,6 +89,18 @@ def test_recover_brings_student_closer_to_teacher(teacher, train128):
     after = Runner(out).run({"input": x})[0]
     agree = [np.mean(o.argmax(1) == ref.argmax(1)) for o in (before, after)]
     assert agree[1] > agree[0]
+
+
+def test_a_student_that_already_matches_is_left_unchanged(teacher, train128):
+    """Weights are kept from the epoch with the lowest held-out KD loss — here the
+    input's own, since any step away from the teacher's weights can only add loss."""
+    student = teacher.copy()
+    before = {n: np.array(t.values) for n, t in student.tensors().items()
+              if isinstance(t, gs.Constant)}
+    out, report = _recover(student, teacher, train128, recover_lr=0.05)
+    assert report.extra["kept_epoch"] == 0
+    assert all(np.array_equal(before[n], t.values) for n, t in out.tensors().items()
+               if isinstance(t, gs.Constant))
 
 
 def test_recover_is_deterministic(teacher, train128):

@@ -223,6 +223,11 @@ class Recover(Pass):
                     f"{report.changed} constant tensors updated in place")
         if result.stopped_by_time:
             report.note(f"stopped by --recover-minutes {cfg.minutes}")
+        if result.kept_epoch is not None and result.held_out:
+            h0, hk = result.held_out[0], result.held_out[result.kept_epoch]
+            report.note(f"kept epoch {result.kept_epoch} weights: held-out KD "
+                        f"{h0['kd']:.4f} -> {hk['kd']:.4f}, teacher agreement "
+                        f"{100 * h0['agree']:.1f}% -> {100 * hk['agree']:.1f}%")
         report.extra.update({
             "samples": len(data), "data": source, "steps": result.steps,
             "epochs": result.epochs_done, "train_seconds": result.seconds,
@@ -232,7 +237,8 @@ class Recover(Pass):
                        "hint_weight": cfg.hint_weight, "label_weight": cfg.label_weight,
                        "augment": list(cfg.augment), "threads": cfg.threads,
                        "seed": cfg.seed, "epochs": cfg.epochs, "minutes": cfg.minutes},
-            "loss_log": result.loss_log,
+            "loss_log": result.loss_log, "held_out": result.held_out,
+            "kept_epoch": result.kept_epoch,
         })
         return graph
 

@@ -43,6 +43,7 @@ class DistillConfig:
     augment: tuple = ("flip", "crop")
     threads: int = 2
     seed: int = 0
+    keep_best: bool = True            # keep the epoch with the lowest held-out KD loss
 
 
 @dataclass
@@ -52,6 +53,8 @@ class DistillResult:
     seconds: float = 0.0
     stopped_by_time: bool = False
     loss_log: list = field(default_factory=list)   # per epoch: {"epoch", "kd", "hint", ...}
+    held_out: list = field(default_factory=list)   # KD / agreement on held-out samples
+    kept_epoch: int | None = None                  # weights kept (0: the input's)
 
 
 # ----------------------------------------------------------------------------------------
@@ -152,6 +155,31 @@ def _is_const(t) -> bool:
 # Training
 
 
+class _HeldOut:
+    """KD loss and teacher agreement of the student on fixed, un-augmented samples."""
+
+    def __init__(self, student, teacher, name, x, temperature):
+        self.student, self.x, self.t = student, x, temperature
+        self.name = name
+        self.logits = np.concatenate([teacher({name: x[i:i + 128]})[0].reshape(
+            len(x[i:i + 128]), -1) for i in range(0, len(x), 128)])
+
+    def score(self) -> tuple[float, float]:
+        was_training = self.student.training
+        self.student.eval()
+        outs = []
+        with torch.no_grad():
+            for i in range(0, len(self.x), 128):
+                xb = torch.from_numpy(np.ascontiguousarray(self.x[i:i + 128]))
+                outs.append(self.student(xb)[0].reshape(len(xb), -1))
+        self.student.train(was_training)
+        s = torch.cat(outs)
+        t = torch.from_numpy(self.logits)
+        kd = F.kl_div(F.log_softmax(s / self.t, 1), F.log_softmax(t / self.t, 1),
+                      reduction="batchmean", log_target=True) * self.t ** 2
+        return float(kd), float((s.argmax(1) == t.argmax(1)).float().mean())
+
+
 def distill(student: TorchGraph, teacher: Teacher, inputs: dict, labels, cfg: DistillConfig,
             progress: bool = True, log=None) -> DistillResult:
     """Train ``student`` in place to match ``teacher`` on ``inputs`` (one input supported)."""
@@ -164,6 +192,17 @@ def distill(student: TorchGraph, teacher: Teacher, inputs: dict, labels, cfg: Di
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(max(1, int(cfg.threads)))
     rng = np.random.default_rng(cfg.seed)
+    # Hold out a few samples (never trained on) to keep the best weights: a short run
+    # on a nearly lossless student (int8) can otherwise end worse than it started.
+    n_hold = min(256, n // 10) if n >= 100 and cfg.keep_best else 0
+    split = rng.permutation(n)
+    hold = np.sort(split[:n_hold])
+    if n_hold:
+        data = data[np.sort(split[n_hold:])]
+        labels = None if labels is None else labels[np.sort(split[n_hold:])]
+        n = len(data)
+    held_out = _HeldOut(student, teacher, name, inputs[name][hold], cfg.temperature) \
+        if n_hold else None
     bs = max(1, min(cfg.batch_size, n))
     steps_per_epoch = max(1, n // bs)            # drop the ragged last batch
     total_steps = max(1, int(round(cfg.epochs * steps_per_epoch)))
@@ -173,9 +212,6 @@ def distill(student: TorchGraph, teacher: Teacher, inputs: dict, labels, cfg: Di
         opt = torch.optim.Adam(params, lr=cfg.lr)
     else:
         opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True)
-    # A short linear warm-up: the first gradients of a freshly compressed student are
-    # large (its outputs are far from the teacher's) and the folded-BN net has no
-    # normalisation to absorb them.
     temperature = float(cfg.temperature)
     taps = teacher.taps if cfg.hint_weight > 0 else []
     use_labels = cfg.label_weight > 0 and labels is not None
@@ -187,6 +223,11 @@ def distill(student: TorchGraph, teacher: Teacher, inputs: dict, labels, cfg: Di
         # disable=None: a bar on a terminal, silence in log files.
         bar = tqdm(total=total_steps, desc="recover", unit="step", leave=False,
                    dynamic_ncols=True, disable=None)
+    best = None
+    if held_out is not None:
+        kd0, agree0 = held_out.score()
+        best = (kd0, 0, [p.detach().clone() for p in params])
+        result.held_out = [{"epoch": 0, "kd": round(kd0, 5), "agree": round(agree0, 4)}]
     start = time.perf_counter()
     deadline = start + 60.0 * cfg.minutes if cfg.minutes else None
     step = 0
@@ -202,6 +243,9 @@ def distill(student: TorchGraph, teacher: Teacher, inputs: dict, labels, cfg: Di
             idx = order[b * bs:(b + 1) * bs]
             x = augment_batch(data[idx], rng, cfg.augment)
             t_logits, t_feats = teacher({name: x})
+            # A short linear warm-up: the first gradients of a freshly compressed student
+            # are large (its outputs are far from the teacher's) and the folded-BN net
+            # has no normalisation to absorb them.
             warm = max(1, min(100, total_steps // 20))
             lr = 0.5 * cfg.lr * (1 + math.cos(math.pi * step / total_steps))
             lr *= min(1.0, (step + 1) / warm)
@@ -262,6 +306,13 @@ def distill(student: TorchGraph, teacher: Teacher, inputs: dict, labels, cfg: Di
             entry.pop("hint")
         if not use_labels:
             entry.pop("ce")
+        if held_out is not None:
+            kd_e, agree_e = held_out.score()
+            entry["held_out_kd"], entry["held_out_agree"] = round(kd_e, 5), round(agree_e, 4)
+            result.held_out.append({"epoch": epoch, "kd": round(kd_e, 5),
+                                    "agree": round(agree_e, 4)})
+            if kd_e < best[0]:
+                best = (kd_e, epoch, [p.detach().clone() for p in params])
         result.loss_log.append(entry)
         if log is not None:
             log(f"  recover epoch {epoch}: kd {entry['kd']:.4f}"
@@ -272,6 +323,11 @@ def distill(student: TorchGraph, teacher: Teacher, inputs: dict, labels, cfg: Di
             break
     if bar is not None:
         bar.close()
+    if best is not None:
+        result.kept_epoch = best[1]
+        with torch.no_grad():
+            for p, v in zip(params, best[2]):
+                p.copy_(v)
     student.eval()
     result.steps = step
     result.epochs_done = round(step / steps_per_epoch, 3)
