@@ -46,8 +46,9 @@ def load_model(source, load_external_data: bool = True) -> onnx.ModelProto:
         try:
             onnx.external_data_helper.load_external_data_for_model(
                 model, os.path.dirname(os.path.abspath(path)))
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"{path}: cannot load external data: {exc}") from exc
+        except (OSError, ValueError, onnx.checker.ValidationError) as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise ModelError(f"{path}: cannot load external data: {first}") from exc
     return _check_nonempty(model, path)
 
 

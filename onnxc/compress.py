@@ -21,7 +21,7 @@ from . import __version__
 from .errors import OutputError, VerificationError
 from .ir import Graph
 from .pipeline import Context, PassManager, resolve_passes
-from .verify import Verifier, top1
+from .verify import compare_outputs, top1
 
 REPORT_SCHEMA_VERSION = 1
 
@@ -88,12 +88,11 @@ def compress(model, passes, target: str = "onnx", out_dir: str | None = None,
         ctx.log(f"  frontend: {msg}")
     backend.validate(ctx)
 
-    original_stats = graph.stats()
-    final, reports = PassManager(pass_list, tolerance=tolerance).run(graph, ctx)
-    final_stats = final.stats()
-
-    verifier = Verifier.for_context(ctx.original, ctx)
-    overall = verifier.compare(ctx.original, final)
+    manager = PassManager(pass_list, tolerance=tolerance)
+    final, reports = manager.run(graph, ctx)
+    original_stats, final_stats = manager.original_stats, manager.final_stats
+    verifier = manager.verifier
+    overall = compare_outputs(manager.original_outputs, manager.final_outputs)
     accuracy = None
     if evaluation is not None and evaluation.labels is not None:
         before = top1(ctx.original, evaluation)
@@ -129,6 +128,11 @@ def compress(model, passes, target: str = "onnx", out_dir: str | None = None,
         report["storage_bytes"] = storage[-1]
         report["storage_compression_ratio"] = round(original_stats.bytes / storage[-1], 4)
 
+    # Budget checked before anything is written: a failed run leaves no artifact.
+    if max_accuracy_drop is not None and accuracy is not None \
+            and accuracy["drop"] > max_accuracy_drop:
+        raise VerificationError(f"top-1 dropped {accuracy['drop']:.2f} pt, more than "
+                                f"--max-accuracy-drop {max_accuracy_drop}")
     if out_dir is not None:
         write_artifact(out_dir, final, report, reports, backend, ctx)
     report["timings"]["total_seconds"] = round(time.perf_counter() - started, 3)
@@ -136,10 +140,6 @@ def compress(model, passes, target: str = "onnx", out_dir: str | None = None,
         _write_json(os.path.join(out_dir, "report.json"), report)
     if input_hash is not None and _sha256(model) != input_hash:
         raise OutputError("the input model file changed during the run")  # never expected
-    if max_accuracy_drop is not None and accuracy is not None \
-            and accuracy["drop"] > max_accuracy_drop:
-        raise VerificationError(f"top-1 dropped {accuracy['drop']:.2f} pt, more than "
-                                f"--max-accuracy-drop {max_accuracy_drop}")
     return CompressResult(final, report, out_dir)
 
 

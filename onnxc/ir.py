@@ -93,7 +93,12 @@ class Graph:
         return model
 
     def copy(self) -> "Graph":
-        return Graph(self.gs.copy(), self._meta)
+        """Deep copy: constant values too, so in-place edits never leak across copies."""
+        dup = self.gs.copy()
+        for t in dup.tensors().values():
+            if isinstance(t, gs.Constant):
+                t.values = np.array(t.values, copy=True)
+        return Graph(dup, self._meta)
 
     def refresh(self) -> "Graph":
         """Restore invariants after edits: drop dead nodes, toposort, re-infer shapes."""

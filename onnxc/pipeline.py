@@ -203,25 +203,29 @@ class PassManager:
         self.verify = verify
 
     def run(self, graph: Graph, ctx: Context) -> tuple[Graph, list[PassReport]]:
-        from .verify import Verifier
+        from .verify import Verifier, compare_outputs
 
         for p in self.passes:
             p.validate(ctx)
-        verifier = Verifier.for_context(graph, ctx) if self.verify else None
+        self.verifier = Verifier.for_context(graph, ctx) if self.verify else None
         reports = []
         current = graph
-        stats = current.stats()
+        self.original_stats = stats = current.stats()
+        # Each graph runs once: a pass's output outputs are the next pass's reference.
+        self.original_outputs = reference = \
+            self.verifier.outputs(graph) if self.verifier else None
         for p in self.passes:
             report = PassReport(p.name, p.exact, before=stats.as_dict())
             start = time.perf_counter()
-            before = current.copy()
             result = p.run(current, ctx, report) or current
             result.refresh()
             report.seconds = time.perf_counter() - start
             stats = result.stats()
             report.after = stats.as_dict()
-            if verifier is not None:
-                cmp = verifier.compare(before, result)
+            if self.verifier is not None:
+                outputs = self.verifier.outputs(result)
+                cmp = compare_outputs(reference, outputs)
+                reference = outputs
                 report.error = cmp.as_dict()
                 if p.exact and cmp.max_rel > self.tolerance:
                     raise VerificationError(
@@ -233,4 +237,6 @@ class PassManager:
                     + (f"  err {report.error['max_rel']:.2e}" if report.error else ""))
             reports.append(report)
             current = result
+        self.final_stats = stats
+        self.final_outputs = reference
         return current, reports

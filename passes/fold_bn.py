@@ -80,6 +80,7 @@ class FoldBatchNorm(Pass):
         w = graph.constant(conv.inputs[1])
         if w is None or w.dtype.kind != "f":
             return False
+        dtype = w.dtype
         bias = graph.constant(conv.inputs[2]) if len(conv.inputs) > 2 else None
         if len(conv.inputs) > 2 and bias is None:
             return False
@@ -89,17 +90,17 @@ class FoldBatchNorm(Pass):
             cin, cout_g = w.shape[0], w.shape[1]
             if scale.size != group * cout_g:
                 return False
-            w = w.reshape(group, cin // group, cout_g, *w.shape[2:]).astype(np.float64)
-            w = w * scale.reshape(group, 1, cout_g, *([1] * (w.ndim - 3)))
-            new_w = w.reshape(cin, cout_g, *w.shape[3:])
+            w6 = w.reshape(group, cin // group, cout_g, *w.shape[2:]).astype(np.float64)
+            w6 = w6 * scale.reshape(group, 1, cout_g, *([1] * (w6.ndim - 3)))
+            new_w = w6.reshape(cin, cout_g, *w6.shape[3:])
         else:
             if scale.size != w.shape[0]:
                 return False
             new_w = w.astype(np.float64) * scale.reshape(-1, *([1] * (w.ndim - 1)))
         b = bias.astype(np.float64) if bias is not None else np.zeros(scale.size)
         new_b = b * scale + shift
-        conv.inputs[1] = graph.make_constant(conv.name + "_w_bn", new_w.astype(w.dtype))
-        b_const = graph.make_constant(conv.name + "_b_bn", new_b.astype(w.dtype))
+        conv.inputs[1] = graph.make_constant(conv.name + "_w_bn", new_w.astype(dtype))
+        b_const = graph.make_constant(conv.name + "_b_bn", new_b.astype(dtype))
         if len(conv.inputs) > 2:
             conv.inputs[2] = b_const
         else:
