@@ -219,6 +219,22 @@ def pow2_section(shared):
               f"(drop {acc['drop']:.2f} pt); requant shifts used: {ks}")
 
 
+def mixed_section(shared):
+    r20 = shared / "models" / "resnet20_cifar10.onnx"
+    train = shared / "data" / "cifar10" / "train.npz"
+    test = shared / "data" / "cifar10" / "test_dev.npz"
+    print("\n== 5. mixed precision: ResNet-20 ternary --max-drop 2 (sensitive layers -> int8)")
+    rep = _compress(r20, ["ternary"], {"max_drop": 2.0}, train, test, calib_samples=128).report
+    extra = rep["passes"][-1]["extra"]
+    mp = extra["mixed_precision"]
+    print(f"top-1 {mp['reference_top1']:.2f}% -> {mp['final_top1']:.2f}% "
+          f"({mp['samples']} {mp['data']} samples); {len(mp['fallback'])} of "
+          f"{len(extra['sensitivity'])} layers fell back to int8; storage Cr "
+          f"{rep['storage_compression_ratio']:.2f}x")
+    top = list(extra["sensitivity"].items())[:3]
+    print("most sensitive: " + ", ".join(f"{n} ({e:.3f})" for n, e in top))
+
+
 def bad_input_section(shared):
     sys.path.insert(0, str(REPO / "tests"))
     from onnxc.cli import main
@@ -270,6 +286,7 @@ def main(argv=None) -> int:
     if not args.skip_lowbit:
         lowbit_section(shared)
     pow2_section(shared)
+    mixed_section(shared)
     bad_input_section(shared)
     return 0
 
