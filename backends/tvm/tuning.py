@@ -81,7 +81,7 @@ def _runner(spec, options):
                 f"tuning for {spec.preset} measures on the device: give --rpc-tracker "
                 f"HOST:PORT --rpc-key KEY of a TVM RPC tracker with such a device "
                 f"(this machine cannot run {spec.preset} code)")
-        return "local", "local"
+        return ms.runner.LocalRunner(timeout_sec=300), "local"
     key = options.get("rpc_key")
     if not key:
         raise UsageError("--rpc-tracker needs --rpc-key (the device key servers registered)")
@@ -118,6 +118,12 @@ def _progress_callback(total_tasks: int, budget: int, log):
                 self.best[task_id] = min(self.best.get(task_id, math.inf), min(ok))
             name = task_scheduler.tasks_[task_id].ctx.task_name
             best = self.best.get(task_id)
+            errors = [r.error_msg for r in builder_results if r.error_msg] + \
+                [r.error_msg for r in runner_results if r.error_msg]
+            if errors and not ok:
+                lines = [ln for ln in str(errors[0]).strip().splitlines() if ln.strip()]
+                log(f"  tune: {len(errors)} candidate(s) of {name[:40]} failed: "
+                    f"{lines[-1][:200] if lines else '?'}")
             log(f"  tune: {self.done}/{budget} trials  task {task_id + 1}/{total_tasks} "
                 f"{name[:40]}  best {best * 1e3:.3f} ms" if best is not None else
                 f"  tune: {self.done}/{budget} trials  task {task_id + 1}/{total_tasks} "
@@ -177,7 +183,11 @@ def tune(mod, target, spec, trials: int, options: dict, log):
                 tasks=contexts, task_weights=weights, work_dir=db_dir,
                 max_trials_global=trials, max_trials_per_task=per_task,
                 num_trials_per_iter=min(64, per_task),
-                builder=ms.builder.LocalBuilder(max_workers=1), runner=runner,
+                # Generous timeouts: each build worker re-imports TVM's tensor
+                # intrinsics (tens of seconds on a loaded 2-core machine), and a timeout
+                # counts as a failed candidate, not a slow one.
+                builder=ms.builder.LocalBuilder(max_workers=1, timeout_sec=600),
+                runner=runner,
                 database=db, measure_callbacks=callbacks)
         except (UsageError, BackendError):
             raise

@@ -1,0 +1,139 @@
+"""Slow TVM checks (issue 6): ARM really run under qemu, MetaSchedule tuning with a
+reused database, and tuning through a loopback RPC tracker + server started here."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import REPO, run_cli
+from test_tvm import ort_run, rel_err, tiny_cnn
+
+pytest.importorskip("tvm")
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny") / "tiny.onnx"
+    onnx.save(tiny_cnn(), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def arm_sysroot():
+    """The aarch64 sysroot, built by tools/build_arm_sysroot.sh when missing (CI)."""
+    from onnxc.backends.tvm.qemu import sysroot_dir
+
+    if shutil.which("qemu-aarch64") is None or shutil.which("aarch64-linux-gnu-g++") is None:
+        pytest.skip("needs qemu-user and g++-aarch64-linux-gnu (.ci/setup-system.sh)")
+    root = sysroot_dir()
+    if not os.path.isfile(os.path.join(root, ".complete")):
+        proc = subprocess.run(["bash", str(REPO / "tools" / "build_arm_sysroot.sh"), root],
+                              env=dict(os.environ, PYTHON=sys.executable),
+                              capture_output=True, text=True, timeout=900)
+        if proc.returncode != 0:
+            pytest.skip(f"could not build the aarch64 sysroot: "
+                        f"{(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+    return root
+
+
+def test_resnet20_arm_artifact_under_qemu_matches_x86(resnet20_path, arm_sysroot, tmp_path):
+    from onnxc.backends.tvm import load_artifact
+    from onnxc.backends.tvm.qemu import run_under_qemu
+
+    for target in ("x86", "arm"):
+        code, _, err = run_cli("compress", resnet20_path, "--passes", "fold_bn", "--target",
+                               target, "-o", tmp_path / target)
+        assert code == 0, err
+    x = np.random.default_rng(5).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    x86 = load_artifact(tmp_path / "x86").run({"input": x})[0]
+    arm, _ = run_under_qemu(str(tmp_path / "arm"), {"input": x}, arm_sysroot)
+    assert arm[0].shape == (1, 10)
+    assert rel_err(x86, arm[0]) < 1e-5
+    assert rel_err(ort_run(tmp_path / "x86" / "model.onnx", x), arm[0]) < 1e-4
+
+
+def test_tuning_database_is_reused_without_new_trials(tiny_path, tmp_path):
+    from onnxc.backends.tvm import compile_model
+
+    db = tmp_path / "db"
+    opts = {"tune_trials": 12, "tune_db": str(db)}
+    log = []
+    first = compile_model(str(tiny_path), "x86", str(tmp_path / "a"), opts, log=log.append)
+    assert first.tuning.trials > 0 and first.tuning.cached == 0
+    assert (db / "database_tuning_record.json").stat().st_size > 0
+    assert any("trials" in line and "best" in line for line in log)      # progress shown
+    assert first.verification["max_rel"] < 1e-4
+    second = compile_model(str(tiny_path), "x86", str(tmp_path / "b"), opts)
+    # Every task that got a valid measurement is served from the database.
+    assert second.tuning.trials <= first.tuning.trials
+    assert second.tuning.cached >= first.tuning.tasks - (first.tuning.tasks - second.tuning.tuned)
+    if second.tuning.tuned == 0:
+        assert second.tuning.trials == 0
+    assert second.verification["max_rel"] < 1e-4
+
+
+@pytest.fixture
+def rpc_device():
+    """A TVM RPC tracker and one server (key 'onnxc-test') on loopback; stopped after."""
+    from tvm import rpc
+    from tvm.rpc.tracker import Tracker
+
+    tracker = Tracker(host="127.0.0.1", port=9190, port_end=9290, silent=True)
+    server = rpc.Server(host="127.0.0.1", port=9300, port_end=9400, key="onnxc-test",
+                        tracker_addr=("127.0.0.1", tracker.port), silent=True)
+    try:
+        import time
+
+        for _ in range(50):          # wait until the server has registered
+            summary = rpc.connect_tracker("127.0.0.1", tracker.port).summary()
+            if summary.get("server_info"):
+                break
+            time.sleep(0.2)
+        yield f"127.0.0.1:{tracker.port}"
+    finally:
+        server.terminate()
+        tracker.terminate()
+
+
+def test_tuning_measures_through_rpc_tracker(tiny_path, tmp_path, rpc_device):
+    code, _, err = run_cli("compress", tiny_path, "--target", "x86", "--tune-trials", "4",
+                           "--tune-db", tmp_path / "db", "--rpc-tracker", rpc_device,
+                           "--rpc-key", "onnxc-test", "-o", tmp_path / "a")
+    assert code == 0, err
+    assert f"rpc {rpc_device} key onnxc-test" in err
+    import json
+
+    tuning = json.loads((tmp_path / "a" / "report.json").read_text())["runtime"]["tuning"]
+    assert tuning["trials"] > 0 and tuning["runner"].startswith("rpc")
+    records = (tmp_path / "db" / "database_tuning_record.json").read_text().splitlines()
+    assert records, "RPC measurements were not committed to the database"
+
+
+def test_unknown_rpc_key_is_a_backend_error(tiny_path, tmp_path, rpc_device):
+    code, _, err = run_cli("compress", tiny_path, "--target", "x86", "--tune-trials", "4",
+                           "--tune-db", tmp_path / "db", "--rpc-tracker", rpc_device,
+                           "--rpc-key", "rk3399", "-o", tmp_path / "a")
+    assert code == 8 and "no RPC server registered under key 'rk3399'" in err
+
+
+def test_run_arm_qemu_tool_compares_with_x86(tiny_path, arm_sysroot, tmp_path):
+    for target in ("x86", "arm"):
+        assert run_cli("compress", tiny_path, "--target", target, "-o", tmp_path / target)[0] \
+            == 0
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "run_arm_qemu.py"),
+                           str(tmp_path / "arm"), "--compare", str(tmp_path / "x86")],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    assert "aarch64 (qemu) vs x86" in proc.stdout
+
+
+del pathlib

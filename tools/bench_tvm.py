@@ -1,0 +1,151 @@
+#!/usr/bin/env python3
+"""ONNX Runtime vs TVM x86 (untuned, MetaSchedule-tuned) latency, measured in one run.
+
+    python tools/bench_tvm.py [--model ../shared/models/resnet56_cifar10.onnx]
+        [--batches 1,64] [--variants fp32,int8] [--trials 128] [--tune-db DIR]
+        [--repeat 20]
+
+For each variant (fp32 after fold_bn; int8 = ONNX Runtime's static QDQ quantization
+of that graph, calibrated on CIFAR-10 train images when ../shared has them) and batch
+size it prints the median latency of ONNX Runtime, TVM untuned and TVM tuned with
+--trials MetaSchedule trials, then compiles the tuned configuration a second time
+against the now-warm database and prints that wall time and its new trials (0 when
+the database served every task). Every figure is measured in this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import onnx
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHARED = os.environ.get("ONNXC_SHARED", os.path.join(HERE, "..", "..", "shared"))
+
+
+def ort_latency(model: onnx.ModelProto, x: np.ndarray, repeat: int) -> float:
+    import onnxruntime as ort
+
+    from onnxc.backends.tvm.runtime import Artifact, benchmark
+
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    art = Artifact("ort", "onnxruntime", [{"name": name, "shape": list(x.shape),
+                                           "dtype": "float32"}], [],
+                   lambda feeds: sess.run(None, feeds))
+    return benchmark(art, {name: x}, warmup=3, repeat=repeat)["median_ms"]
+
+
+def fp32_graph(model_path: str, batch: int) -> onnx.ModelProto:
+    from onnxc.compress import compress
+
+    result = compress(model_path, ["fold_bn"], input_shapes={"input": [batch, 3, 32, 32]},
+                      log=lambda m: None)
+    return result.graph.to_onnx()
+
+
+def int8_qdq(fp32: onnx.ModelProto, batch: int) -> onnx.ModelProto:
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
+                                          quantize_static)
+
+    train = os.path.join(SHARED, "data", "cifar10", "train.npz")
+    if os.path.isfile(train):
+        imgs = np.load(train)["images"][:64].astype(np.float32) / 255.0
+        mean = np.array([0.485, 0.456, 0.406], np.float32)[:, None, None]
+        std = np.array([0.229, 0.224, 0.225], np.float32)[:, None, None]
+        calib = (imgs - mean) / std
+    else:
+        calib = np.random.default_rng(0).standard_normal((64, 3, 32, 32)).astype(np.float32)
+    batches = [calib[i:i + batch] for i in range(0, len(calib) - batch + 1, batch)] \
+        or [np.resize(calib, (batch, 3, 32, 32))]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{"input": b} for b in batches])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = os.path.join(tmp, "fp32.onnx"), os.path.join(tmp, "int8.onnx")
+        onnx.save(fp32, src)
+        quantize_static(src, dst, Reader(), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        per_channel=True)
+        return onnx.load(dst)
+
+
+def tvm_latency(model, trials, db, repeat, log):
+    from onnxc.backends.tvm import x86_latency
+
+    start = time.perf_counter()
+    figures = x86_latency(model, tune_trials=trials, tune_db=db, warmup=2, repeat=repeat,
+                          log=log)
+    figures["wall_seconds"] = time.perf_counter() - start
+    return figures
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=os.path.join(SHARED, "models", "resnet56_cifar10.onnx"))
+    p.add_argument("--batches", default="1,64")
+    p.add_argument("--variants", default="fp32,int8")
+    p.add_argument("--trials", type=int, default=128, help="MetaSchedule trials per model")
+    p.add_argument("--tune-db", default=None, help="default: a fresh temporary database")
+    p.add_argument("--repeat", type=int, default=20)
+    p.add_argument("--verbose", action="store_true", help="show tuning progress")
+    args = p.parse_args(argv)
+
+    import platform
+
+    import onnxruntime
+    import tvm
+
+    log = (lambda m: print(m, file=sys.stderr, flush=True)) if args.verbose else None
+    db = args.tune_db or tempfile.mkdtemp(prefix="onnxc-bench-tunedb-")
+    print(f"# {os.path.basename(args.model)} on {platform.processor() or platform.machine()}"
+          f", {os.cpu_count()} cores; onnxruntime {onnxruntime.__version__}, "
+          f"tvm {tvm.__version__}; tuning db {db}")
+    print(f"# median latency in ms; tuned = MetaSchedule, {args.trials} trials per model")
+    header = (f"{'model':<6} {'bs':>3} {'ORT':>9} {'TVM untuned':>12} {'TVM tuned':>10} "
+              f"{'tuned/ORT':>9} {'trials':>6} {'tasks':>5} {'tune s':>7} {'max rel err':>11}")
+    print(header)
+    print("-" * len(header), flush=True)
+    warm = []
+    for variant in args.variants.split(","):
+        for batch in (int(b) for b in args.batches.split(",")):
+            fp32 = fp32_graph(args.model, batch)
+            model = fp32 if variant == "fp32" else int8_qdq(fp32, batch)
+            x = np.random.default_rng(0).standard_normal((batch, 3, 32, 32)).astype(np.float32)
+            rep = max(3, args.repeat // batch) if batch > 1 else args.repeat
+            ort_ms = ort_latency(model, x, rep)
+            untuned = tvm_latency(model, 0, db, max(3, rep // 4), log)
+            tuned = tvm_latency(model, args.trials, db, rep, log) if args.trials else None
+            t = tuned["tuning"] if tuned else None
+            err = max(f["verification"]["max_rel"] for f in (untuned, tuned) if f)
+            print(f"{variant:<6} {batch:>3} {ort_ms:>9.2f} {untuned['median_ms']:>12.2f} "
+                  + (f"{tuned['median_ms']:>10.2f} {tuned['median_ms'] / ort_ms:>8.2f}x "
+                     f"{t['trials']:>6} {t['tasks']:>5} {t['seconds']:>7.0f}"
+                     if tuned else f"{'-':>10} {'-':>9} {'-':>6} {'-':>5} {'-':>7}")
+                  + f" {err:>11.2e}", flush=True)
+            if tuned:
+                again = tvm_latency(model, args.trials, db, rep, log)
+                warm.append((variant, batch, again))
+    if warm:
+        print("\n# second compile of the tuned configurations against the warm database")
+        for variant, batch, again in warm:
+            t = again["tuning"]
+            print(f"{variant:<6} bs {batch:>3}: wall {again['wall_seconds']:.1f} s "
+                  f"(tuning step {t['seconds']:.1f} s), new trials {t['trials']}, "
+                  f"tasks from the database {t['cached']}/{t['tasks']}, "
+                  f"latency {again['median_ms']:.2f} ms", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
