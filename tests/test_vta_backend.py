@@ -154,3 +154,19 @@ def test_batch2_configuration_computes_two_samples_per_program(tmp_path):
     rep = json.loads((tmp_path / "out" / "report.json").read_text())["vta"]
     assert rep["layers"][0]["in_shape"][0] == 2
     assert rep["verification"]["max_abs_diff_vs_onnxruntime_basic"] == 0.0
+
+
+def test_a_layer_that_cannot_be_tiled_stays_on_the_host(tmp_path):
+    # a 9x9 kernel needs 81 input elements, the buffer holds 64; the 1x1 conv after it fits
+    onnx.save(qdq_model([{"op": "conv", "out": 16, "k": 9, "pad": 4},
+                         {"op": "conv", "out": 16, "k": 1, "pad": 0}], (1, 16, 12, 12)),
+              tmp_path / "q.onnx")
+    (tmp_path / "small.json").write_text(json.dumps({"LOG_INP_BUFF_SIZE": 10}))
+    code, _, err = run_cli("compress", tmp_path / "q.onnx", "--passes", "cleanup",
+                           "--target", "vta", "--vta-config", tmp_path / "small.json",
+                           "-o", tmp_path / "out")
+    assert code == 0, err
+    rep = json.loads((tmp_path / "out" / "report.json").read_text())["vta"]
+    assert [p["where"] for p in rep["placement"]] == ["host", "vta"]
+    assert "cannot hold one tile" in rep["host_layers"][0]["reason"]
+    assert rep["verification"]["max_abs_diff_vs_onnxruntime_basic"] == 0.0

@@ -76,8 +76,13 @@ def compile_graph(graph, cfg, log=lambda m: None):
     from .partition import partition
     from .sim import Simulator
 
+    def accept(layer):
+        # one program computes BATCH samples (VTA's GEMM rows); the runtime feeds blocks
+        layer.in_shape = (cfg.batch,) + tuple(layer.in_shape[1:])
+        return lower(layer, cfg)
+
     host = graph.copy()
-    layers, placement = partition(host)
+    layers, programs, placement = partition(host, accept)
     if not layers:
         reasons = sorted({p["reason"] for p in placement})
         if not placement:
@@ -85,14 +90,10 @@ def compile_graph(graph, cfg, log=lambda m: None):
                                    "Conv/Gemm/MatMul)")
         raise UnsupportedError("no layer can run on VTA: " + "; ".join(reasons[:3])
                                + (" ..." if len(reasons) > 3 else ""))
-    programs, reports = [], []
-    for layer in layers:
-        # one program computes BATCH samples (VTA's GEMM rows); the runtime feeds blocks
-        layer.in_shape = (cfg.batch,) + tuple(layer.in_shape[1:])
-        prog = lower(layer, cfg)
-        dram = prog.dram.copy()
-        stats = Simulator(cfg, dram).run(prog.insns)
-        programs.append(prog)
+    reports = []
+    for prog in programs:
+        # timing does not depend on the data: one run on zeros gives the cycles
+        stats = Simulator(cfg, prog.dram.copy()).run(prog.insns)
         reports.append(layer_report(prog, stats, cfg))
     return host, programs, placement, reports
 

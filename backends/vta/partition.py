@@ -223,19 +223,26 @@ def match_layer(graph, node) -> tuple:
     return layer, removed, x_q, y_q
 
 
-def partition(graph) -> tuple:
+def partition(graph, accept=None) -> tuple:
     """Split ``graph`` (an onnxc IR Graph, edited in place) into host and VTA parts.
 
-    Returns (layers, placement): ``layers`` the QLayers in graph order; ``placement``
-    one entry per Conv/Gemm/MatMul: {"node", "op", "where": "vta"|"host", "reason"}.
+    ``accept(layer)`` (optional) compiles a matched layer and returns the result, or
+    raises UnsupportedError (e.g. the buffers cannot hold one tile): that layer then
+    stays on the host with the message as its reason.
+    Returns (layers, results, placement): the QLayers in graph order, what ``accept``
+    returned for each, and one placement entry per Conv/Gemm/MatMul:
+    {"node", "op", "where": "vta"|"host", "reason"}.
     """
-    layers, placement = [], []
+    from onnxc.errors import UnsupportedError
+
+    layers, results, placement = [], [], []
     for node in list(graph.nodes):
         if node.op not in LAYER_OPS:
             continue
         try:
             layer, removed, x_q, y_q = match_layer(graph, node)
-        except _Reject as exc:
+            results.append(accept(layer) if accept else None)
+        except (_Reject, UnsupportedError) as exc:
             placement.append({"node": node.name, "op": node.op, "where": "host",
                               "reason": str(exc)})
             continue
@@ -253,5 +260,5 @@ def partition(graph) -> tuple:
                         attrs={"layer": idx}, inputs=[x_q], outputs=[y_q])
         graph.gs.nodes.append(vnode)
     graph.gs.cleanup(remove_unused_graph_inputs=False).toposort()
-    return layers, placement
+    return layers, results, placement
 
