@@ -109,8 +109,9 @@ def section_resnet20(args, tmp, shared):
         secs = time.perf_counter() - t0
         rep = res.report["vta"]
         print(f"\n## ResNet-20 fold_bn,int8 --pow2-scales --target vta — {title}")
+        hosted = ", ".join(p["node"] for p in rep["host_layers"]) or "none"
         print(f"VTA {rep['describe']}; compile {secs:.0f} s; host layers: "
-              f"{len(rep['host_layers'])} ({', '.join(p['node'] for p in rep['host_layers']) or 'none'})")
+              f"{len(rep['host_layers'])} ({hosted})")
         print(layer_table(rep, args.clock))
         t = rep["totals"]
         print(f"estimated latency {t['latency_ms']:.3f} ms at {args.clock:g} MHz "

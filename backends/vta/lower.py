@@ -20,7 +20,8 @@ Requantisation on the ALU (lanes carry per-channel constants from the param rows
 
 with h = 2^(n-1): "even" reproduces QuantizeLinear's round-half-to-even exactly (ties
 move down by one exactly when the truncated result would be odd), "up" is VTA's
-classic add-half-and-shift. lo is 0 after a ReLU, else -128.
+classic add-half-and-shift. lo is 0 after a ReLU, else -128. A layer with a second
+requantisation stage (Q → DQ → Relu → Q(s_r)) repeats the sequence without the bias.
 
 Pipelining: input (and weight) tiles are double-buffered when both copies fit; the load
 module runs ahead by up to two tiles, synchronised by load→compute tokens (tile ready)
@@ -368,7 +369,7 @@ def lower(layer: QLayer, cfg) -> Program:
                         insns.append(g)
                         k += 1
                     # ---- compute: requantise the tile on the ALU
-                    alus = _requant_program(kernel, a, acc_slot, acc_temp, acc_params, og,
+                    alus = _requant_program(kernel, a, acc_temp, acc_params, og,
                                             ob_te, ohw, n_ent, P, prow, layer.stages, temp)
                     alus[-1].deps.push_next = True
                     insns.extend(alus)
@@ -436,7 +437,7 @@ def lower(layer: QLayer, cfg) -> Program:
     return prog
 
 
-def _requant_program(kernel, a, acc_slot, acc_temp, acc_params, og, ob_te, ohw, n_ent, P,
+def _requant_program(kernel, a, acc_temp, acc_params, og, ob_te, ohw, n_ent, P,
                      prow, stages, temp) -> list:
     """ALU instructions that turn the int32 tile at ``a`` into clipped int8 outputs."""
 

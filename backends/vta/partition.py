@@ -17,7 +17,6 @@ Every Conv/Gemm/MatMul that stays on the host is listed with the reason.
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import onnx_graphsurgeon as gs
