@@ -227,6 +227,7 @@ def run_config(model: str, model_path, config: str, criterion: str, train, test,
         row["recover"] = {"steps": ex["steps"], "epochs": ex["epochs"],
                           "seconds": ex["train_seconds"], "hints": len(ex["hints"]),
                           "stopped_by_time": ex["stopped_by_time"],
+                          "kept_epoch": ex.get("kept_epoch"),
                           "last_epoch": ex["loss_log"][-1] if ex["loss_log"] else None}
     compressed = res.graph.to_onnx()
     for bs in (1, 64):
@@ -256,15 +257,21 @@ def fmt_int(v) -> str:
 
 
 def write_markdown(results: dict, path: pathlib.Path, plots: list, command: str) -> None:
+    runs = results.get("runs") or [dict(results["meta"])]
     lines = ["# onnxc benchmarks: rate–distortion on CIFAR-10 ResNets", "",
-             "Produced by one command (the numbers below are whatever it measured; rerun "
-             "it to reproduce):", "", "```", command, "```", "",
-             f"Run: {results['meta']['started']} → {results['meta'].get('finished', '(running)')}"
-             f", {results['meta']['machine']}. Load average at start "
-             f"{results['meta']['load_start']}, at end {results['meta'].get('load_end', '?')} "
-             "(the machine is shared; latencies are noisy, which is why original and "
-             "compressed are timed interleaved in the same run and only their ratio Sr "
-             "should be compared).", "",
+             "Produced by the command(s) below, in order — a later `--merge` run replaces "
+             "only the rows it lists (the numbers are whatever they measured; rerun to "
+             "reproduce):", ""]
+    for run in runs:
+        lines += ["```", run.get("command", command), "```",
+                  f"{run.get('started', '?')} → {run.get('finished', '(running)')}, load "
+                  f"average {run.get('load_start', '?')} at start, "
+                  f"{run.get('load_end', '?')} at end"
+                  + (f", {run['suite_minutes']} min" if run.get("suite_minutes") else "")
+                  + ".", ""]
+    lines += [f"Machine: {results['meta']['machine']}, shared with other jobs: latencies "
+              "are noisy, which is why original and compressed are timed interleaved in "
+              "the same run and their ratio Sr is what to compare.", "",
              "- top-1 on `test_dev` (509 images); drop = original − compressed, in points.",
              "- size: bytes of the serialized ONNX model, or the packed storage a pass "
              "declares (ternary 2-bit, binary 1-bit); Cr = original size / size.",
@@ -298,7 +305,9 @@ def write_markdown(results: dict, path: pathlib.Path, plots: list, command: str)
                 continue
             rec = r.get("recover")
             rec_s = (f"{rec['epochs']} ep, {rec['seconds']:.0f} s"
-                     + (", hints" if rec["hints"] else "")) if rec else ""
+                     + (", hints" if rec["hints"] else "")
+                     + (", input weights kept" if rec.get("kept_epoch") == 0 else "")) \
+                if rec else ""
             tvm = f"{r['tvm_x86_ms']:.2f}" if r.get("tvm_x86_ms") else \
                 ("n/a" if "tvm_note" in r and "same structure" not in r["tvm_note"] else "")
             lines.append(
@@ -412,16 +421,23 @@ def main(argv=None) -> int:
         results = json.loads(json_path.read_text())
         results["rows"] = [r for r in results["rows"]
                            if not (r["model"] in models and r["config"] in configs)]
-    results["meta"] = {"started": time.strftime("%Y-%m-%d %H:%M:%S"),
-                       "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-                       "load_start": round(os.getloadavg()[0], 1),
-                       "ort_threads": args.ort_threads, "command": command,
-                       "passes_registered": sorted(registry)}
+    run = {"command": command, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+           "load_start": round(os.getloadavg()[0], 1)}
     if args.tvm_only:
         results = json.loads(json_path.read_text())
         fill_tvm(results, models, args)
-        _save(results, json_path, out, plot_dir, results["meta"]["command"])
+        results.setdefault("runs", [dict(results["meta"])]).append(
+            dict(run, finished=time.strftime("%Y-%m-%d %H:%M:%S"),
+                 load_end=round(os.getloadavg()[0], 1)))
+        _save(results, json_path, out, plot_dir, command)
         return 0
+    if args.merge and "meta" in results:
+        results.setdefault("runs", [dict(results["meta"])]).append(run)
+    else:
+        results["runs"] = [run]
+    results["meta"] = {"machine": f"{platform.machine()}, {os.cpu_count()} cores",
+                       "ort_threads": args.ort_threads,
+                       "passes_registered": sorted(registry)}
     suite_start = time.perf_counter()
     for model in models:
         path = SHARED / "models" / MODELS[model]
@@ -467,11 +483,11 @@ def main(argv=None) -> int:
             results["rows"].sort(key=lambda r: (list(MODELS).index(r["model"]),
                                                 order[r["config"]]))
             _save(results, json_path, out, plot_dir, command)
-    results["meta"]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    results["meta"]["load_end"] = round(os.getloadavg()[0], 1)
-    results["meta"]["suite_minutes"] = round((time.perf_counter() - suite_start) / 60, 1)
+    run.update(finished=time.strftime("%Y-%m-%d %H:%M:%S"),
+               load_end=round(os.getloadavg()[0], 1),
+               suite_minutes=round((time.perf_counter() - suite_start) / 60, 1))
     _save(results, json_path, out, plot_dir, command)
-    log(f"done in {results['meta']['suite_minutes']} min: {out}")
+    log(f"done in {run['suite_minutes']} min: {out}")
     return 0
 
 
@@ -515,7 +531,7 @@ def _save(results, json_path, out, plot_dir, command) -> None:
                                 for r in results["rows"]])
     json_path.write_text(json.dumps(clean, indent=1, default=str) + "\n")
     plots = write_plots(results, plot_dir) if results["rows"] else []
-    write_markdown(results, out, plots, results["meta"].get("command", command))
+    write_markdown(results, out, plots, command)
 
 
 if __name__ == "__main__":
