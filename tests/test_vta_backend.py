@@ -170,3 +170,13 @@ def test_a_layer_that_cannot_be_tiled_stays_on_the_host(tmp_path):
     assert [p["where"] for p in rep["placement"]] == ["host", "vta"]
     assert "cannot hold one tile" in rep["host_layers"][0]["reason"]
     assert rep["verification"]["max_abs_diff_vs_onnxruntime_basic"] == 0.0
+
+
+def test_vta_sim_reports_top1_on_labelled_data(mixed_artifact, tmp_path):
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "d.npz", images=rng.integers(0, 256, (6, 3, 10, 10)).astype(np.uint8),
+             labels=rng.integers(0, 10, 6).astype(np.uint8))
+    code, out, err = run_cli("vta-sim", mixed_artifact / "out", "--eval-data",
+                             tmp_path / "d.npz", "--scale", "0.0039")
+    assert code == 0, err
+    assert "top-1 through the simulator" in out and "prediction agreement 100.00%" in out
