@@ -20,8 +20,8 @@ import os
 from onnxc.errors import DataError, UsageError
 from onnxc.pipeline import Option, Pass, register_pass
 
-from .distill import DistillConfig, Teacher, auto_hints, distill
-from .torch_graph import TorchGraph
+# torch is imported only when the pass runs (in run/_config/_hints), so listing passes
+# or running other passes never pays torch's import time.
 
 
 def _positive(kind):
@@ -148,7 +148,9 @@ class Recover(Pass):
         self._data_cache = (data, ds)
         return ds
 
-    def _config(self, ctx) -> DistillConfig:
+    def _config(self, ctx):
+        from .distill import DistillConfig
+
         aug = str(ctx.option("recover_augment", "flip,crop"))
         return DistillConfig(
             epochs=float(ctx.option("recover_epochs", 8.0)),
@@ -169,6 +171,8 @@ class Recover(Pass):
         if spec == "none" or float(ctx.option("recover_hint_weight", 1.0)) == 0:
             return []
         if spec in ("auto", "all"):
+            from .distill import auto_hints
+
             return auto_hints(student_graph, teacher_graph, every=spec == "all")
         names = [s.strip() for s in spec.split(",") if s.strip()]
         s_t, t_t = student_graph.tensors(), teacher_graph.tensors()
@@ -184,6 +188,9 @@ class Recover(Pass):
 
     # -- the pass ------------------------------------------------------------------------
     def run(self, graph, ctx, report):
+        from .distill import Teacher, distill
+        from .torch_graph import TorchGraph
+
         teacher_graph = self._teacher(ctx)
         if teacher_graph is None:
             # Used outside compress(): the input graph is its own teacher.
@@ -233,7 +240,8 @@ class Recover(Pass):
             "epochs": result.epochs_done, "train_seconds": result.seconds,
             "stopped_by_time": result.stopped_by_time, "hints": hints,
             "quantized_weights": quant_kinds, "trainable_tensors": report.changed,
-            "config": {"optimizer": cfg.optimizer, "lr": cfg.lr, "batch": cfg.batch_size, "temperature": cfg.temperature,
+            "config": {"optimizer": cfg.optimizer, "lr": cfg.lr, "batch": cfg.batch_size,
+                       "temperature": cfg.temperature,
                        "hint_weight": cfg.hint_weight, "label_weight": cfg.label_weight,
                        "augment": list(cfg.augment), "threads": cfg.threads,
                        "seed": cfg.seed, "epochs": cfg.epochs, "minutes": cfg.minutes},
@@ -243,4 +251,4 @@ class Recover(Pass):
         return graph
 
 
-__all__ = ["Recover", "TorchGraph", "structure"]
+__all__ = ["Recover", "structure"]
