@@ -206,6 +206,7 @@ def verify_artifact(art, graph, ctx, n: int) -> dict:
         p.run = checking(p, run)
     outs = art.run(feeds)
     result = {"samples": int(len(next(iter(feeds.values())))), "host": art.host_runtime,
+              "host_note": art.host_note,
               "layer_runs_bit_exact": f"{checked['exact']}/{checked['total']}"}
     result["max_abs_diff_vs_onnxruntime"] = _max_diff(ref, outs)
     # ONNX Runtime's extended optimisations fuse QDQ into integer kernels (QLinearConv,

@@ -111,8 +111,11 @@ def layer_table(art) -> str:
                        for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "-" * len(lines[0]))
     lines.insert(len(lines) - 1, "-" * len(lines[0]))
-    lines.append(f"VTA {cfg.describe()}; host layers: "
-                 f"{sum(p['where'] == 'host' for p in art.meta['placement'])}")
+    lines.append(f"VTA {cfg.describe()}; conv/dense layers on the host: "
+                 f"{sum(p['where'] == 'host' for p in art.meta['placement'])}; host part "
+                 f"on {art.host_runtime}")
+    if art.host_note:
+        lines.append(f"note: {art.host_note}")
     return "\n".join(lines)
 
 
