@@ -1,0 +1,198 @@
+"""Specification of the ``gap`` pass: flatten->FC heads become GlobalAveragePool -> FC."""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import cifar_preprocess, light_model_path
+from onnxc.calibrate.readers import Dataset, load_npz
+from onnxc.compress import compress
+from onnxc.errors import UnsupportedError, UsageError
+from onnxc.verify import Runner, top1
+
+RNG = np.random.default_rng(1)
+FC_MODEL = pathlib.Path(__file__).parent / "models" / "vgg_fc_cifar10.onnx"
+C, H, W, HIDDEN, CLASSES = 8, 4, 4, 32, 10
+
+
+def head_model(relu=True, matmul=False, extra_consumer=False):
+    """x: N×8×4×4 feature map -> Flatten -> FC(128->32) [-> Relu] -> FC(32->10) -> y."""
+    inits = {"w1": RNG.standard_normal((HIDDEN, C * H * W)) * 0.2,
+             "b1": RNG.standard_normal(HIDDEN), "w2": RNG.standard_normal((CLASSES, HIDDEN)),
+             "b2": RNG.standard_normal(CLASSES)}
+    nodes = [helper.make_node("Flatten", ["x"], ["f"], axis=1)]
+    if matmul:
+        inits["w1"] = inits["w1"].T.copy()
+        nodes += [helper.make_node("MatMul", ["f", "w1"], ["m1"]),
+                  helper.make_node("Add", ["m1", "b1"], ["h1"])]
+    else:
+        nodes.append(helper.make_node("Gemm", ["f", "w1", "b1"], ["h1"], transB=1))
+    hidden = "h1"
+    if relu:
+        nodes.append(helper.make_node("Relu", ["h1"], ["r1"]))
+        hidden = "r1"
+    nodes.append(helper.make_node("Gemm", [hidden, "w2", "b2"], ["y"], transB=1))
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", CLASSES])]
+    if extra_consumer:
+        nodes.append(helper.make_node("Sigmoid", ["h1"], ["z"]))
+        outputs.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", HIDDEN]))
+    graph = helper.make_graph(
+        nodes, "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", C, H, W])],
+        outputs, [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def constant_maps(n):
+    """Feature maps equal at every position: where the data-free fit is exact."""
+    return np.repeat(np.repeat(RNG.standard_normal((n, C, 1, 1)), H, 2), W, 3) \
+        .astype(np.float32)
+
+
+def gap(model, calibration=None, log=None, **options):
+    return compress(model, ["gap"], options=options, calibration=calibration,
+                    log=log or (lambda m: None))
+
+
+def gap_report(result):
+    return next(p for p in result.report["passes"] if p["name"] == "gap")
+
+
+def rel_error(a, b, x):
+    ya, yb = Runner(a).run({"x": x})[0], Runner(b).run({"x": x})[0]
+    return float(np.abs(ya - yb).max() / np.abs(ya).max())
+
+
+# ---- the rewrite ---------------------------------------------------------------------------
+
+def test_head_becomes_global_average_pool_then_fc_reading_channels():
+    result = gap(head_model())
+    ops = [n.op for n in result.graph.nodes]
+    assert ops == ["GlobalAveragePool", "Flatten", "Gemm", "Relu", "Gemm"]
+    first = [n for n in result.graph.nodes if n.op == "Gemm"][0]
+    assert first.inputs[1].values.shape == (HIDDEN, C)
+
+
+def test_data_free_fit_warns_and_is_exact_on_spatially_constant_maps():
+    messages = []
+    model = head_model()
+    result = gap(model, log=messages.append)
+    assert any("no --calib-data: data-free fit" in m for m in messages)
+    assert rel_error(model, result.graph.to_onnx(), constant_maps(16)) <= 1e-5
+
+
+def test_least_squares_fit_matches_the_old_logits_on_calibration_data():
+    model = head_model()
+    # Maps = per-channel level + small spatial texture: the pooled features carry most of
+    # the information the flattened ones did.
+    def maps(n):
+        return (constant_maps(n) + 0.1 * RNG.standard_normal((n, C, H, W))).astype(
+            np.float32)
+    result = gap(model, calibration=Dataset({"x": maps(512)}, source="maps"))
+    fit = gap_report(result)["extra"]["gap"][0]
+    assert fit["fit"] == "least-squares" and fit["calibration_samples"] == 512
+    assert fit["logit_rel_error"] < 0.2 and fit["argmax_agreement"] > 0.85
+    free = gap(model)
+    held_out = maps(64)
+    assert rel_error(model, result.graph.to_onnx(), held_out) < \
+        rel_error(model, free.graph.to_onnx(), held_out)
+
+
+def test_collapse_replaces_the_fc_stack_by_one_fc_to_the_classes():
+    data = Dataset({"x": constant_maps(256)}, source="maps")
+    result = gap(head_model(), calibration=data, gap_collapse=True)
+    gemms = [n for n in result.graph.nodes if n.op == "Gemm"]
+    assert len(gemms) == 1 and gemms[0].inputs[1].values.shape == (CLASSES, C)
+    row = gap_report(result)["extra"]["gap"][0]
+    assert row["head_params_after"] == CLASSES * C + CLASSES
+    assert row["head_params_before"] == HIDDEN * C * H * W + HIDDEN + CLASSES * HIDDEN \
+        + CLASSES
+
+
+def test_collapse_of_a_linear_stack_without_data_composes_it_exactly():
+    model = head_model(relu=False)
+    result = gap(model, gap_collapse=True)
+    assert [n.op for n in result.graph.nodes] == ["GlobalAveragePool", "Flatten", "Gemm"]
+    assert rel_error(model, result.graph.to_onnx(), constant_maps(16)) <= 1e-5
+
+
+def test_matmul_plus_add_head_is_recognised():
+    model = head_model(matmul=True)
+    result = gap(model)
+    assert rel_error(model, result.graph.to_onnx(), constant_maps(16)) <= 1e-5
+
+
+# ---- refusals: one clear message, model untouched ------------------------------------------
+
+def test_global_pool_head_is_refused_as_already_global():
+    nodes = [helper.make_node("GlobalAveragePool", ["x"], ["p"]),
+             helper.make_node("Flatten", ["p"], ["f"]),
+             helper.make_node("Gemm", ["f", "w"], ["y"], transB=1)]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", C, H, W])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", CLASSES])],
+        [numpy_helper.from_array(RNG.standard_normal((CLASSES, C)).astype(np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    with pytest.raises(UnsupportedError, match="already 8x1x1"):
+        gap(model)
+
+
+def test_head_whose_hidden_layer_is_also_read_elsewhere_is_not_a_plain_classifier():
+    with pytest.raises(UnsupportedError, match="not a plain classifier head"):
+        gap(head_model(extra_consumer=True))
+
+
+def test_model_without_flatten_into_fc_is_refused():
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])], "r",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    with pytest.raises(UnsupportedError, match="no plain classifier head"):
+        gap(model)
+
+
+def test_collapse_of_a_nonlinear_head_without_data_is_a_usage_error():
+    with pytest.raises(UsageError, match="--gap-collapse .* needs calibration data"):
+        gap(head_model(), gap_collapse=True)
+
+
+def test_bad_sample_count_is_a_usage_error():
+    with pytest.raises(UsageError, match="--gap-samples must be a positive integer"):
+        gap(head_model(), gap_samples=0)
+
+
+# ---- the trained FC-head model (tools/train_fc_model.py) ---------------------------------
+
+def test_trained_fc_model_head_shrinks_90pct_with_small_top1_drop(cifar_train_path,
+                                                                   cifar_test_path):
+    from onnxc import frontend
+
+    graph = frontend.load(str(FC_MODEL))
+    calib = load_npz(str(cifar_train_path), graph, cifar_preprocess(), samples=512)
+    evaluation = load_npz(str(cifar_test_path), graph, cifar_preprocess())
+    result = compress(str(FC_MODEL), ["gap"], calibration=calib, evaluation=evaluation,
+                      log=lambda m: None)
+    row = gap_report(result)["extra"]["gap"][0]
+    assert row["head_params_after"] <= 0.1 * row["head_params_before"]
+    before, after = top1(graph, evaluation), top1(result.graph, evaluation)
+    assert before - after <= 1.5, (before, after)
+
+
+@pytest.mark.slow
+def test_light_zfnet_gap_runs_in_onnx_runtime():
+    from onnxc import frontend
+    from onnxc.pipeline import Context, PassManager, resolve_passes
+
+    graph = frontend.load(str(light_model_path("zfnet512")))
+    out, reports = PassManager(resolve_passes(["gap"]), verify=False).run(
+        graph, Context({}, log=lambda m: None))
+    assert "GlobalAveragePool" in [n.op for n in out.nodes]
+    onnx.checker.check_model(out.to_onnx())
+    x = RNG.standard_normal((1, 3, 224, 224)).astype(np.float32)
+    y = Runner(out).run({graph.gs.inputs[0].name: x})[0]
+    assert y.shape == (1, 1000) and np.all(np.isfinite(y))
