@@ -50,11 +50,24 @@ class _TvmBackend(Backend):
 
         spec = targets.resolve(self.preset, ctx.options)
         spec.tvm_target()
+        from onnxc.errors import UsageError
+
         trials = ctx.option("tune_trials", 0)
         if trials < 0:
-            from onnxc.errors import UsageError
-
             raise UsageError("--tune-trials must be >= 0")
+        if trials > 0:
+            from .tuning import parse_tracker
+
+            if ctx.option("rpc_tracker"):
+                parse_tracker(ctx.option("rpc_tracker"))
+                if not ctx.option("rpc_key"):
+                    raise UsageError("--rpc-tracker needs --rpc-key (the device key servers "
+                                     "registered)")
+            elif not spec.runs_here:
+                raise UsageError(
+                    f"tuning for {self.preset} measures on the device: give --rpc-tracker "
+                    f"HOST:PORT --rpc-key KEY of a TVM RPC tracker with such a device "
+                    f"(this machine cannot run {self.preset} code)")
 
     def build(self, graph, ctx, out_dir, report) -> None:
         from .build import compile_model

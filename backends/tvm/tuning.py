@@ -133,6 +133,40 @@ def _progress_callback(total_tasks: int, budget: int, log):
     return Progress()
 
 
+def _fast_stack(context: int = 1):
+    """``inspect.stack()`` without source lookup: frames with their code's file name."""
+    import inspect
+
+    frame = sys._getframe(1)
+    frames = []
+    while frame is not None:
+        frames.append(inspect.FrameInfo(frame, frame.f_code.co_filename, frame.f_lineno,
+                                        frame.f_code.co_name, None, None))
+        frame = frame.f_back
+    return frames
+
+
+def import_tensor_intrinsics() -> None:
+    """Import ``tvm.s_tir.tensor_intrin`` cheaply (also run in each build worker).
+
+    Every TVMScript ``@T.prim_func`` calls ``inspect.stack()``, which resolves each
+    frame's source file against all of ``sys.modules``; the hundreds of intrinsics
+    MetaSchedule imports then cost over a minute of CPU per process, and the builder
+    restarts its worker for every batch of candidates. TVMScript only uses the frames
+    themselves, so a stack without source lookup is enough during this import.
+    """
+    import inspect
+
+    if "tvm.s_tir.tensor_intrin" in sys.modules:
+        return
+    original = inspect.stack
+    inspect.stack = _fast_stack
+    try:
+        import tvm.s_tir.tensor_intrin  # noqa: F401
+    finally:
+        inspect.stack = original
+
+
 def _has_record(db, task, target) -> bool:
     mod = task.dispatched[0]
     if not db.has_workload(mod):
@@ -173,6 +207,7 @@ def tune(mod, target, spec, trials: int, options: dict, log):
     if todo:
         per_task = int(options.get("tune_trials_per_task") or
                        max(1, math.ceil(trials / len(todo))))
+        import_tensor_intrinsics()
         contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
             todo, work_dir=db_dir, seed=int(options.get("seed") or 0))
         progress = _progress_callback(len(contexts), min(trials, per_task * len(todo)),
@@ -186,7 +221,8 @@ def tune(mod, target, spec, trials: int, options: dict, log):
                 # Generous timeouts: each build worker re-imports TVM's tensor
                 # intrinsics (tens of seconds on a loaded 2-core machine), and a timeout
                 # counts as a failed candidate, not a slow one.
-                builder=ms.builder.LocalBuilder(max_workers=1, timeout_sec=600),
+                builder=ms.builder.LocalBuilder(max_workers=1, timeout_sec=600,
+                                                initializer=import_tensor_intrinsics),
                 runner=runner,
                 database=db, measure_callbacks=callbacks)
         except (UsageError, BackendError):
