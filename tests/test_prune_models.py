@@ -55,13 +55,19 @@ def prune_light(name: str, ratio: float = 0.3):
     before = graph.stats(with_bytes=False).macs
     reference = graph.copy()
     report = PassReport("prune", False)
-    pruned = Prune().run(graph, Context({"prune_ratio": ratio}), report).refresh()
+    pruned = Prune().run(graph, Context({"prune_ratio": ratio, "prune_residual": True}),
+                         report).refresh()
     return reference, pruned, before, report
 
 
 def check_light(name):
     reference, pruned, before, report = prune_light(name)
-    assert pruned.stats(with_bytes=False).macs < before
+    if name == "shufflenet":
+        # Everything but the residual trunk passes a channel shuffle, and the trunk is
+        # read by grouped convs at different group boundaries: nothing can go.
+        assert pruned.stats(with_bytes=False).macs == before
+    else:
+        assert pruned.stats(with_bytes=False).macs < before
     feed_name = pruned.gs.inputs[0].name
     x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
     a = Runner(reference).run({feed_name: x})

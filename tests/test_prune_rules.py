@@ -122,12 +122,13 @@ def test_depthwise_and_grouped_convs_keep_groups_equal():
     t = n.op("Relu", [n.conv(t, 16, 8, group=2, name="gc")])
     out = n.conv(t, 8, 4, name="c3")
     model = n.model([out])
-    # gc's input groups are pruned in the same pattern, which couples c1 channels 3 and 7.
+    # One dead channel in each of gc's two input groups (c1 3 -> dw 6,7; c1 7 -> dw 14,15)
+    # and in each of its output groups (1 and 5): every group stays the same size.
     model = kill(kill(model, "c1", [3, 7]), "dw", [6, 7, 14, 15])
     model = kill(model, "gc", [1, 5])
-    result, n_cand = prune_dead(model, 2)
-    assert n_cand == 8
-    assert_exact(model, result, 2)
+    result, n_cand = prune_dead(model, 4)
+    assert n_cand == 16
+    assert_exact(model, result, 4)
     dw = next(n_ for n_ in result.graph.nodes if n_.name == "dw")
     assert dw.attrs["group"] == 6
 
@@ -231,6 +232,16 @@ def test_skip_pattern_leaves_matching_group_whole():
                       log=lambda m: None)
     w = {n.name: n.inputs[1].values.shape for n in result.graph.nodes if n.op == "Conv"}
     assert (w["c1"][0], w["c2"][0]) == (4, 8)
+
+
+def test_grouped_conv_groups_lose_equal_counts():
+    n = Net()
+    t = n.op("Relu", [n.conv("x", 3, 8, name="c1")])
+    t = n.op("Relu", [n.conv(t, 8, 8, group=2, name="gc")])
+    model = kill(n.model([n.conv(t, 8, 4, name="c3")]), "c1", [0, 1])   # both in group 0
+    result = compress(model, ["prune"], options={"prune_ratio": 0.25}, log=lambda m: None)
+    w = {n.name: n.inputs[1].values.shape for n in result.graph.nodes if n.op == "Conv"}
+    assert w["gc"][1] * 2 == w["c1"][0]      # each of the 2 groups keeps the same count
 
 
 def test_residual_groups_are_left_whole_unless_asked():

@@ -187,7 +187,7 @@ class Prune(Pass):
 
             counts = {id(sg): int(removed[sg].sum()) for g in groups for sg in g.subgroups}
             graph = thinet_prune(graph, dg, groups, counts,
-                                 calibration(ctx, graph, samples), ctx, report)
+                                 calibration(ctx, graph, samples), ctx, report, alloc.legal)
             removed = report.extra.pop("_thinet_removed")
         else:
             rewrite(graph, dg, removed)

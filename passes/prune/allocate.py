@@ -43,6 +43,8 @@ class Allocator:
             finite = s[np.isfinite(s)]
             self.norm[g.classes] = s / (finite.mean() + 1e-12) if finite.size else s
         cand = np.concatenate([g.classes for g in groups]) if groups else np.zeros(0, int)
+        self.candidate = np.zeros(dg.num_classes, bool)
+        self.candidate[cand] = True
         self.sorted_norm = np.sort(self.norm[cand])
 
     # ---- selections ------------------------------------------------------------------
@@ -58,7 +60,35 @@ class Allocator:
                 gone = g.classes[removed[g.classes]]
                 back = gone[np.argsort(-self.scores[gone], kind="stable")[:short]]
                 removed[back] = False
-        return self._no_empty_tensors(removed)
+        return self.legal(removed)
+
+    def legal(self, removed: np.ndarray) -> np.ndarray:
+        """Equal per-group counts for grouped convs, and no tensor emptied."""
+        removed = self._no_empty_tensors(self._equal_groups(removed))
+        return self._equal_groups(removed)   # (giving back never empties a tensor)
+
+    def _equal_groups(self, removed: np.ndarray) -> np.ndarray:
+        """Grouped convs need the same number of channels in every group: give back the
+        best-scored extra removals of groups that lost more than the least-hit one.
+        Subgroups are split per conv group, so uniform ratios rarely need this; where
+        grouped convs read one tensor at different group boundaries (ShuffleNet's
+        trunk) it can give back everything."""
+        label = self.dg.label
+        changed = bool(self.dg.grouped)
+        while changed:
+            changed = False
+            for slots_in, slots_out in self.dg.grouped:
+                for slots in (slots_in, slots_out):       # (G, n)
+                    cnt = removed[label[slots]].sum(1)
+                    if cnt.min() == cnt.max():
+                        continue
+                    changed = True
+                    for gi in np.flatnonzero(cnt > cnt.min()):
+                        cls = np.unique(label[slots[gi]])
+                        back = cls[removed[cls]]
+                        back = back[np.argsort(-self.scores[back], kind="stable")]
+                        removed[back[:int(cnt[gi] - cnt.min())]] = False
+        return removed
 
     def _constrain(self, sg, n) -> int:
         return len(sg) - kept_count(len(sg), int(n), self.multiple)

@@ -101,6 +101,7 @@ class DependencyGraph:
         self.members: list[Member] = []
         self.consumers: list[Consumer] = []
         self.mac_nodes: list[MacNode] = []
+        self.grouped: list = []        # [(in slots (G, C_in/G), out slots (G, C_out/G))]
         self.rules: dict = {}          # id(node) -> rule instance (for the rewrite)
 
         graph.gs.toposort()
@@ -236,6 +237,14 @@ class DependencyGraph:
             for c in np.unique(self.label[info.slots]):
                 if owned[c]:
                     signature.setdefault(int(c), []).append(t_index)
+        # Grouped convs must lose as many channels in each group: split subgroups by
+        # conv group too, so a uniform ratio treats each group alike.
+        for k_index, (slots_in, slots_out) in enumerate(self.grouped):
+            for side, slots in enumerate((slots_in, slots_out)):
+                for gi, row in enumerate(slots):
+                    for c in np.unique(self.label[row]):
+                        if owned[c]:
+                            signature.setdefault(int(c), []).append((k_index, side, gi))
         for g in self.groups:
             buckets: dict = {}
             for c in g.classes:

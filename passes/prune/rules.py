@@ -219,7 +219,7 @@ class Elementwise(Rule):
 @rule
 class Conv(Rule):
     """Conv: normal (source + consumer), depthwise (per-channel member), grouped
-    (the same positions are pruned in every group so groups stay equal)."""
+    (source + consumer whose groups must stay equal in size)."""
 
     ops = ("Conv",)
 
@@ -251,14 +251,13 @@ class Conv(Rule):
             dg.members.append(Member(node, out, "depthwise"))
             dg.mac_nodes.append(MacNode(node, macs, None, out))
         else:
+            # Grouped: every group must keep as many inputs (and outputs) as the others;
+            # the allocator equalises the counts, the rewrite picks each group's own.
             self.kind = "grouped"
-            self.cig = cig
-            o = out.reshape(g, c_out // g)           # (groups, out per group)
-            i = info.slots.reshape(g, cig)           # (groups, in per group)
-            dg.union(o[1:], np.broadcast_to(o[0], o[1:].shape))
-            dg.union(i[1:], np.broadcast_to(i[0], i[1:].shape))
+            self.cig, self.cog, self.g = cig, c_out // g, g
             dg.sources.append(Source(node, out, "conv"))
             dg.consumers.append(Consumer(node, info.slots, "grouped"))
+            dg.grouped.append((info.slots.reshape(g, cig), out.reshape(g, c_out // g)))
             dg.mac_nodes.append(MacNode(node, macs, info.slots, out))
         dg.set_info(node.outputs[0], 1, out)
         return None
@@ -277,7 +276,11 @@ class Conv(Rule):
         elif self.kind == "depthwise" and ki is not None:
             node.attrs["group"] = len(ki)
         elif self.kind == "grouped" and ki is not None:
-            w = w[:, ki[ki < self.cig]]     # the same kept positions in every group
+            # Output channel o (of group o // cog) keeps its own group's kept inputs.
+            groups = (ko if ko is not None else np.arange(self.g * self.cog)) // self.cog
+            own = [ki[(ki >= gi * self.cig) & (ki < (gi + 1) * self.cig)] - gi * self.cig
+                   for gi in range(self.g)]
+            w = np.stack([w[r, own[gi]] for r, gi in enumerate(groups)])
         _set_input(rw, node, 1, w, "w")
         if b is not None:
             _set_input(rw, node, 2, b, "b")

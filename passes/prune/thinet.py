@@ -122,7 +122,7 @@ class _Layer:
                 node.attrs["beta"] = 1.0     # the fitted bias is the whole bias
 
 
-def thinet_prune(graph, dg, groups, counts, dataset, ctx, report):
+def thinet_prune(graph, dg, groups, counts, dataset, ctx, report, legal=None):
     rng = ctx.rng(7)
     n = len(dataset)
     removed = np.zeros(dg.num_classes, bool)
@@ -174,6 +174,8 @@ def thinet_prune(graph, dg, groups, counts, dataset, ctx, report):
         for g in chunk:
             chosen = _select(dg, g, counts, [layer for layer in mine[g.gid] if layer.refit])
             removed[chosen] = True
+            if legal is not None:      # e.g. equal per-group counts of grouped convs
+                removed = legal(removed)
             for layer in mine[g.gid]:
                 layer.zero_inputs(np.flatnonzero(removed[dg.label[layer.slots]]))
         for layer in {id(la): la for g in chunk for la in mine[g.gid]}.values():
