@@ -56,7 +56,7 @@ def build(out_dir: str, epochs: int = 15, seed: int = 0) -> str:
     with torch.no_grad():
         xt = torch.tensor(images[test], dtype=torch.float32) / 16.0
         acc = (net(xt).argmax(1).numpy() == labels[test]).mean() * 100
-    model = from_torch(net, x[:1], output_names=["logits"])
+    model = from_torch(net, x[:1], output_names=["logits"], keep_batchnorm=True)
     path = os.path.join(out_dir, "digits_cnn.onnx")
     import onnx
 

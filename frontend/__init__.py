@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
-from onnxc.errors import ModelError, UnsupportedError, UsageError
+from onnxc.errors import ModelError, OnnxcError, UnsupportedError, UsageError
 from onnxc.ir import Graph
 
 # Domains ONNX Runtime can execute; anything else is a custom op we cannot verify.
@@ -165,8 +165,49 @@ def _upgrade_opset(model: onnx.ModelProto, notes: list) -> onnx.ModelProto:
         return model
 
 
+def _materialize_constant_of_shape(model: onnx.ModelProto) -> int:
+    """ConstantOfShape(constant shape) -> initializer: cheap, and old zoo graphs store
+    every weight this way, which would otherwise send a 500 MB model through onnxslim."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    keep, made = [], 0
+    for node in model.graph.node:
+        if node.op_type == "ConstantOfShape" and node.input and node.input[0] in inits:
+            shape = numpy_helper.to_array(inits[node.input[0]]).astype(np.int64)
+            fill = (numpy_helper.to_array(node.attribute[0].t) if node.attribute
+                    else np.zeros(1, np.float32))
+            value = np.full(shape, fill.reshape(-1)[0], dtype=fill.dtype)
+            model.graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
+            made += 1
+        else:
+            keep.append(node)
+    if made:
+        del model.graph.node[:]
+        model.graph.node.extend(keep)
+    return made
+
+
+def _needs_folding(model: onnx.ModelProto) -> bool:
+    """True if some node computes from constants only, or reads a shape."""
+    constant = {t.name for t in model.graph.initializer}
+    constant |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    for node in model.graph.node:
+        if node.op_type in ("Shape", "Size"):
+            return True
+        if node.op_type != "Constant" and node.input \
+                and all(i in constant or i == "" for i in node.input):
+            return True
+    return False
+
+
 def _fold_constants(model: onnx.ModelProto, notes: list) -> onnx.ModelProto:
     """Constant folding + shape inference with onnxslim, fusions off (passes do those)."""
+    made = _materialize_constant_of_shape(model)
+    if made:
+        notes.append(f"{made} ConstantOfShape weight(s) turned into initializers")
+    if not _needs_folding(model):
+        return model
     import onnxslim
     from onnxslim.core.pattern.registry import DEFAULT_FUSION_PATTERNS
 
@@ -275,12 +316,24 @@ def load(source, input_shapes: dict | None = None, check: bool = True,
     where = source if isinstance(source, (str, os.PathLike)) else "model"
     if check:
         check_model(model, str(where))
-    return canonicalize(model, input_shapes, notes=notes)
+    try:
+        return canonicalize(model, input_shapes, notes=notes)
+    except OnnxcError:
+        raise
+    except Exception as exc:  # passed the checker but breaks shape inference / the IR
+        msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise UnsupportedError(f"{where}: cannot canonicalise the model "
+                               f"({type(exc).__name__}: {msg})") from exc
 
 
 def from_torch(module, example_inputs, input_names=None, output_names=None,
-               dynamic_batch: bool = True, opset: int = 17) -> onnx.ModelProto:
-    """Export a PyTorch module to ONNX (TorchScript exporter: no onnxscript needed)."""
+               dynamic_batch: bool = True, opset: int = 17,
+               keep_batchnorm: bool = False) -> onnx.ModelProto:
+    """Export a PyTorch module to ONNX (TorchScript exporter: no onnxscript needed).
+
+    The exporter folds BatchNormalization into the preceding Conv in eval mode;
+    ``keep_batchnorm=True`` keeps it as a node (for onnxc's own ``fold_bn``).
+    """
     import tempfile
 
     import torch
@@ -297,7 +350,10 @@ def from_torch(module, example_inputs, input_names=None, output_names=None,
         path = os.path.join(tmp, "model.onnx")
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
+            training = (torch.onnx.TrainingMode.PRESERVE if keep_batchnorm
+                        else torch.onnx.TrainingMode.EVAL)
             torch.onnx.export(module, tuple(example_inputs), path, dynamo=False,
                               input_names=list(input_names), output_names=list(output_names),
-                              dynamic_axes=dynamic_axes, opset_version=opset)
+                              dynamic_axes=dynamic_axes, opset_version=opset,
+                              training=training)
         return onnx.load(path)

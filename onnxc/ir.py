@@ -101,18 +101,53 @@ class Graph:
         return Graph(dup, self._meta)
 
     def refresh(self) -> "Graph":
-        """Restore invariants after edits: drop dead nodes, toposort, re-infer shapes."""
+        """Restore invariants after edits: drop dead nodes, toposort, re-infer shapes.
+
+        Shape inference runs on a weightless skeleton (large constants become typed
+        graph inputs), so a 500 MB model is not serialised just to learn its shapes.
+        """
         self.gs.cleanup(remove_unused_graph_inputs=False).toposort()
-        # Drop stale intermediate shapes so inference recomputes them from scratch.
         outputs = set(id(t) for t in self.gs.outputs)
+        inputs = set(id(t) for t in self.gs.inputs)
+        variables = {}
         for tensor in self.gs.tensors().values():
-            if isinstance(tensor, gs.Variable) and id(tensor) not in outputs \
-                    and tensor not in self.gs.inputs:
-                tensor.shape = None
-        model = self.to_onnx(infer_shapes=True)
-        fresh = gs.import_onnx(model)
-        self.gs = fresh
+            if isinstance(tensor, gs.Variable):
+                variables[tensor.name] = tensor
+                if id(tensor) not in outputs and id(tensor) not in inputs:
+                    tensor.shape = None        # stale after edits: recompute
+        inferred = onnx.shape_inference.infer_shapes(self._skeleton(), data_prop=True)
+        for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+            tensor = variables.get(vi.name)
+            if tensor is None or not vi.type.HasField("tensor_type"):
+                continue
+            tt = vi.type.tensor_type
+            if tt.elem_type and tensor.dtype is None:
+                tensor.dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
+            if tt.HasField("shape") and (tensor.shape is None or id(tensor) in outputs):
+                dims = [d.dim_value if d.HasField("dim_value") else
+                        (d.dim_param or None) for d in tt.shape.dim]
+                if id(tensor) not in outputs or tensor.shape is None \
+                        or len(tensor.shape) != len(dims):
+                    tensor.shape = dims
         return self
+
+    def _skeleton(self) -> onnx.ModelProto:
+        """The graph with every large constant turned into a typed input (no weights)."""
+        skeleton = self.gs.copy()
+        stubs = {}
+        for node in skeleton.nodes:
+            for i, t in enumerate(node.inputs):
+                if isinstance(t, gs.Constant) and t.values.size > 64 \
+                        and t.values.dtype.kind != "i":   # int tensors may feed Reshape etc.
+                    if t.name not in stubs:
+                        stubs[t.name] = gs.Variable(t.name, dtype=t.values.dtype,
+                                                    shape=list(t.shape))
+                    node.inputs[i] = stubs[t.name]
+        skeleton.inputs.extend(stubs.values())
+        model = gs.export_onnx(skeleton, do_type_check=False)
+        if self._meta is not None and self._meta.ir_version:
+            model.ir_version = max(self._meta.ir_version, model.ir_version)
+        return model
 
     # ---- lookup ------------------------------------------------------------------------
     @property
@@ -202,7 +237,9 @@ class Graph:
         return NodeStats(node.name, node.op, in_shape, out_shape,
                          params if node.op in WEIGHT_OPS else 0, node_macs(node))
 
-    def stats(self, with_bytes: bool = True) -> GraphStats:
+    def stats(self, with_bytes: bool = True, model_bytes: int | None = None) -> GraphStats:
+        """Totals and per-node figures; ``model_bytes`` avoids a second export when the
+        caller already serialised the graph."""
         per_node = [self.node_stats(n) for n in self.gs.nodes]
         weight_bytes = 0
         params = 0
@@ -212,7 +249,10 @@ class Graph:
                 weight_bytes += values.nbytes
                 if values.dtype.kind in "fiu" and values.dtype not in (np.int64, np.int32):
                     params += values.size
-        size = self.to_onnx().ByteSize() if with_bytes else 0
+        if model_bytes is not None:
+            size = model_bytes
+        else:
+            size = self.to_onnx().ByteSize() if with_bytes else 0
         return GraphStats(len(self.gs.nodes), params, sum(s.macs for s in per_node),
                           size, weight_bytes, per_node)
 

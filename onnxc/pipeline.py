@@ -210,20 +210,23 @@ class PassManager:
         self.verifier = Verifier.for_context(graph, ctx) if self.verify else None
         reports = []
         current = graph
-        self.original_stats = stats = current.stats()
+        model = previous = current.to_onnx()   # one export per graph: size, verification
+        self.original_stats = stats = current.stats(model_bytes=model.ByteSize())
         # Each graph runs once: a pass's output outputs are the next pass's reference.
         self.original_outputs = reference = \
-            self.verifier.outputs(graph) if self.verifier else None
+            self.verifier.outputs(model) if self.verifier else None
         for p in self.passes:
             report = PassReport(p.name, p.exact, before=stats.as_dict())
             start = time.perf_counter()
             result = p.run(current, ctx, report) or current
             result.refresh()
             report.seconds = time.perf_counter() - start
-            stats = result.stats()
+            model = result.to_onnx()
+            stats = result.stats(model_bytes=model.ByteSize())
             report.after = stats.as_dict()
             if self.verifier is not None:
-                outputs = self.verifier.outputs(result)
+                # An unchanged graph (same protobuf) needs no second run.
+                outputs = reference if model == previous else self.verifier.outputs(model)
                 cmp = compare_outputs(reference, outputs)
                 reference = outputs
                 report.error = cmp.as_dict()
@@ -236,7 +239,7 @@ class PassManager:
                     f"  MACs {report.before['macs']}->{report.after['macs']}"
                     + (f"  err {report.error['max_rel']:.2e}" if report.error else ""))
             reports.append(report)
-            current = result
+            current, previous = result, model
         self.final_stats = stats
         self.final_outputs = reference
         return current, reports
