@@ -180,3 +180,46 @@ def test_vta_sim_reports_top1_on_labelled_data(mixed_artifact, tmp_path):
                              tmp_path / "d.npz", "--scale", "0.0039")
     assert code == 0, err
     assert "top-1 through the simulator" in out and "prediction agreement 100.00%" in out
+
+
+def _residual_model():
+    from onnx import TensorProto, helper
+    from vta_qdq import _Builder
+
+    b = _Builder(0)
+    rng = b.rng
+    _, xdq, ex = b.q("input", -4)
+    ew = rng.integers(-9, -7, 16)
+    y = b.node("Conv", [xdq, b.weight(rng.integers(-127, 128, (16, 16, 3, 3)), ew),
+                        b.bias(rng.integers(-3000, 3000, 16), ex + ew)],
+               kernel_shape=[3, 3], pads=[1] * 4)
+    _, ydq, _ = b.q(y, -3)
+    _, rdq, _ = b.q(b.node("Relu", [ydq]), -3)
+    _, adq, _ = b.q(b.node("Add", [rdq, xdq]), -2)                 # scales differ by 2
+    _, r2dq, _ = b.q(b.node("Relu", [adq]), -1)                    # ReLU at its own scale
+    b.nodes.append(helper.make_node("Identity", [r2dq], ["output"]))
+    g = helper.make_graph(b.nodes, "res", [helper.make_tensor_value_info(
+        "input", TensorProto.FLOAT, [2, 16, 6, 6])], [helper.make_tensor_value_info(
+            "output", TensorProto.FLOAT, [2, 16, 6, 6])], b.inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    return m
+
+
+def test_residual_add_on_vta_is_exact(tmp_path):
+    onnx.save(_residual_model(), tmp_path / "r.onnx")
+    for flag, where in (((), ["vta"]), (("--vta-residual",), ["vta", "vta"])):
+        code, _, err = run_cli("compress", tmp_path / "r.onnx", "--passes", "cleanup",
+                               "--target", "vta", *flag, "-o", tmp_path / "out")
+        assert code == 0, err
+        rep = json.loads((tmp_path / "out" / "report.json").read_text())["vta"]
+        assert [p["where"] for p in rep["placement"]] == where
+        assert rep["verification"]["max_abs_diff_vs_onnxruntime_basic"] == 0.0
+    assert rep["layers"][1]["kind"] == "add"
+    x = np.random.default_rng(0).standard_normal((2, 16, 6, 6)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    code, _, err = run_cli("vta-sim", tmp_path / "out", "--input", tmp_path / "x.npy",
+                           "--output", tmp_path / "y.npy")
+    assert code == 0, err
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"),
+                                  _ort_exact(tmp_path / "out" / "model.onnx", x))

@@ -9,7 +9,8 @@
    Runtime on the same quantized model, with the share of identical predictions.
 2. The same with a LOG_BLOCK 5 configuration (32×32 GEMM core), and with round-half-up
    requantisation (fewer ALU ops, no longer bit-exact with ONNX).
-3. ResNet-56 pruned (``prune --prune-ratio R``) with and without ``--prune-multiple 16``:
+3. ResNet-20 with ``--vta-residual`` (the residual Adds on VTA too): cycles per layer.
+4. ResNet-56 pruned (``prune --prune-ratio R``) with and without ``--prune-multiple 16``:
    simulated cycles and channel-padding waste, and their ratio.
 
 Cycles come from onnxc's cycle model (docs/vta.md), not from an FPGA.
@@ -129,6 +130,24 @@ def section_resnet20(args, tmp, shared):
                   f"{agree:.2f}%  (simulation {sim_s:.0f} s)")
 
 
+def section_residual(args, tmp, shared):
+    model = shared / "models" / "resnet20_cifar10.onnx"
+    train = shared / "data" / "cifar10" / "train.npz"
+    res = _compress(model, ["fold_bn", "int8"],
+                    {"pow2_scales": True, "vta_residual": True, "vta_clock_mhz": args.clock,
+                     "vta_verify_samples": 8}, train, args.calib, tmp / "r20_residual")
+    rep = res.report["vta"]
+    print("\n## ResNet-20 fold_bn,int8 --pow2-scales --target vta --vta-residual "
+          "(residual Adds on VTA as identity GEMMs)")
+    print(f"VTA {rep['describe']}; host conv/dense/add layers: {len(rep['host_layers'])}")
+    print(layer_table(rep, args.clock))
+    v = rep["verification"]
+    print(f"build check on {v['samples']} test images: layer runs bit-exact "
+          f"{v['layer_runs_bit_exact']}, max |diff| vs ONNX Runtime "
+          f"{v['max_abs_diff_vs_onnxruntime']:g} (default opt.), "
+          f"{v['max_abs_diff_vs_onnxruntime_basic']:g} (QDQ as written)")
+
+
 def section_prune(args, tmp, shared):
     model = shared / "models" / "resnet56_cifar10.onnx"
     train = shared / "data" / "cifar10" / "train.npz"
@@ -160,6 +179,8 @@ def main(argv=None) -> int:
     p.add_argument("--clock", type=float, default=100.0, help="VTA clock in MHz")
     p.add_argument("--prune-ratio", type=float, default=0.4)
     p.add_argument("--skip-prune", action="store_true")
+    p.add_argument("--only", choices=("resnet20", "residual", "prune"), default=None,
+                   help="run one section")
     p.add_argument("--skip-accuracy", action="store_true")
     args = p.parse_args(argv)
     shared = pathlib.Path(args.shared)
@@ -168,8 +189,11 @@ def main(argv=None) -> int:
         return 2
     with tempfile.TemporaryDirectory(prefix="bench_vta_") as tmp:
         tmp = pathlib.Path(tmp)
-        section_resnet20(args, tmp, shared)
-        if not args.skip_prune:
+        if args.only in (None, "resnet20"):
+            section_resnet20(args, tmp, shared)
+        if args.only in (None, "residual"):
+            section_residual(args, tmp, shared)
+        if args.only == "prune" or (args.only is None and not args.skip_prune):
             section_prune(args, tmp, shared)
     return 0
 

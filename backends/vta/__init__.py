@@ -61,15 +61,18 @@ def layer_report(prog, stats, cfg) -> dict:
 def totals(layers: list, cfg) -> dict:
     cyc = sum(r["cycles"] for r in layers)
     macs = sum(r["macs"] for r in layers)
-    padded = sum(r["padded_macs"] for r in layers)
+    # channel padding of conv/dense layers (a residual Add's identity blocks are not
+    # padding: they are reported per layer)
+    mm = [r for r in layers if r["kind"] != "add"]
+    padded = sum(r["padded_macs"] for r in mm)
     return {"layers": len(layers), "cycles": cyc, "latency_ms": round(cyc / cfg.CLOCK_MHZ / 1e3, 4),
             "macs": macs, "padded_macs": padded,
-            "padding_waste": round(1 - macs / max(padded, 1), 4),
+            "padding_waste": round(1 - sum(r["macs"] for r in mm) / max(padded, 1), 4),
             "gemm_utilization": round(macs / max(cyc * cfg.macs_per_cycle, 1), 4),
             "dram_bytes": sum(r["dram_bytes"] for r in layers)}
 
 
-def compile_graph(graph, cfg, log=lambda m: None):
+def compile_graph(graph, cfg, residual: bool = False):
     """Partition and lower ``graph`` (a copy is edited). Returns
     (host graph, programs, placement, layer reports)."""
     from .lower import lower
@@ -82,7 +85,7 @@ def compile_graph(graph, cfg, log=lambda m: None):
         return lower(layer, cfg)
 
     host = graph.copy()
-    layers, programs, placement = partition(host, accept)
+    layers, programs, placement = partition(host, accept, residual=residual)
     if not layers:
         reasons = sorted({p["reason"] for p in placement})
         if not placement:
@@ -112,6 +115,9 @@ class VtaBackend(Backend):
         Option("--vta-host", str, "onnx", "host partition: onnx (ONNX Runtime, evaluates "
                "the QDQ graph exactly) or a library per host segment compiled by the TVM "
                "x86/arm backend", choices=HOSTS),
+        Option("--vta-residual", None, None, "also run residual Adds (DQ + DQ -> Q) on "
+               "VTA, as a 1x1 GEMM with identity weights over both inputs",
+               action="store_true"),
         Option("--vta-verify-samples", int, 8, "samples simulated at build time to check "
                "the artifact against ONNX Runtime and the integer reference"),
     )
@@ -130,7 +136,8 @@ class VtaBackend(Backend):
         from .runtime import PROGRAM_FILE, VtaArtifact, save_layer
 
         cfg = config_from_options(ctx.options)
-        host, programs, placement, layer_reports = compile_graph(graph, cfg, ctx.log)
+        host, programs, placement, layer_reports = compile_graph(
+            graph, cfg, residual=bool(ctx.option("vta_residual", False)))
         vta_dir = os.path.join(out_dir, "vta")
         os.makedirs(vta_dir, exist_ok=True)
         _save_host(host, os.path.join(vta_dir, "host.onnx"))
@@ -169,7 +176,7 @@ class VtaBackend(Backend):
             gc.collect()
         report["vta"] = summary
         n_vta = sum(p["where"] == "vta" for p in placement)
-        ctx.log(f"  vta: {n_vta} of {len(placement)} conv/dense layers on VTA, "
+        ctx.log(f"  vta: {n_vta} of {len(placement)} layers on VTA, "
                 f"{summary['totals']['cycles']:,} cycles = "
                 f"{summary['totals']['latency_ms']:.3f} ms at {cfg.CLOCK_MHZ:g} MHz, GEMM "
                 f"utilisation {100 * summary['totals']['gemm_utilization']:.1f}%")

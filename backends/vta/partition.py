@@ -179,8 +179,20 @@ def match_layer(graph, node) -> tuple:
         if np.any(np.abs(bias) >= 1 << 31):
             raise _Reject("the bias does not fit int32 at the accumulator scale")
 
-    # ---- output: [Relu] -> Q [-> DQ -> Relu -> Q]
-    out = node.outputs[0]
+    stages, tail, y_q = _output_chain(graph, node.outputs[0], ex + ew, o)
+    removed += tail
+    layer = QLayer(node.name or "layer", "conv" if node.op == "Conv" else "dense", in_shape,
+                   np.ascontiguousarray(weight.astype(np.int8)), bias,
+                   stages[0][0].astype(np.int64), stride, pads, stages[0][1],
+                   input_name=x_q.name, output_name=y_q.name, notes=notes,
+                   extra_stages=[(np.asarray(s, np.int64), r) for s, r in stages[1:]])
+    return layer, removed, x_q, y_q
+
+
+def _output_chain(graph, out, acc_exp, o: int) -> tuple:
+    """Match ``[Relu] -> Q(s_y) [-> DQ -> Relu -> Q(s_r)]`` after a tensor at scale
+    2^acc_exp (per channel, [o]). Returns (stages [(shift[o], relu)], nodes, y_q)."""
+    removed = []
     relu = False
     nxt = _only_reader(graph, out)
     if nxt is not None and nxt.op == "Relu":
@@ -193,14 +205,14 @@ def match_layer(graph, node) -> tuple:
                       "(VTA stores int8 only)")
     ey, y_q = _q(graph, nxt, "the output")
     removed.append(nxt)
-    stages = [(ey - ex - ew, relu)]
+    stages = [(np.broadcast_to(ey - np.asarray(acc_exp, np.int64), (o,)).copy(), relu)]
     # a second stage: DQ -> Relu -> Q(s_r)
     dq2 = _only_reader(graph, y_q, "DequantizeLinear")
     if dq2 is not None and not relu:
         relu2 = _only_reader(graph, dq2.outputs[0], "Relu")
         q2 = _only_reader(graph, relu2.outputs[0], "QuantizeLinear") if relu2 else None
-        same_scale = dq2 is not None and np.array_equal(
-            graph.constant(dq2.inputs[1]), graph.constant(nxt.inputs[1])) and \
+        same_scale = np.array_equal(graph.constant(dq2.inputs[1]),
+                                    graph.constant(nxt.inputs[1])) and \
             (len(dq2.inputs) < 3 or np.all(graph.constant(dq2.inputs[2]) == 0))
         if q2 is not None and same_scale:
             try:
@@ -214,15 +226,44 @@ def match_layer(graph, node) -> tuple:
                     stages.append((np.full(o, er - ey, np.int64), True))
                 removed += [dq2, relu2, q2]
                 y_q = y2
-    layer = QLayer(node.name or "layer", "conv" if node.op == "Conv" else "dense", in_shape,
-                   np.ascontiguousarray(weight.astype(np.int8)), bias,
-                   stages[0][0].astype(np.int64), stride, pads, stages[0][1],
-                   input_name=x_q.name, output_name=y_q.name, notes=notes,
-                   extra_stages=[(np.asarray(s, np.int64), r) for s, r in stages[1:]])
-    return layer, removed, x_q, y_q
+    return stages, removed, y_q
 
 
-def partition(graph, accept=None) -> tuple:
+def match_add(graph, node) -> tuple:
+    """A residual ``DQ(a) + DQ(b) -> Q`` as a VTA layer: a 1×1 GEMM over the channel
+    concatenation [a, b] with weights 2^da·I and 2^db·I that brings both to the finer
+    scale, then the usual requantisation. Same return as :func:`match_layer`."""
+    qs, exps = [], []
+    for k, t in enumerate(node.inputs[:2]):
+        codes, scale, _, dq = _dq(graph, t, f"Add input {k}")
+        if codes is not None:
+            raise _Reject("an Add with a constant input")
+        if np.size(scale) != 1:
+            raise _Reject("an Add input quantized per channel")
+        qs.append(dq.inputs[0])
+        exps.append(int(_pow2_exponent(scale, f"Add input {k}")[0]))
+    shapes = [q.shape for q in qs]
+    if any(sh is None or len(sh) != 4 for sh in shapes) or list(shapes[0][1:]) != \
+            list(shapes[1][1:]) or any(not isinstance(d, (int, np.integer))
+                                       for d in shapes[0][1:]):
+        raise _Reject("the Add inputs are not two N×C×H×W tensors of one static shape")
+    _, c, h, w = (int(d) if isinstance(d, (int, np.integer)) else 1 for d in shapes[0])
+    e0 = min(exps)
+    d = [e - e0 for e in exps]
+    if max(d) > 6:
+        raise _Reject("the Add input scales differ by more than 2^6 (int8 identity weights)")
+    weight = np.zeros((c, 2 * c, 1, 1), np.int8)
+    weight[np.arange(c), np.arange(c)] = 1 << d[0]
+    weight[np.arange(c), c + np.arange(c)] = 1 << d[1]
+    stages, removed, y_q = _output_chain(graph, node.outputs[0], e0, c)
+    layer = QLayer(node.name or "add", "add", (1, 2 * c, h, w), weight,
+                   np.zeros(c, np.int64), stages[0][0], relu=stages[0][1],
+                   input_name=qs[0].name, output_name=y_q.name,
+                   extra_stages=stages[1:], concat_inputs=[q.name for q in qs])
+    return layer, [node] + removed, qs, y_q
+
+
+def partition(graph, accept=None, residual: bool = False) -> tuple:
     """Split ``graph`` (an onnxc IR Graph, edited in place) into host and VTA parts.
 
     ``accept(layer)`` (optional) compiles a matched layer and returns the result, or
@@ -236,10 +277,13 @@ def partition(graph, accept=None) -> tuple:
 
     layers, results, placement = [], [], []
     for node in list(graph.nodes):
-        if node.op not in LAYER_OPS:
+        if node.op not in LAYER_OPS and not (residual and node.op == "Add"):
             continue
         try:
-            layer, removed, x_q, y_q = match_layer(graph, node)
+            if node.op == "Add":
+                layer, removed, x_q, y_q = match_add(graph, node)
+            else:
+                layer, removed, x_q, y_q = match_layer(graph, node)
             results.append(accept(layer) if accept else None)
         except (_Reject, UnsupportedError) as exc:
             placement.append({"node": node.name, "op": node.op, "where": "host",
@@ -256,7 +300,8 @@ def partition(graph, accept=None) -> tuple:
         for n in removed[1:]:
             n.inputs.clear()
         vnode = gs.Node(OP, name=f"vta_{idx}_{node.name}", domain=DOMAIN,
-                        attrs={"layer": idx}, inputs=[x_q], outputs=[y_q])
+                        attrs={"layer": idx}, inputs=x_q if isinstance(x_q, list) else [x_q],
+                        outputs=[y_q])
         graph.gs.nodes.append(vnode)
     graph.gs.cleanup(remove_unused_graph_inputs=False).toposort()
     return layers, results, placement

@@ -31,6 +31,8 @@ class QLayer:
     # Further requantisation stages [(shift[O], relu)] applied to the int8 result, e.g.
     # Q(s_y) -> DQ -> Relu -> Q(s_r) becomes (s_r/s_y as a shift, relu=True).
     extra_stages: list = field(default_factory=list)
+    # kind "add": the input is the channel concatenation of these tensors (same shape)
+    concat_inputs: list = field(default_factory=list)
 
     @property
     def stages(self) -> list:
@@ -56,6 +58,8 @@ class QLayer:
     @property
     def macs(self) -> int:
         n, o, oh, ow = self.out_shape
+        if self.kind == "add":        # one useful multiply-add per element and input
+            return int(n * o * oh * ow * len(self.concat_inputs))
         _, c, kh, kw = self.weight.shape
         return int(n * o * oh * ow * c * kh * kw)
 

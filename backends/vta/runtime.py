@@ -46,7 +46,8 @@ def save_layer(prog: Program, vta_dir: str, idx: int) -> dict:
             "out_shape": list(layer.out_shape), "stride": list(layer.stride),
             "pads": list(layer.pads), "regions": {k: list(v) for k, v in prog.regions.items()},
             "dram_bytes": int(len(prog.dram)), "tiling": prog.tiling.as_dict(),
-            "files": files, "notes": layer.notes, "info": prog.info}
+            "files": files, "notes": layer.notes, "info": prog.info,
+            "concat_inputs": list(layer.concat_inputs)}
 
 
 def load_layer(vta_dir: str, entry: dict, cfg: VtaConfig) -> Program:
@@ -58,7 +59,8 @@ def load_layer(vta_dir: str, entry: dict, cfg: VtaConfig) -> Program:
         layer = QLayer(entry["name"], entry["kind"], tuple(entry["in_shape"]),
                        data["weight"], data["bias"], data["shift"], tuple(entry["stride"]),
                        tuple(entry["pads"]), stages[0][1], entry["input"], entry["output"],
-                       list(entry.get("notes", [])), extra_stages=stages[1:])
+                       list(entry.get("notes", [])), extra_stages=stages[1:],
+                       concat_inputs=list(entry.get("concat_inputs", [])))
         with open(os.path.join(vta_dir, files["insn"]), "rb") as f:
             insns = isa.decode_stream(f.read(), cfg)
         dram = np.zeros(entry["dram_bytes"], np.uint8)
@@ -154,8 +156,9 @@ class VtaArtifact:
                 env.update(zip(out_names, outs))
             else:
                 prog = self.programs[item]
-                y, self.layer_stats[item] = prog.run(env[prog.layer.input_name],
-                                                     schedule=schedule)
+                names = prog.layer.concat_inputs or [prog.layer.input_name]
+                x = np.concatenate([env[n] for n in names], axis=1)   # [N, ΣC, H, W]
+                y, self.layer_stats[item] = prog.run(x, schedule=schedule)
                 env[prog.layer.output_name] = y
         return [env[o["name"]] for o in self.outputs]
 
