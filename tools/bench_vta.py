@@ -1,7 +1,7 @@
 """VTA benchmark (issue 7): prints every figure the issue's "Must show" lists.
 
     python tools/bench_vta.py [--shared ../shared] [--samples 509] [--calib 256]
-                              [--clock 100] [--skip-prune]
+                              [--clock 100] [--skip-prune] [--only SECTION]
 
 1. ResNet-20 ``fold_bn,int8 --pow2-scales --target vta`` with the default VTA
    configuration (BLOCK 16): per-layer cycles, GEMM utilisation, DRAM bytes and latency
