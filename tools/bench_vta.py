@@ -142,7 +142,7 @@ def section_residual(args, tmp, shared):
     print(f"VTA {rep['describe']}; host conv/dense/add layers: {len(rep['host_layers'])}")
     print(layer_table(rep, args.clock))
     v = rep["verification"]
-    print(f"build check on {v['samples']} test images: layer runs bit-exact "
+    print(f"build check on {v['samples']} calibration images: layer runs bit-exact "
           f"{v['layer_runs_bit_exact']}, max |diff| vs ONNX Runtime "
           f"{v['max_abs_diff_vs_onnxruntime']:g} (default opt.), "
           f"{v['max_abs_diff_vs_onnxruntime_basic']:g} (QDQ as written)")
