@@ -172,7 +172,8 @@ def thinet_prune(graph, dg, groups, counts, dataset, ctx, report, legal=None):
         live = {id(layer): layer for g in chunk for layer in mine[g.gid] if layer.refit}
         _collect_inputs(graph, dataset, list(live.values()))
         for g in chunk:
-            chosen = _select(dg, g, counts, [layer for layer in mine[g.gid] if layer.refit])
+            chosen = _select_ls(dg, g, counts, [la for la in mine[g.gid] if la.refit],
+                                removed)
             removed[chosen] = True
             if legal is not None:      # e.g. equal per-group counts of grouped convs
                 removed = legal(removed)
@@ -244,6 +245,64 @@ def _select(dg, g, counts, live) -> np.ndarray:
             picked[best] = True
             acc += gram[best]
             chosen.append(int(cls[best]))
+    return np.array(chosen, np.int64)
+
+
+def _select_ls(dg, g, counts, live, removed) -> np.ndarray:
+    """Backward elimination aware of the re-fit: remove, one at a time, the class whose
+    features raise the consumers' least-squares residual least.
+
+    With A = XᵀX + λI over a consumer's alive features, β = A⁻¹XᵀY and S = A⁻¹,
+    dropping feature block I raises the residual by tr(β_Iᵀ S_II⁻¹ β_I); afterwards
+    S ← S − S_:I S_II⁻¹ S_I: and β ← β − S_:I S_II⁻¹ β_I (the block-downdate that
+    re-solves without I).
+    """
+    states = []
+    for layer in live:
+        lab = dg.label[layer.slots]
+        alive = np.flatnonzero(~removed[lab])
+        k = layer.w.shape[2]
+        x = layer.x[:, alive, :].reshape(len(layer.x), -1)                  # (S, F)
+        if x.shape[1] + 1 > 0.8 * len(x):
+            continue
+        a = np.concatenate([x, np.ones((len(x), 1))], 1)
+        ata = a.T @ a
+        lam = RIDGE * float(np.mean(np.diag(ata))) + 1e-12
+        inv = np.linalg.inv(ata + lam * np.eye(len(ata)))
+        beta = inv @ (a.T @ layer.y)                                         # (F+1, O)
+        feats = {}                 # class -> feature indices in this layer's system
+        for j, p in enumerate(alive):
+            feats.setdefault(int(lab[p]), []).extend(range(j * k, (j + 1) * k))
+        states.append([inv, beta, {c: np.array(f) for c, f in feats.items()}])
+    if not states:
+        return _select(dg, g, counts, live)
+
+    def cost(c):
+        total = 0.0
+        for inv, beta, feats in states:
+            f = feats.get(c)
+            if f is None:
+                continue
+            m = inv[np.ix_(f, f)]
+            total += float(np.sum(beta[f] * np.linalg.solve(m, beta[f])))
+        return total
+
+    chosen = []
+    for sg in g.subgroups:
+        left = [int(c) for c in sg]
+        for _ in range(counts[id(sg)]):
+            best = min(left, key=cost)
+            left.remove(best)
+            chosen.append(best)
+            for st in states:
+                inv, beta, feats = st
+                f = feats.pop(best, None)
+                if f is None:
+                    continue
+                m_inv = np.linalg.inv(inv[np.ix_(f, f)])
+                col = inv[:, f]                                             # (F+1, |f|)
+                st[1] = beta - col @ (m_inv @ beta[f])
+                st[0] = inv - col @ m_inv @ col.T
     return np.array(chosen, np.int64)
 
 
