@@ -201,3 +201,18 @@ def cp_reconstruct(a, b, kh, kw) -> np.ndarray:
 def relative_error(w: np.ndarray, approx: np.ndarray) -> float:
     norm = float(np.linalg.norm(w))
     return float(np.linalg.norm(np.asarray(w, np.float64) - approx)) / max(norm, 1e-30)
+
+
+def ridge_fit(x: np.ndarray, y: np.ndarray, ridge: float = 1e-3):
+    """min ‖x·m + c − y‖² + λ‖m‖² with λ = ridge·mean feature power; x n×d, y n×k.
+
+    Returns (m d×k, c k). Centring first makes the bias exact and unpenalised.
+    """
+    x = np.asarray(x, np.float64)
+    y = np.asarray(y, np.float64)
+    x_mean, y_mean = x.mean(axis=0), y.mean(axis=0)
+    xc, yc = x - x_mean, y - y_mean
+    gram = xc.T @ xc                                                    # d × d
+    lam = ridge * max(np.trace(gram) / max(len(gram), 1), 1e-30)
+    m = np.linalg.solve(gram + lam * np.eye(len(gram)), xc.T @ yc)      # d × k
+    return m, y_mean - x_mean @ m

@@ -30,7 +30,8 @@ import onnx_graphsurgeon as gs
 from onnxc.errors import UnsupportedError, UsageError
 from onnxc.pipeline import Option, Pass, register_pass
 
-RIDGE = 1e-3            # ridge = RIDGE × mean feature power: keeps the fit well posed
+from ._lowrank_math import ridge_fit
+
 _ACTIVATIONS = {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Clip", "Elu"}
 _FINAL = {"Softmax", "LogSoftmax"}
 
@@ -283,13 +284,13 @@ class GlobalAveragePoolHead(Pass):
         logits = acts[fcs[-1].nodes[-1].outputs[0].name].reshape(len(g), -1)
         logits = logits.astype(np.float64)                      # n × classes
         if collapse or len(fcs) == 1:
-            m, c = _ridge_fit(g, logits)
+            m, c = ridge_fit(g, logits)
             last = len(head.steps) - 1 - [s.kind for s in head.steps][::-1].index("fc")
             steps = [Step("fc", fcs[0].nodes, m=m, c=c)] + head.steps[last + 1:]
         else:
             # First FC: match its own outputs (pre-activation) from the pooled features.
             target = acts[fcs[0].nodes[-1].outputs[0].name].astype(np.float64)
-            m, c = _ridge_fit(g, target.reshape(len(g), -1))
+            m, c = ridge_fit(g, target.reshape(len(g), -1))
             first = Step("fc", fcs[0].nodes, m=m, c=c)
             steps = [first if s is fcs[0] else s for s in head.steps]
             # Last FC: refit on the new penultimate activations so the logits match
@@ -298,7 +299,7 @@ class GlobalAveragePoolHead(Pass):
             h = g
             for s in steps[:last]:
                 h = s.apply(h)
-            m, c = _ridge_fit(h, logits)
+            m, c = ridge_fit(h, logits)
             steps[last] = Step("fc", steps[last].nodes, m=m, c=c)
         new_logits = g
         for s in steps:
@@ -376,17 +377,6 @@ def _fc_step(graph, node, x, width):
     if m.shape[0] != width:
         return f"{node.op} '{node.name}' expects {m.shape[0]} inputs, gets {width}"
     return Step("fc", [node], m=m, c=c)
-
-
-def _ridge_fit(x, y):
-    """min ‖[x 1]·[m; c] − y‖² + λ‖m‖², λ = RIDGE·mean feature power; x n×d, y n×k."""
-    x_mean = x.mean(axis=0)
-    y_mean = y.mean(axis=0)
-    xc, yc = x - x_mean, y - y_mean            # centring fits the bias exactly
-    gram = xc.T @ xc                            # d × d
-    lam = RIDGE * max(np.trace(gram) / max(len(gram), 1), 1e-30)
-    m = np.linalg.solve(gram + lam * np.eye(len(gram)), xc.T @ yc)     # d × k
-    return m, y_mean - x_mean @ m
 
 
 def _compose_linear(steps) -> list:

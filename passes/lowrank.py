@@ -19,6 +19,10 @@
   ``--lowrank-rank R`` (fixed, capped per layer) or ``--lowrank-vbmf`` (empirical VBMF
   on the unfoldings, as Kim et al.).
 
+With ``--lowrank-data-aware``, Tucker-2 and CP splits also refit their last 1×1 stage
+(and bias) by least squares so each split conv reproduces the original conv's outputs on
+calibration activations.
+
 A layer is split only when that saves MACs (``--lowrank-force`` splits anyway, e.g. to
 check exactness at full rank). Grouped convolutions, 1-D/3-D convolutions, transposed
 inputs and non-constant weights are skipped and reported.
@@ -42,6 +46,10 @@ DEFAULT_ALS_ITERS = {"tucker2": 10, "cp": 50}
 # Rows of 1×1-conv input activations kept for a data-aware fit (pixels are many and
 # strongly correlated; this many estimate a C × C second moment well).
 MAX_PIXEL_ROWS = 50_000
+# Data-aware k×k conv splits refit their last 1×1 stage on this many calibration images,
+# fetching activations for this many layers per ONNX Runtime run (bounds memory).
+CONV_REFIT_SAMPLES = 128
+CONV_REFIT_CHUNK = 8
 
 
 # ----------------------------------------------------------------------------------------
@@ -155,7 +163,8 @@ class LowRank(Pass):
         Option("--lowrank-vbmf", action="store_true",
                help="choose ranks by empirical VBMF (svd, tucker2)"),
         Option("--lowrank-data-aware", action="store_true",
-               help="fit FC and 1x1-conv splits on calibration activations (--calib-data)"),
+               help="use calibration activations (--calib-data): whitened SVD for FC and "
+                    "1x1 layers; Tucker-2/CP refit their last 1x1 to the conv's outputs"),
         Option("--lowrank-samples", int, 256,
                help="calibration samples for --lowrank-data-aware"),
         Option("--lowrank-als-iters", int, None,
@@ -242,8 +251,13 @@ class LowRank(Pass):
         if not layers:
             raise UnsupportedError("lowrank: no eligible layer (Conv/Gemm/MatMul with a "
                                    "constant weight)" + _skip_summary(report))
+        data = None
         if cfg["data_aware"]:
-            self._whiten(graph, ctx, layers, report)
+            n = cfg["samples"]
+            if ctx.calibration is not None:
+                n = min(n, len(ctx.calibration))
+            data = ctx.calibration_data(graph, n)
+            self._whiten(graph, ctx, layers, report, data)
         self._spectra(layers)
         chosen = self._choose_ranks(layers, cfg, report)
         if not chosen:
@@ -251,9 +265,15 @@ class LowRank(Pass):
                                    f"chosen ranks ({_rule_text(cfg)})"
                                    + _skip_summary(report))
         # Every check is done: only now is the graph edited.
+        refit = [l for l in chosen if data is not None and l.kind == "conv"
+                 and l.method != "svd"]
+        original = graph.copy() if refit else None
         rows = []
-        for layer in chosen:
-            rows.append(self._split(graph, layer, cfg, ctx))
+        for start in range(0, len(chosen), CONV_REFIT_CHUNK):
+            chunk = chosen[start:start + CONV_REFIT_CHUNK]
+            self._conv_activations(original, [l for l in chunk if l in refit], data)
+            for layer in chunk:
+                rows.append(self._split(graph, layer, cfg, ctx))
         self._report(report, layers, chosen, rows, cfg)
         return graph
 
@@ -358,20 +378,31 @@ class LowRank(Pass):
                      rows=out_px, in_pixels=in_px, mid_pixels=mid_px, info=info)
 
     # -- data-aware: calibration inputs of FC / 1×1 layers -------------------------------
-    def _whiten(self, graph, ctx, layers, report) -> None:
+    def _conv_activations(self, original, layers, data) -> None:
+        """Inputs and outputs of k×k convs (on the unedited graph) for the last-stage refit;
+        fetched a chunk of layers at a time to bound memory."""
+        from ._activations import collect
+
+        if not layers:
+            return
+        data = data.take(min(len(data), CONV_REFIT_SAMPLES))
+        acts = collect(original, [t for l in layers
+                                  for t in (l.node.inputs[0].name, l.node.outputs[0].name)],
+                       data)
+        for layer in layers:
+            layer.info["x"] = acts[layer.node.inputs[0].name]
+            layer.info["y"] = acts[layer.node.outputs[0].name]
+
+    def _whiten(self, graph, ctx, layers, report, data) -> None:
         from ._activations import collect
 
         targets = [l for l in layers if l.method == "svd" and l.kind in ("fc", "conv1x1")]
-        skipped = [l for l in layers if l not in targets]
-        if skipped:
-            report.note(f"data-aware fit applies to FC and 1x1 layers; {len(skipped)} "
-                        f"other layer(s) use the data-free decomposition")
+        plain = [l for l in layers if l.method == "svd" and l.kind == "conv"]
+        if plain:
+            report.note(f"data-aware fit does not cover the svd split of k×k convs; "
+                        f"{len(plain)} layer(s) use the data-free decomposition")
         if not targets:
             return
-        n = ctx.option("lowrank_samples", 256)
-        if ctx.calibration is not None:
-            n = min(int(n), len(ctx.calibration))
-        data = ctx.calibration_data(graph, int(n))
         acts = collect(graph, [l.node.inputs[0].name for l in targets], data)
         rng = ctx.rng(4)
         for layer in targets:
@@ -480,11 +511,9 @@ class LowRank(Pass):
             core, u_out, u_in = lm.tucker2(layer.weight, r_out, r_in, iters)
             err = lm.relative_error(layer.weight, lm.tucker2_reconstruct(core, u_out, u_in))
             n, c = layer.weight.shape[:2]
-            self._conv_chain(graph, layer, [
-                (u_in.T.reshape(r_in, c, 1, 1), {}),
-                (core, _geometry(layer.node.attrs)),
-                (u_out.reshape(n, r_out, 1, 1), {}),
-            ])
+            stages = [(u_in.T.reshape(r_in, c, 1, 1), {}),
+                      (core, _geometry(layer.node.attrs)),
+                      (u_out.reshape(n, r_out, 1, 1), {})]
         else:
             (r,) = layer.ranks
             iters = DEFAULT_ALS_ITERS["cp"] if iters is None else iters
@@ -492,12 +521,15 @@ class LowRank(Pass):
             err = lm.relative_error(layer.weight, lm.cp_reconstruct(a, b, kh, kw))
             n, c, h, w = layer.weight.shape
             geo_h, geo_w = _separable_geometry(layer.node.attrs)
-            self._conv_chain(graph, layer, [
-                (b.T.reshape(r, c, 1, 1), {}),
-                (kh.T.reshape(r, 1, h, 1), {**geo_h, "group": r}),
-                (kw.T.reshape(r, 1, 1, w), {**geo_w, "group": r}),
-                (a.reshape(n, r, 1, 1), {}),
-            ])
+            stages = [(b.T.reshape(r, c, 1, 1), {}),
+                      (kh.T.reshape(r, 1, h, 1), {**geo_h, "group": r}),
+                      (kw.T.reshape(r, 1, 1, w), {**geo_w, "group": r}),
+                      (a.reshape(n, r, 1, 1), {})]
+        if layer.method != "svd":
+            bias = layer.bias
+            if "x" in layer.info:
+                stages, bias = _refit_last_stage(stages, layer, ctx)
+            self._conv_chain(graph, layer, stages, bias)
         macs, params = layer.cost(layer.ranks)
         row = {"node": layer.name, "op": layer.node.op, "method": layer.method,
                "ranks": list(layer.ranks), "macs_before": layer.macs, "macs_after": macs,
@@ -505,6 +537,10 @@ class LowRank(Pass):
                "weight_rel_error": round(err, 6)}
         if layer.info.get("data_aware"):
             row["data_aware"] = True
+        if "refit_rel_error" in layer.info:
+            row["data_aware"] = True
+            row["output_rel_error_before_refit"] = layer.info["plain_rel_error"]
+            row["output_rel_error"] = layer.info["refit_rel_error"]
         return row
 
     def _rewrite_fc(self, graph, layer, a, b) -> None:
@@ -549,10 +585,10 @@ class LowRank(Pass):
         self._conv_chain(graph, layer, [
             (a.T.reshape(r, c, kh, kw), _geometry(layer.node.attrs)),
             (b.T.reshape(n, r, 1, 1), {}),
-        ])
+        ], layer.bias)
 
-    def _conv_chain(self, graph, layer, stages) -> None:
-        """Replace the conv by convs ``stages`` = [(weight, attrs)]; the bias goes last."""
+    def _conv_chain(self, graph, layer, stages, bias) -> None:
+        """Replace the conv by convs ``stages`` = [(weight, attrs)]; ``bias`` goes last."""
         node, dtype = layer.node, layer.info["dtype"]
         x, y = node.inputs[0], node.outputs[0]
         current = x
@@ -564,9 +600,9 @@ class LowRank(Pass):
                                                      dtype=y.dtype or np.float32)
             inputs = [current, graph.make_constant(f"{node.name}_lr_{suffix}_w",
                                                    np.asarray(weight).astype(dtype))]
-            if last and layer.bias is not None:
+            if last and bias is not None:
                 inputs.append(graph.make_constant(f"{node.name}_lr_{suffix}_b",
-                                                  layer.bias.astype(dtype)))
+                                                  np.asarray(bias).astype(dtype)))
             attrs = {"kernel_shape": list(np.shape(weight)[2:]), **attrs}
             new_nodes.append(gs.Node("Conv", graph.unique_name(f"{node.name}_lr_{suffix}"),
                                      attrs=attrs, inputs=inputs, outputs=[out]))
@@ -621,6 +657,49 @@ def _separable_geometry(attrs) -> tuple[dict, dict]:
         h["pads"] = [pads[0], 0, pads[2], 0]
         w["pads"] = [0, pads[1], 0, pads[3]]
     return h, w
+
+
+def _refit_last_stage(stages, layer, ctx):
+    """Data-aware conv split: keep the first stages, refit the last 1×1 (R -> N) and the
+    bias by least squares so the split layer's output matches the original conv's output
+    on calibration activations (per pixel: y ≈ a·z + b, z = the first stages' output)."""
+    x, y = layer.info.pop("x"), layer.info.pop("y")          # n × C × H × W, n × N × Ho × Wo
+    z = _run_stages(stages[:-1], x)                          # n × R × Ho × Wo
+    r, n_out = z.shape[1], y.shape[1]
+    z_rows = np.moveaxis(z, 1, -1).reshape(-1, r)
+    y_rows = np.moveaxis(y, 1, -1).reshape(-1, n_out)
+    if len(z_rows) > MAX_PIXEL_ROWS:
+        pick = ctx.rng(5).choice(len(z_rows), MAX_PIXEL_ROWS, replace=False)
+        z_rows, y_rows = z_rows[pick], y_rows[pick]
+    old = stages[-1][0].reshape(n_out, r)
+    bias0 = np.zeros(n_out) if layer.bias is None else np.asarray(layer.bias, np.float64)
+    m, c = lm.ridge_fit(z_rows, y_rows, ridge=1e-6)          # R × N, N
+    norm = max(float(np.linalg.norm(y_rows)), 1e-30)
+    layer.info["plain_rel_error"] = round(float(
+        np.linalg.norm(z_rows @ old.T + bias0 - y_rows)) / norm, 5)
+    layer.info["refit_rel_error"] = round(float(
+        np.linalg.norm(z_rows @ m + c - y_rows)) / norm, 5)
+    return stages[:-1] + [(m.T.reshape(n_out, r, 1, 1), stages[-1][1])], c
+
+
+def _run_stages(stages, x: np.ndarray) -> np.ndarray:
+    """Run a chain of convs ``[(weight, attrs)]`` on x with ONNX Runtime."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxc.verify import Runner
+
+    nodes, inits, current = [], [], "x"
+    for i, (weight, attrs) in enumerate(stages):
+        inits.append(numpy_helper.from_array(np.asarray(weight, np.float32), f"w{i}"))
+        attrs = {"kernel_shape": list(np.shape(weight)[2:]), **attrs}
+        nodes.append(helper.make_node("Conv", [current, f"w{i}"], [f"z{i}"], **attrs))
+        current = f"z{i}"
+    graph = helper.make_graph(
+        nodes, "stages", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                        ["N"] + list(x.shape[1:]))],
+        [helper.make_tensor_value_info(current, TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    return Runner(model).run({"x": np.asarray(x, np.float32)})[0]
 
 
 def _rule_text(cfg) -> str:
