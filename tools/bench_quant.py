@@ -182,9 +182,9 @@ def int8_section(shared, reps):
         print(f"ORT latency bs {bs:>2} (2 threads, {n} interleaved reps): median fp32 "
               f"{1e3 * med['fp32']:.1f} ms, onnxc int8 {1e3 * med['onnxc']:.1f} ms, "
               f"quantize_static {1e3 * med['ort']:.1f} ms -> speed-up fp32/int8 onnxc "
-              f"{med['fp32'] / med['onnxc']:.2f}x, ORT {med['fp32'] / med['ort']:.2f}x; "
-              f"best-of-{n}: onnxc {best['fp32'] / best['onnxc']:.2f}x, "
-              f"ORT {best['fp32'] / best['ort']:.2f}x")
+              f"{med['fp32'] / med['onnxc']:.2f}x, ORT {med['fp32'] / med['ort']:.2f}x"
+              + (f"; best-of-{n}: onnxc {best['fp32'] / best['onnxc']:.2f}x, "
+                 f"ORT {best['fp32'] / best['ort']:.2f}x" if bs > 1 else ""))
     print(f"(machine load average during the run: {os.getloadavg()[0]:.1f} on "
           f"{os.cpu_count()} cores)")
 
