@@ -145,7 +145,7 @@ def resolve(preset: str, options: dict) -> TargetSpec:
         if custom is not None and custom.get("kind") != "cuda":
             raise UsageError(f"--target cuda with --target-json of kind "
                              f"'{custom['kind']}': use --target x86 or arm for CPU targets")
-        return _check_compiler(spec, cross_cc)
+        return _check_compiler(spec, cross_cc or "g++", bool(cross_cc))
 
     if preset == "arm":
         target = custom or {"kind": "llvm", "mtriple": "aarch64-linux-gnu",
@@ -156,7 +156,7 @@ def resolve(preset: str, options: dict) -> TargetSpec:
         arch = triple.split("-")[0]
         spec = TargetSpec("arm", target, arch=arch,
                           compiler=find_compiler(cross_cc or CROSS_COMPILERS.get(arch)))
-        return _check_compiler(spec, cross_cc or CROSS_COMPILERS.get(arch))
+        return _check_compiler(spec, cross_cc or CROSS_COMPILERS.get(arch), bool(cross_cc))
 
     if preset == "x86":
         if custom is not None:
@@ -170,14 +170,14 @@ def resolve(preset: str, options: dict) -> TargetSpec:
         default_cc = "g++" if arch == here else CROSS_COMPILERS.get(arch)
         spec = TargetSpec("x86", target, arch=arch,
                           compiler=find_compiler(cross_cc or default_cc))
-        return _check_compiler(spec, cross_cc or default_cc)
+        return _check_compiler(spec, cross_cc or default_cc, bool(cross_cc))
     raise UsageError(f"unknown TVM target preset '{preset}'")
 
 
-def _check_compiler(spec: TargetSpec, wanted: str | None) -> TargetSpec:
+def _check_compiler(spec: TargetSpec, wanted: str | None, explicit: bool) -> TargetSpec:
+    """An explicit --cross-cc must exist; a missing default cross compiler means .tar."""
     if spec.compiler is not None:
         return spec
-    explicit = wanted is not None and wanted not in CROSS_COMPILERS.values()
     if explicit:
         raise BackendError(f"cross compiler '{wanted}' not found (not on PATH and not an "
                            f"executable file)")

@@ -61,11 +61,9 @@ def check_tracker(host: str, port: int, key: str) -> None:
     except Exception as exc:
         raise BackendError(f"cannot reach the RPC tracker at {host}:{port}: "
                            f"{T._first_line(exc)}") from None
-    keys = {q.get("key") if isinstance(q, dict) else None for q in summary.get("queue_info", {})}
-    keys |= set(summary.get("queue_info", {}).keys()) if isinstance(
-        summary.get("queue_info"), dict) else set()
-    servers = summary.get("server_info", [])
-    names = {str(s.get("key", "")).split(":")[-1] for s in servers} | {k for k in keys if k}
+    # summary(): {"server_info": [{"key": "server:KEY", ...}], "queue_info": {KEY: {...}}}
+    names = {str(s.get("key", "")).split(":")[-1] for s in summary.get("server_info", [])}
+    names |= set(summary.get("queue_info", {}) or {})
     if key not in names:
         raise BackendError(f"no RPC server registered under key '{key}' at tracker "
                            f"{host}:{port} (keys: {', '.join(sorted(names)) or 'none'})")
