@@ -189,6 +189,11 @@ def tune(mod, target, spec, trials: int, options: dict, log):
         raise UsageError(f"--tune-db {db_dir} is not writable")
     runner, runner_name = _runner(spec, options)
 
+    # MetaSchedule's console handler takes this logger's level: keep its INFO chatter
+    # (schedules, tables) in <tune-db>/logs and show onnxc's progress lines instead.
+    import logging
+
+    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
     with target:
         mod = tvm.transform.Sequential([
             relax.transform.DecomposeOpsForInference(),
