@@ -223,3 +223,15 @@ def test_residual_add_on_vta_is_exact(tmp_path):
     assert code == 0, err
     np.testing.assert_array_equal(np.load(tmp_path / "y.npy"),
                                   _ort_exact(tmp_path / "out" / "model.onnx", x))
+
+
+def test_loaded_artifact_offers_the_runner_interface(mixed_artifact):
+    from onnxc.backends.vta.runtime import load_artifact
+
+    art = load_artifact(mixed_artifact / "out")
+    feeds = art.random_inputs(seed=1)
+    assert list(feeds) == [i["name"] for i in art.inputs] == ["input"]
+    outs = art.run(feeds)
+    assert [o["name"] for o in art.outputs] == ["output"] and outs[0].shape == (1, 10)
+    np.testing.assert_array_equal(outs[0], _ort_exact(mixed_artifact / "out" / "model.onnx",
+                                                      feeds["input"]))

@@ -121,6 +121,18 @@ class VtaArtifact:
             self.plan.append(("host", (runner or _ort_runner(model), needed, outs)))
         self.layer_stats: list = [None] * len(self.programs)
 
+    device = "vta-sim"
+
+    def random_inputs(self, seed: int = 0) -> dict:
+        """Seeded inputs of the compiled shape (symbolic batch -> 1), as the TVM
+        backend's artifacts offer, so the same runner/bench code can drive both."""
+        rng = np.random.default_rng(seed)
+        feeds = {}
+        for spec in self.inputs:
+            shape = [d if isinstance(d, int) and d > 0 else 1 for d in spec["shape"]]
+            feeds[spec["name"]] = rng.standard_normal(shape).astype(spec["dtype"])
+        return feeds
+
     def qdq_model(self) -> onnx.ModelProto:
         """The quantized model the artifact was compiled from (for comparisons)."""
         return onnx.load(os.path.join(self.path, "model.onnx"))
