@@ -172,12 +172,14 @@ def cp_als(w: np.ndarray, rank: int, iters: int = 50, seed: int = 0):
             extra = rng.standard_normal((w.shape[mode], rank - u.shape[1]))
             u = np.concatenate([u, extra / np.linalg.norm(extra, axis=0)], axis=1)
         factors.append(u)
-    specs = ["nckl,cr,kr,lr->nr", "nckl,nr,kr,lr->cr", "nckl,nr,cr,lr->kr",
-             "nckl,nr,cr,kr->lr"]
+    unfolded = [unfold(w, mode) for mode in range(4)]
     for _ in range(max(iters, 1)):
         for mode in range(4):
             others = [f for i, f in enumerate(factors) if i != mode]
-            mttkrp = np.einsum(specs[mode], w, *others, optimize=True)   # dim × R
+            # MTTKRP: unfolding (dim × rest) · Khatri-Rao of the other factors (rest × R);
+            # the rest axes keep their order, flattened with the last fastest.
+            kr = np.einsum("ir,jr,kr->ijkr", *others).reshape(-1, rank)
+            mttkrp = unfolded[mode] @ kr                                 # dim × R
             gram = np.ones((rank, rank))
             for f in others:
                 gram *= f.T @ f                                          # R × R (Hadamard)
