@@ -61,12 +61,12 @@ class CompiledModel:
                 f"vm = relax.VirtualMachine(tvm.runtime.load_module('{name}'), {dev})\n"
                 f"y = vm['main'](tvm.runtime.tensor(x, device={dev})).numpy()")
         if not self.linked:
-            load = (f"# first link the objects on the device: see LINK.txt\n"
+            load = ("# first link the objects on the device: see LINK.txt\n"
                     + load.replace(name, LIBRARY))
         info = {"name": "tvm", "version": tvm.__version__, "library": name,
                 "target": self.spec.as_dict(), "inputs": self.inputs,
                 "outputs": self.outputs, "load": load,
-                "run": f"onnxc run {{artifact}} --input x.npy --output y.npy"}
+                "run": "onnxc run ARTIFACT_DIR --input x.npy --output y.npy"}
         if self.spec.device == "cuda":
             info["cuda_kernels_compile"] = (
                 "the library carries the CUDA kernel source; TVM compiles it for the GPU "
