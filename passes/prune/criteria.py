@@ -62,6 +62,14 @@ def _combine(dg, per_source: list) -> np.ndarray:
 def filter_scores(dg, kind: str, rng) -> np.ndarray:
     per = []
     for src in dg.sources:
+        if kind in ("l1", "l2") and src.kind in ("gemm", "matmul"):
+            # Wide classifier matrices: reduce in place along the input axis, no copies.
+            w = np.asarray(src.node.inputs[1].values)
+            axis = 1 if (src.kind == "gemm" and int(src.node.attrs.get("transB", 0))) else 0
+            v = np.abs(w).sum(axis, dtype=np.float64) if kind == "l1" \
+                else np.sqrt(np.square(w, dtype=np.float64).sum(axis))
+            per.append((src, v))
+            continue
         f = filters(src)
         if kind == "l1":
             v = np.abs(f).sum(1)

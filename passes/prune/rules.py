@@ -378,19 +378,20 @@ class Gemm(Rule):
 
     def apply(self, rw, node):
         ki, ko = rw.keep_in(node, 0), rw.keep_out(node, 0)
+        if ki is None and ko is None:
+            return
         w = _const(node.inputs[1])           # (K, N), or (N, K) with transB
-        if self.trans_b:
-            w = w.T
-        if ki is not None:
-            w = w[ki]
+        in_axis, out_axis = (1, 0) if self.trans_b else (0, 1)
+        # Slice the output axis first: classifiers are wide, and take() copies.
         if ko is not None:
-            w = w[:, ko]
+            w = np.take(w, ko, axis=out_axis)
             c = _const(_input(node, 2)) if _input(node, 2) is not None else None
-            if c is not None and c.ndim and c.shape[-1] == len(rw.dg.info[
-                    node.outputs[0].name].slots):
+            n_out = len(rw.dg.info[node.outputs[0].name].slots)
+            if c is not None and c.ndim and c.shape[-1] == n_out:
                 _set_input(rw, node, 2, c[..., ko], "c")
-        if ki is not None or ko is not None:
-            _set_input(rw, node, 1, w.T if self.trans_b else w, "w")
+        if ki is not None:
+            w = np.take(w, ki, axis=in_axis)
+        _set_input(rw, node, 1, w, "w")
 
 
 @rule
