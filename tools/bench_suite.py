@@ -394,6 +394,12 @@ def main(argv=None) -> int:
     p.add_argument("--ort-threads", type=int, default=2)
     p.add_argument("--tvm", choices=("none", "some", "all"), default="some")
     p.add_argument("--tvm-configs", default=",".join(TVM_DEFAULT))
+    p.add_argument("--criterion", default=None,
+                   help="prune criterion to use instead of selecting one")
+    p.add_argument("--import-rows", default=None, metavar="JSON",
+                   help="replace rows of --json with those of another results file (a "
+                        "run written elsewhere, e.g. while the main run was going) and "
+                        "rewrite the report")
     p.add_argument("--tvm-only", action="store_true",
                    help="only add TVM latencies to the rows already in --json")
     p.add_argument("--verbose", action="store_true")
@@ -423,6 +429,19 @@ def main(argv=None) -> int:
                            if not (r["model"] in models and r["config"] in configs)]
     run = {"command": command, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
            "load_start": round(os.getloadavg()[0], 1)}
+    if args.import_rows:
+        results = json.loads(json_path.read_text())
+        other = json.loads(pathlib.Path(args.import_rows).read_text())
+        keys = {(r["model"], r["config"]) for r in other["rows"] if r.get("status") == "ok"}
+        results["rows"] = [r for r in results["rows"] if (r["model"], r["config"]) not in keys]
+        results["rows"] += [r for r in other["rows"] if (r["model"], r["config"]) in keys]
+        order = {c: i for i, c in enumerate(ALL_CONFIGS)}
+        results["rows"].sort(key=lambda r: (list(MODELS).index(r["model"]), order[r["config"]]))
+        results.setdefault("runs", [dict(results["meta"])]).extend(
+            other.get("runs") or [dict(other["meta"])])
+        _save(results, json_path, out, plot_dir, command)
+        log(f"imported {len(keys)} row(s) from {args.import_rows}")
+        return 0
     if args.tvm_only:
         results = json.loads(json_path.read_text())
         fill_tvm(results, models, args)
@@ -450,7 +469,9 @@ def main(argv=None) -> int:
         meta.update(original_top1=round(top1(graph, test), 3), params=stats.params,
                     macs=stats.macs, bytes=stats.bytes)
         original_proto = graph.to_onnx()
-        if any("prune" in c for c in configs):
+        if args.criterion:
+            meta["criterion"] = args.criterion
+        elif any("prune" in c for c in configs):
             cache = results.setdefault("criteria", {})
             crit = select_criterion(path, graph, train, registry, cache, model)
             meta["criterion"] = crit
