@@ -18,7 +18,7 @@ install: $(BIN)/onnxc
 example: install
 	$(BIN)/python examples/make_example.py
 	$(BIN)/onnxc compress examples/digits_cnn.onnx --passes fold_bn,prune,int8 \
-	    --prune-ratio 0.25 --calib-data examples/digits_train.npz \
+	    --prune-flops 0.5 --prune-criterion thinet --calib-data examples/digits_train.npz \
 	    --eval-data examples/digits_test.npz --scale 0.0625 --target onnx -o out/example
 	@echo "artifact: out/example (model.onnx, report.json, README.md)"
 

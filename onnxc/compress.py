@@ -48,11 +48,14 @@ def check_output_dir(out_dir: str) -> None:
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise OutputError(f"output path exists and is not a directory: {out_dir}")
-    parent = os.path.dirname(out_dir)
-    if not os.path.isdir(parent):
-        raise OutputError(f"output parent directory does not exist: {parent}")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"output directory is not writable: {parent}")
+    # Missing parents are created at the end; the nearest existing one must be writable.
+    ancestor = os.path.dirname(out_dir)
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise OutputError(f"output path is below a file, not a directory: {ancestor}")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise OutputError(f"output directory is not writable: {ancestor}")
 
 
 def compress(model, passes, target: str = "onnx", out_dir: str | None = None,
@@ -165,6 +168,7 @@ def write_artifact(out_dir, graph, report, pass_reports, backend, ctx) -> None:
     out_dir = os.path.abspath(out_dir)
     parent = os.path.dirname(out_dir)
     try:
+        os.makedirs(parent, exist_ok=True)
         staging = tempfile.mkdtemp(prefix=".onnxc-", dir=parent)
     except OSError as exc:
         raise OutputError(f"cannot write to {parent}: {exc.strerror}") from None
