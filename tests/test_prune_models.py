@@ -32,7 +32,7 @@ def test_resnet20_dead_channels_are_pruned_exactly(resnet20_path):
     candidates = 9 * 2 * (16 + 32 + 64) // 2 + 64
     result = compress(model, ["prune"], options={
         "prune_ratio": (dead + 0.5) / candidates, "prune_global": True,
-        "prune_residual": True}, log=lambda m: None)
+        "prune_residual": True, "prune_multiple": 1}, log=lambda m: None)
     x = np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)
     cmp = compare_outputs(Runner(model).run({"input": x}),
                           Runner(result.graph).run({"input": x}))
@@ -91,3 +91,21 @@ def test_light_zoo_small_models_prune_and_run(name):
                                   if m not in ("squeezenet", "shufflenet")])
 def test_light_zoo_prunes_at_30_percent_and_runs(name):
     check_light(name)
+
+
+@pytest.mark.slow
+def test_resnet56_thinet_halves_macs_and_keeps_85_percent(resnet56_path, cifar_train_path,
+                                                          cifar_test_path):
+    from conftest import cifar_preprocess
+    from onnxc.calibrate.readers import load_npz
+
+    pre = cifar_preprocess()
+    res = compress(str(resnet56_path), ["fold_bn", "prune"],
+                   options={"prune_flops": 0.5, "prune_criterion": "thinet"},
+                   calibration_loader=lambda g: load_npz(str(cifar_train_path), g, pre,
+                                                         samples=256),
+                   evaluation_loader=lambda g: load_npz(str(cifar_test_path), g, pre),
+                   log=lambda m: None)
+    rep = res.report
+    assert rep["final"]["macs"] <= 0.52 * rep["original"]["macs"]
+    assert rep["accuracy"]["final_top1"] >= 85.0

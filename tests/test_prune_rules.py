@@ -22,7 +22,7 @@ def prune_dead(model, dead: int, **options):
     dg = DependencyGraph(graph)
     n = sum(len(g.classes) for g in prunable_groups(dg, []))
     opts = {"prune_ratio": (dead + 0.5) / n, "prune_global": True, "prune_criterion": "l1",
-            "prune_residual": True}
+            "prune_residual": True, "prune_multiple": 1}
     opts.update(options)
     return compress(model, ["prune"], options=opts, log=lambda m: None), n
 

@@ -19,6 +19,11 @@ import math
 import numpy as np
 
 MAX_RATIO = 0.9   # global ranking never strips a group beyond this
+# Default rounding: CPU kernels (ONNX Runtime's NCHWc on AVX2) work in blocks of 8
+# channels, so e.g. 31 kept channels cost as much as 32. Applied to subgroups of at
+# least 32 channels that are multiples of 8; an explicit --prune-multiple replaces it.
+AUTO_MULTIPLE, AUTO_MIN_SIZE = 8, 32
+FLOPS_SLACK = 0.005  # a MAC target counts as met within half a percent of the original
 
 
 def kept_count(size: int, n_remove: int, multiple: int) -> int:
@@ -29,7 +34,7 @@ def kept_count(size: int, n_remove: int, multiple: int) -> int:
 
 
 class Allocator:
-    def __init__(self, dg, groups, scores, min_channels=1, multiple=1):
+    def __init__(self, dg, groups, scores, min_channels=1, multiple=None):
         self.dg = dg
         self.groups = groups
         self.scores = np.nan_to_num(scores, nan=np.inf)
@@ -91,7 +96,11 @@ class Allocator:
         return removed
 
     def _constrain(self, sg, n) -> int:
-        return len(sg) - kept_count(len(sg), int(n), self.multiple)
+        m = self.multiple
+        if m is None:
+            m = AUTO_MULTIPLE if len(sg) >= AUTO_MIN_SIZE and len(sg) % AUTO_MULTIPLE == 0 \
+                else 1
+        return len(sg) - kept_count(len(sg), int(n), m)
 
     def uniform_counts(self, ratio: float) -> list:
         return [self._constrain(sg, math.floor(ratio * len(sg) + 1e-9))
@@ -121,7 +130,7 @@ class Allocator:
     def for_flops(self, flops: float, use_global: bool, base_macs: int,
                   curves=None) -> tuple[np.ndarray, float]:
         """Removal reaching ``flops`` share of MACs removed (or as close as allowed)."""
-        target = (1.0 - flops) * base_macs
+        target = (1.0 - flops + FLOPS_SLACK) * base_macs
         if curves is not None:
             return self._by_sensitivity(target, curves)
         hi_r = 0.999 if use_global else 0.95
