@@ -99,9 +99,15 @@ class GlobalAveragePoolHead(Pass):
         Option("--gap-samples", int, 512, help="calibration samples for the fit"),
         Option("--gap-data-free", action="store_true",
                help="ignore calibration data: sum the first FC's weights over positions"),
+        Option("--gap-fit", str, "lstsq", choices=("lstsq", "kl"),
+               help="how the logit layer is fitted: lstsq (match the logits) or kl "
+                    "(then minimise KL to the old head's softmax: better argmax)"),
     )
 
     def validate(self, ctx) -> None:
+        fit = ctx.option("gap_fit", "lstsq")
+        if fit not in ("lstsq", "kl"):
+            raise UsageError(f"--gap-fit must be lstsq or kl, got {fit!r}")
         samples = ctx.option("gap_samples", 512)
         try:
             ok = int(samples) == float(samples) and int(samples) > 0
@@ -137,7 +143,8 @@ class GlobalAveragePoolHead(Pass):
             if data_free:
                 steps, fit = self._fit_data_free(head, collapse), None
             else:
-                steps, fit = self._fit_data(head, acts, collapse)
+                steps, fit = self._fit_data(head, acts, collapse,
+                                        kl=ctx.option("gap_fit", "lstsq") == "kl")
             self._rewrite(graph, head, steps)
             after = sum(s.m.size + (0 if s.c is None else np.size(s.c))
                         for s in steps if s.kind == "fc")
@@ -145,7 +152,9 @@ class GlobalAveragePoolHead(Pass):
                    "positions": head.positions, "fc_layers_before": len(head.fcs),
                    "fc_layers_after": sum(s.kind == "fc" for s in steps),
                    "head_params_before": before, "head_params_after": after,
-                   "fit": "data-free" if data_free else "least-squares"}
+                   "fit": "data-free" if data_free else
+                   ("least-squares + KL" if ctx.option("gap_fit", "lstsq") == "kl"
+                    else "least-squares")}
             if fit:
                 row.update(fit)
             summaries.append(row)
@@ -277,14 +286,14 @@ class GlobalAveragePoolHead(Pass):
             steps = _compose_linear(steps)
         return steps
 
-    def _fit_data(self, head, acts, collapse):
+    def _fit_data(self, head, acts, collapse, kl=False):
         fmap = acts[head.fmap.name].astype(np.float64)          # n × C × H × W
         g = fmap.reshape(len(fmap), head.channels, -1).mean(axis=2)   # n × C
         fcs = head.fcs
         logits = acts[fcs[-1].nodes[-1].outputs[0].name].reshape(len(g), -1)
         logits = logits.astype(np.float64)                      # n × classes
         if collapse or len(fcs) == 1:
-            m, c = ridge_fit(g, logits)
+            m, c = _logit_fit(g, logits, kl)
             last = len(head.steps) - 1 - [s.kind for s in head.steps][::-1].index("fc")
             steps = [Step("fc", fcs[0].nodes, m=m, c=c)] + head.steps[last + 1:]
         else:
@@ -299,7 +308,7 @@ class GlobalAveragePoolHead(Pass):
             h = g
             for s in steps[:last]:
                 h = s.apply(h)
-            m, c = ridge_fit(h, logits)
+            m, c = _logit_fit(h, logits, kl)
             steps[last] = Step("fc", steps[last].nodes, m=m, c=c)
         new_logits = g
         for s in steps:
@@ -377,6 +386,39 @@ def _fc_step(graph, node, x, width):
     if m.shape[0] != width:
         return f"{node.op} '{node.name}' expects {m.shape[0]} inputs, gets {width}"
     return Step("fc", [node], m=m, c=c)
+
+
+def _logit_fit(x, logits, kl: bool):
+    """Fit the logit layer: ridge least squares on the logits; with ``kl``, refine that by
+    minimising KL(softmax(old logits) ‖ softmax(x·m + c)) (+ the same small ridge) with
+    L-BFGS. Least squares weighs every logit alike, down to the irrelevant low ones; KL
+    weighs them by the old head's probabilities, which is what decides the argmax."""
+    m, c = ridge_fit(x, logits)
+    if not kl:
+        return m, c
+    from scipy.optimize import minimize
+
+    n, d = x.shape
+    k = logits.shape[1]
+    xb = np.hstack([x, np.ones((n, 1))])                         # n × (d+1)
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)                                 # old head's softmax
+    lam = 1e-3 * float(np.mean(x * x))
+
+    def loss(flat):
+        w = flat.reshape(d + 1, k)
+        z = xb @ w
+        z -= z.max(1, keepdims=True)
+        log_q = z - np.log(np.exp(z).sum(1, keepdims=True))
+        value = -float((p * log_q).sum()) / n + lam * float((w[:-1] ** 2).sum())
+        grad = xb.T @ (np.exp(log_q) - p) / n
+        grad[:-1] += 2 * lam * w[:-1]
+        return value, grad.ravel()
+
+    start = np.vstack([m, c[None]]).ravel()
+    w = minimize(loss, start, jac=True, method="L-BFGS-B", options={"maxiter": 500}).x
+    w = w.reshape(d + 1, k)
+    return w[:-1], w[-1]
 
 
 def _compose_linear(steps) -> list:

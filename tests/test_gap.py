@@ -103,6 +103,18 @@ def test_least_squares_fit_matches_the_old_logits_on_calibration_data():
         rel_error(model, free.graph.to_onnx(), held_out)
 
 
+def test_kl_fit_agrees_with_the_old_argmax_at_least_as_often_as_least_squares():
+    def maps(n):   # per-channel levels + spatial texture the pooled features cannot see
+        return (constant_maps(n) + 0.5 * RNG.standard_normal((n, C, H, W))).astype(
+            np.float32)
+    data = Dataset({"x": maps(512)}, source="maps")
+    model = head_model()
+    rows = {fit: gap_report(gap(model, calibration=data, gap_collapse=True, gap_fit=fit))
+            ["extra"]["gap"][0] for fit in ("lstsq", "kl")}
+    assert rows["kl"]["fit"] == "least-squares + KL"
+    assert rows["kl"]["argmax_agreement"] >= rows["lstsq"]["argmax_agreement"]
+
+
 def test_collapse_replaces_the_fc_stack_by_one_fc_to_the_classes():
     data = Dataset({"x": constant_maps(256)}, source="maps")
     result = gap(head_model(), calibration=data, gap_collapse=True)

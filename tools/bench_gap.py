@@ -3,7 +3,7 @@
 1. The trained FC-head model (tests/models/vgg_fc_cifar10.onnx, made by
    tools/train_fc_model.py): head params before/after and top-1 on test_dev before/after
    with no training, for the data-free fit, the least-squares fit (calibration: the first
-   512 images of train.npz) and the least-squares fit with ``--gap-collapse``; plus the
+   512 images of train.npz), with ``--gap-collapse`` and with ``--gap-fit kl``; plus the
    logit error on the calibration set and on test_dev.
 2. Light-zoo VGG-19, AlexNet and ZFNet: ``gap`` (data-free) gives a graph that passes the
    ONNX checker and runs in ONNX Runtime; head params before/after.
@@ -47,7 +47,9 @@ def bench_fc_model() -> None:
     for label, options, data in (
             ("data-free fit", {}, None),
             ("least-squares fit", {}, calib),
-            ("least-squares, --gap-collapse", {"gap_collapse": True}, calib)):
+            ("least-squares, --gap-collapse", {"gap_collapse": True}, calib),
+            ("least-squares + KL (--gap-fit kl)", {"gap_fit": "kl"}, calib),
+            ("--gap-collapse --gap-fit kl", {"gap_collapse": True, "gap_fit": "kl"}, calib)):
         start = time.perf_counter()
         result = compress(str(FC_MODEL), ["gap"], options=options, calibration=data,
                           log=lambda m: None)
