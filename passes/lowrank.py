@@ -147,7 +147,7 @@ class LowRank(Pass):
     summary = "split FC/conv layers into low-rank sequences (SVD, Tucker-2, CP)"
     order = 40
     exact = False
-    needs_data = True          # only with --lowrank-data-aware
+    needs_data = False         # data only with --lowrank-data-aware (random fallback warns)
     options = (
         Option("--lowrank-method", str, "auto", choices=METHODS,
                help="conv decomposition: auto (= tucker2), svd, tucker2 or cp; FC layers "
@@ -437,8 +437,8 @@ class LowRank(Pass):
             self._budget_ranks(layers, cfg["flops"], force)
         for layer in layers:
             if cfg["flops"] is not None:
-                pass                                   # set by _budget_ranks
-            elif cfg["rank"] is not None:
+                continue                               # ranks set by _budget_ranks
+            if cfg["rank"] is not None:
                 layer.ranks = layer.ranks_fixed(cfg["rank"])
             elif cfg["vbmf"]:
                 layer.ranks = layer.ranks_vbmf()
