@@ -102,3 +102,16 @@ def kill(model: onnx.ModelProto, layer: str, channels) -> onnx.ModelProto:
         b[channels] = 0
         inits[node.input[2]].CopyFrom(numpy_helper.from_array(b, node.input[2]))
     return out
+
+
+def kill_input(model: onnx.ModelProto, layer: str, channels) -> onnx.ModelProto:
+    """Zero the weights of Conv ``layer`` that read input ``channels`` (so whatever a
+    non-zero-preserving op like Sigmoid makes of a dead channel is never read)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    node = next(n for n in out.graph.node if n.name == layer)
+    init = next(i for i in out.graph.initializer if i.name == node.input[1])
+    w = numpy_helper.to_array(init).copy()
+    w[:, list(channels)] = 0
+    init.CopyFrom(numpy_helper.from_array(w, node.input[1]))
+    return out

@@ -13,7 +13,7 @@ from onnxc.passes.prune import prunable_groups
 from onnxc.passes.prune.groups import DependencyGraph
 from onnxc.verify import Runner, compare_outputs
 
-from prune_nets import Net, kill
+from prune_nets import Net, kill, kill_input
 
 
 def prune_dead(model, dead: int, **options):
@@ -58,6 +58,20 @@ def test_conv_bn_unary_pool_and_broadcast_constants_chain():
     model = kill(kill(n.model([out]), "c1", [1, 5]), "c2", [0, 3])
     result, _ = prune_dead(model, 4)
     assert_exact(model, result, 4)
+
+
+def test_non_zero_preserving_ops_sigmoid_softmax_instancenorm():
+    n = Net()
+    t = n.conv("x", 3, 8, name="c1")
+    t = n.op("InstanceNormalization", [t, n.const(np.ones(8, np.float32)),
+                                       n.const(np.zeros(8, np.float32))])
+    t = n.op("Sigmoid", [t])
+    t = n.op("Softmax", [t], axis=3)              # over W: channels pass through
+    t = n.op("Exp", [n.op("Elu", [t])])
+    out = n.conv(t, 8, 4, name="c2")
+    model = kill_input(kill(n.model([out]), "c1", [2, 6]), "c2", [2, 6])
+    result, _ = prune_dead(model, 2)
+    assert_exact(model, result, 2)
 
 
 def test_residual_add_and_sum_couple_the_trunk():
