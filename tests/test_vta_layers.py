@@ -203,7 +203,7 @@ def _sim_with_acc(values):
 
     cfg = VtaConfig()
     sim = Simulator(cfg, np.zeros(16, np.uint8))
-    sim.acc[:len(values)] = np.asarray(values, np.int64)[:, None, None]
+    sim.acc[:len(values), 0] = np.asarray(values, np.int64)[:, None, None]
     return sim
 
 
@@ -214,8 +214,8 @@ def test_alu_chain_inside_one_instruction_runs_in_hardware_order():
     sim = _sim_with_acc([1, 2, 3, 4, 5])
     sim.uop[0] = [1, 0, 0]
     sim._alu(isa.AluInsn(isa.ALU_ADD, False, 0, 0, 1, 1, 4, 0, 1, 0, 1))
-    np.testing.assert_array_equal(sim.acc[:5, 0, 0], [1, 3, 6, 10, 15])
-    np.testing.assert_array_equal(sim.out[1:5, 0, 0], [3, 6, 10, 15])
+    np.testing.assert_array_equal(sim.acc[:5, 0, 0, 0], [1, 3, 6, 10, 15])
+    np.testing.assert_array_equal(sim.out[1:5, 0, 0, 0], [3, 6, 10, 15])
 
 
 def test_alu_shift_semantics_wrap_and_negative_amounts():
@@ -224,11 +224,22 @@ def test_alu_shift_semantics_wrap_and_negative_amounts():
     sim = _sim_with_acc([-7, 1 << 30, 5, 2147483647])
     sim.uop[0] = [0, 0, 0]
     sim._alu(isa.AluInsn(isa.ALU_SHR, True, 1, 0, 1, 1, 1, 0, 0, 0, 0))
-    assert sim.acc[0, 0, 0] == -4                     # arithmetic: floor(-7 / 2)
+    assert sim.acc[0, 0, 0, 0] == -4                  # arithmetic: floor(-7 / 2)
     sim.uop[0] = [1, 0, 0]
     sim._alu(isa.AluInsn(isa.ALU_SHR, True, -2, 0, 1, 1, 1, 0, 0, 0, 0))
-    assert sim.acc[1, 0, 0] == 0                      # 2^30 << 2 wraps to 0 in int32
+    assert sim.acc[1, 0, 0, 0] == 0                   # 2^30 << 2 wraps to 0 in int32
     sim.uop[0] = [3, 0, 0]
     sim._alu(isa.AluInsn(isa.ALU_ADD, True, 1, 0, 1, 1, 1, 0, 0, 0, 0))
-    assert sim.acc[3, 0, 0] == -2147483648            # int32 wrap-around
-    assert sim.out[3, 0, 0] == 0                      # low byte of 0x80000000
+    assert sim.acc[3, 0, 0, 0] == -2147483648         # int32 wrap-around
+    assert sim.out[3, 0, 0, 0] == 0                   # low byte of 0x80000000
+
+
+def test_lock_step_simulation_of_many_samples_equals_one_by_one():
+    layer = make_layer(1, 20, 7, 7, 24, 3, 2, 1, relu=True)
+    prog = lower(layer, VtaConfig(**SMALL))
+    x = np.random.default_rng(9).integers(-128, 128, (70,) + layer.in_shape[1:]).astype(np.int8)
+    together, stats = prog.run(x, poison=True)          # 64 + 6 samples in two groups
+    one, stats1 = prog.run(x[5:6])
+    np.testing.assert_array_equal(together, reference(layer, x))
+    np.testing.assert_array_equal(together[5:6], one)
+    assert stats.cycles == stats1.cycles                # timing is per program run

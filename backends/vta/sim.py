@@ -80,11 +80,18 @@ def _low8(x: np.ndarray) -> np.ndarray:
 
 
 class Simulator:
-    """One VTA device: DRAM image, on-chip buffers, three modules and four token queues."""
+    """One VTA device: DRAM image, on-chip buffers, three modules and four token queues.
+
+    ``dram`` is one uint8 image [bytes] or S images [S, bytes] that differ only in
+    their activation data: the S devices then run the same instruction stream in
+    lock-step (control never depends on data on VTA), sharing the uop and weight
+    buffers, which only ever hold data from the sample-invariant regions."""
 
     def __init__(self, cfg, dram: np.ndarray, poison: bool = False, seed: int = 0):
         self.cfg = cfg
-        self.dram = dram                                   # uint8 [bytes]
+        self.single = dram.ndim == 1
+        self.dram = dram[None] if self.single else dram    # uint8 [S, bytes]
+        s = self.dram.shape[0]
         b, bi, bo = cfg.batch, cfg.block_in, cfg.block_out
         rng = np.random.default_rng(seed)
         # ``poison`` fills the buffers with garbage so reads of never-written data show.
@@ -93,10 +100,12 @@ class Simulator:
                 return rng.integers(lo, hi, shape).astype(dtype)
             return np.zeros(shape, dtype)
         self.uop = buf((cfg.uop_depth, 3), np.int64, 0, 1)          # decoded uops
-        self.inp = buf((cfg.inp_depth, b, bi), np.int8, -128, 128)
         self.wgt = buf((cfg.wgt_depth, bo, bi), np.int8, -128, 128)
-        self.acc = buf((cfg.acc_depth, b, bo), np.int64, -(1 << 31), 1 << 31)
-        self.out = buf((cfg.acc_depth, b, bo), np.int8, -128, 128)
+        # per-sample buffers keep the sample axis second: [element, S, ...], so a uop's
+        # element index gathers one contiguous block covering every sample
+        self.inp = buf((cfg.inp_depth, s, b, bi), np.int8, -128, 128)
+        self.acc = buf((cfg.acc_depth, s, b, bo), np.int64, -(1 << 31), 1 << 31)
+        self.out = buf((cfg.acc_depth, s, b, bo), np.int8, -128, 128)
         self.stats = SimStats()
 
     # ---- run -------------------------------------------------------------------------
@@ -200,9 +209,9 @@ class Simulator:
         """DRAM elements [y, x, elem_bytes] of a 2-D window (uint8)."""
         base = dram * elem_bytes
         last = base + ((y - 1) * stride + x) * elem_bytes if y and x else base
-        if dram < 0 or last > len(self.dram):
+        if dram < 0 or last > self.dram.shape[1]:
             raise BackendError(f"{what} reads/writes DRAM bytes [{base}, {last}) outside "
-                               f"the {len(self.dram)}-byte image")
+                               f"the {self.dram.shape[1]}-byte image")
         rows = np.arange(y)[:, None] * stride + np.arange(x)[None, :]      # [y, x]
         idx = base + rows[..., None] * elem_bytes + np.arange(elem_bytes)  # [y, x, bytes]
         return idx
@@ -217,7 +226,8 @@ class Simulator:
             if ins.sram + n > cfg.uop_depth:
                 raise BackendError("LOAD uop writes beyond the uop buffer")
             idx = self._dram_view(4, ins.dram, 1, n, n, "LOAD uop")
-            words = self.dram[idx].reshape(n, 4).view("<u4").reshape(n)
+            words = np.ascontiguousarray(self.dram[0][idx]).reshape(n, 4).view("<u4") \
+                .reshape(n)
             self.uop[ins.sram:ins.sram + n] = isa.decode_uops(words, cfg)
             self.stats.dram_read["uop"] += 4 * n
             return self._mem_cycles(1 if n else 0, 4 * n, 0)
@@ -228,8 +238,10 @@ class Simulator:
             if ins.sram + y * x > cfg.acc_depth:
                 raise BackendError("LOAD acc writes beyond the accumulator buffer")
             idx = self._dram_view(eb, ins.dram, y, x, ins.x_stride, "LOAD acc")
-            data = self.dram[idx].reshape(y * x, eb).view("<i4").astype(np.int64)
-            vals = data.reshape(y * x, cfg.batch, cfg.block_out)
+            data = np.ascontiguousarray(self.dram[:, idx]).reshape(-1, y * x, eb)
+            vals = data.view("<i4").astype(np.int64).reshape(-1, y * x, cfg.batch,
+                                                              cfg.block_out)
+            vals = vals.transpose(1, 0, 2, 3)                       # [y·x, S, batch, block]
             self.acc[ins.sram:ins.sram + y * x] = vals
             self.out[ins.sram:ins.sram + y * x] = _low8(vals)
             self.stats.dram_read["acc"] += y * x * eb
@@ -242,17 +254,25 @@ class Simulator:
         rows = ins.y_pad0 + y + ins.y_pad1
         cols = ins.x_pad0 + x + ins.x_pad1
         n = rows * cols if (y and x) else 0
-        if ins.sram + n > len(buf):
+        depth = cfg.inp_depth if inp else cfg.wgt_depth
+        if ins.sram + n > depth:
             raise BackendError(f"LOAD {isa.MEM_NAMES[ins.mem]} writes elements "
-                               f"[{ins.sram}, {ins.sram + n}) beyond the {len(buf)}-element "
+                               f"[{ins.sram}, {ins.sram + n}) beyond the {depth}-element "
                                f"buffer")
         if n:
             idx = self._dram_view(eb, ins.dram, y, x, ins.x_stride,
                                   f"LOAD {isa.MEM_NAMES[ins.mem]}")
-            data = self.dram[idx].view(np.int8).reshape((y, x) + buf.shape[1:])
-            tile = np.zeros((rows, cols) + buf.shape[1:], np.int8)
-            tile[ins.y_pad0:ins.y_pad0 + y, ins.x_pad0:ins.x_pad0 + x] = data
-            buf[ins.sram:ins.sram + n] = tile.reshape((n,) + buf.shape[1:])
+            elem = buf.shape[-2:]
+            # weights come from the sample-invariant part of DRAM: read sample 0
+            src = self.dram[:, idx] if inp else self.dram[:1, idx]
+            data = src.view(np.int8).reshape((len(src), y, x) + elem)
+            tile = np.zeros((len(src), rows, cols) + elem, np.int8)
+            tile[:, ins.y_pad0:ins.y_pad0 + y, ins.x_pad0:ins.x_pad0 + x] = data
+            tile = tile.reshape((len(src), n) + elem)
+            if inp:
+                buf[ins.sram:ins.sram + n] = tile.transpose(1, 0, 2, 3)
+            else:
+                buf[ins.sram:ins.sram + n] = tile[0]
         self.stats.dram_read[isa.MEM_NAMES[ins.mem]] += y * x * eb
         return self._mem_cycles(y if x else 0, x * eb, n - y * x if n else 0)
 
@@ -267,7 +287,8 @@ class Simulator:
             raise BackendError("STORE reads beyond the output buffer")
         if n:
             idx = self._dram_view(eb, ins.dram, y, x, ins.x_stride, "STORE")
-            self.dram[idx] = self.out[ins.sram:ins.sram + n].view(np.uint8).reshape(idx.shape)
+            data = self.out[ins.sram:ins.sram + n].transpose(1, 0, 2, 3)  # [S, n, b, block]
+            self.dram[:, idx] = data.view(np.uint8).reshape((-1,) + idx.shape)
         self.stats.dram_write += n * eb
         return self._mem_cycles(y if x else 0, x * eb, 0)
 
@@ -299,17 +320,30 @@ class Simulator:
             self.out[dst] = 0
             return cfg.GEMM_PIPELINE + n
         self.stats.gemm_macs += n * cfg.macs_per_cycle
-        x = self.inp[src].astype(np.float32)                        # [n, batch, block_in]
-        w = self.wgt[wgt].astype(np.float32)                        # [n, block_out, block_in]
-        # int8·int8 products summed over block_in ≤ 64 stay below 2^24: exact in float32.
-        prod = np.matmul(x, w.transpose(0, 2, 1)).astype(np.int64)  # [n, batch, block_out]
-        order = np.argsort(dst, kind="stable")
-        sd = dst[order]
-        starts = np.flatnonzero(np.r_[True, sd[1:] != sd[:-1]])
-        sums = np.add.reduceat(prod[order], starts, axis=0)
-        uniq = sd[starts]
-        self.acc[uniq] = _wrap32(self.acc[uniq] + sums)
-        self.out[uniq] = _low8(self.acc[uniq])
+        s_, b, bi = self.inp.shape[1], cfg.batch, cfg.block_in
+        # Integer addition is associative mod 2^32, so the uops can be summed in any
+        # order: group them by weight element and do one matrix product per group
+        # ([S·m·batch, block_in] × [block_in, block_out]); int8·int8 products summed
+        # over block_in ≤ 64 stay below 2^24, exact in float32.
+        order = np.argsort(wgt, kind="stable")
+        sw = wgt[order]
+        starts = np.flatnonzero(np.r_[True, sw[1:] != sw[:-1]])
+        ends = np.r_[starts[1:], n]
+        acc = self.acc
+        for lo, hi in zip(starts, ends):
+            pos = order[lo:hi]
+            d = dst[pos]
+            x = self.inp[src[pos]].astype(np.float32).reshape(-1, bi)
+            prod = (x @ self.wgt[sw[lo]].T.astype(np.float32)).astype(np.int64)
+            prod = prod.reshape(len(pos), s_, b, -1)                 # [m, S, batch, block_out]
+            if np.bincount(d).max() == 1:
+                acc[d] += prod
+            else:                          # one dst several times in the group
+                for k, dk in enumerate(d):
+                    acc[dk] += prod[k]
+        uniq = np.unique(dst)
+        acc[uniq] = _wrap32(acc[uniq])
+        self.out[uniq] = _low8(acc[uniq])
         return cfg.GEMM_PIPELINE + n
 
     def _alu(self, ins) -> int:
