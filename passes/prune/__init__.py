@@ -188,9 +188,9 @@ class Prune(Pass):
             from .thinet import thinet_prune
 
             counts = {id(sg): int(removed[sg].sum()) for g in groups for sg in g.subgroups}
-            graph = thinet_prune(graph, dg, groups, counts,
-                                 calibration(ctx, graph, samples), ctx, report, alloc.legal)
-            removed = report.extra.pop("_thinet_removed")
+            graph, removed = thinet_prune(graph, dg, groups, counts,
+                                          calibration(ctx, graph, samples), ctx, report,
+                                          alloc.legal)
         else:
             rewrite(graph, dg, removed)
 

@@ -58,7 +58,8 @@ class _Layer:
             if self.refit:
                 ho, wo = int(out[2]), int(out[3])
                 feats = self.w.shape[1] * self.w.shape[2] + 1
-                per = int(min(ho * wo, max(4, math.ceil(ROWS_PER_WEIGHT * feats / max(n_images, 1)))))
+                want = math.ceil(ROWS_PER_WEIGHT * feats / max(n_images, 1))
+                per = int(min(ho * wo, max(4, want)))
                 per = max(1, min(per, MAX_ROWS // max(n_images, 1)))
                 self.img = np.repeat(np.arange(n_images), per)                     # (S,)
                 pos = np.stack([rng.choice(ho * wo, per, replace=False)
@@ -191,8 +192,7 @@ def thinet_prune(graph, dg, groups, counts, dataset, ctx, report, legal=None):
     from .groups import rewrite
 
     rewrite(graph, dg, removed)
-    report.extra["_thinet_removed"] = removed
-    return graph
+    return graph, removed
 
 
 def _collect_inputs(graph, dataset, live) -> None:
@@ -220,7 +220,7 @@ def _select(dg, g, counts, live) -> np.ndarray:
         pos = np.flatnonzero(np.isin(lab, cls))
         if not len(pos):
             continue
-        # ⟨X_p W_pᵀ, X_q W_qᵀ⟩ over all (sample, output) = Σ_kk' (XᵀX)[pk,qk']·(WᵀW)[pk,qk']
+        # <X_p W_pᵀ, X_q W_qᵀ> over (sample, output) = Σ_kk' (XᵀX)[pk,qk'] (WᵀW)[pk,qk']
         x = layer.x[:, pos, :].reshape(len(layer.x), -1)                  # (S, P·K)
         w = layer.w[:, pos, :].reshape(layer.w.shape[0], -1)               # (O, P·K)
         k = layer.w.shape[2]
