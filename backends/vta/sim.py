@@ -329,20 +329,20 @@ class Simulator:
         sw = wgt[order]
         starts = np.flatnonzero(np.r_[True, sw[1:] != sw[:-1]])
         ends = np.r_[starts[1:], n]
-        acc = self.acc
+        uniq, inv = np.unique(dst, return_inverse=True)
+        # float64 holds every partial sum exactly (|sum| < 2^53); wrap once at the end
+        part = np.zeros((len(uniq), s_, b, cfg.block_out), np.float64)
         for lo, hi in zip(starts, ends):
             pos = order[lo:hi]
-            d = dst[pos]
+            di = inv[pos]
             x = self.inp[src[pos]].astype(np.float32).reshape(-1, bi)
-            prod = (x @ self.wgt[sw[lo]].T.astype(np.float32)).astype(np.int64)
-            prod = prod.reshape(len(pos), s_, b, -1)                 # [m, S, batch, block_out]
-            if np.bincount(d).max() == 1:
-                acc[d] += prod
+            prod = (x @ self.wgt[sw[lo]].T.astype(np.float32)).reshape(len(pos), s_, b, -1)
+            if np.bincount(di).max() == 1:
+                part[di] += prod
             else:                          # one dst several times in the group
-                for k, dk in enumerate(d):
-                    acc[dk] += prod[k]
-        uniq = np.unique(dst)
-        acc[uniq] = _wrap32(acc[uniq])
+                np.add.at(part, di, prod)
+        acc = self.acc
+        acc[uniq] = _wrap32(acc[uniq] + part.astype(np.int64))
         self.out[uniq] = _low8(acc[uniq])
         return cfg.GEMM_PIPELINE + n
 
