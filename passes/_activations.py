@@ -27,7 +27,8 @@ def collect(graph, names: list[str], dataset, batch_size: int = 64) -> dict:
             tensor.dtype = np.float32
         outputs.append(tensor)
     probe.gs.outputs = outputs
-    # Nodes that feed none of the wanted tensors need not run.
-    probe.gs.cleanup(remove_unused_graph_inputs=False)
+    # Nodes that feed none of the wanted tensors need not run; a graph mid-edit (new
+    # nodes appended at the end) must be sorted before ONNX Runtime accepts it.
+    probe.gs.cleanup(remove_unused_graph_inputs=False).toposort()
     values = Runner(probe.to_onnx()).run(dataset.inputs, batch_size)
     return {**given, **{t.name: v for t, v in zip(outputs, values)}}
