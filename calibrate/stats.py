@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from onnxc.errors import DataError
+from onnxc.errors import BackendError, DataError
 
 MAX_BINS = 4096
 BATCH_SIZE = 32
@@ -124,14 +124,28 @@ def collect(model: onnx.ModelProto, tensors: list[str], dataset, batch_size: int
     out_names = [o.name for o in session.get_outputs()]
     wanted = set(tensors)
     stats = {name: TensorStats(name) for name in tensors}
-    batches = dataset.batches(batch_size)
-    bar = _progress(batches, total=math.ceil(len(dataset) / batch_size), desc=desc,
+    first = session.get_inputs()[0].shape
+    # A model with a static batch dimension takes exactly that many samples per run.
+    fixed = first[0] if first and isinstance(first[0], int) and first[0] > 0 else None
+    step = fixed or batch_size
+    bar = _progress(dataset.batches(step), total=math.ceil(len(dataset) / step), desc=desc,
                     enabled=progress)
     inputs = {i.name for i in session.get_inputs()}
     for feeds, _ in bar:
-        outs = session.run(None, {k: v for k, v in feeds.items() if k in inputs})
+        feeds = {k: v for k, v in feeds.items() if k in inputs}
+        got = len(next(iter(feeds.values())))
+        if fixed and got < fixed:       # pad the last static batch, drop the padding below
+            feeds = {k: np.concatenate([v, np.repeat(v[-1:], fixed - got, 0)])
+                     for k, v in feeds.items()}
+        try:
+            outs = session.run(None, feeds)
+        except Exception as exc:
+            raise BackendError("ONNX Runtime failed during calibration: "
+                               f"{str(exc).strip().splitlines()[0][:300]}") from exc
         for name, value in zip(out_names, outs):
             if name in wanted:
+                if fixed and got < fixed and value.ndim and value.shape[0] == fixed:
+                    value = value[:got]
                 stats[name].update(value, histograms)
     return stats
 

@@ -225,3 +225,13 @@ def test_dynamic_mode_quantizes_matmuls_without_data_into_fused_kernels(tmp_path
     optimized = ort_optimized_ops(res.graph.to_onnx(), tmp_path)
     assert "MatMul" not in optimized and "Gemm" not in optimized
     assert {"DynamicQuantizeMatMul", "MatMulIntegerToFloat"} & set(optimized)
+
+
+def test_model_with_static_batch_one_is_calibrated_sample_by_sample():
+    model = residual_cnn()
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    model.graph.output[0].type.tensor_type.shape.dim[0].dim_value = 1
+    data = dataset(residual_cnn(), 5)
+    res = compress(model, ["int8"], calibration=data, log=lambda m: None)
+    assert res.report["passes"][-1]["extra"]["calibration_samples"] == 5
+    assert res.report["error"]["max_rel"] < 0.05
