@@ -105,10 +105,10 @@ def bench_vgg19(samples: int) -> None:
     fc = [n for n in original.nodes if n.op == "Gemm"]
     fc_params = sum(original.node_stats(n).params for n in fc)
     print(f"VGG-19 (light zoo, random weights): {original.stats(with_bytes=False).params:,} "
-          f"params, {len(fc)} FC layers with {fc_params:,}")
+          f"params, {len(fc)} FC layers with {fc_params:,}", flush=True)
     calib = random_dataset(original, samples, seed=1)
-    held_out = random_dataset(original, 8, seed=2)
-    ref = Runner(original).run(held_out.inputs, 8)
+    held_out = random_dataset(original, 4, seed=2)
+    ref = Runner(original).run(held_out.inputs, 4)
     for label, extra in (("plain", {}), ("data-aware", {"lowrank_data_aware": True})):
         ctx = Context({"lowrank_layers": "fc", "lowrank_energy": 0.9,
                        "lowrank_samples": samples, **extra},
@@ -119,12 +119,12 @@ def bench_vgg19(samples: int) -> None:
         seconds = time.perf_counter() - start
         rows = reports[-1].extra["lowrank"]["layers"]
         after = fc_params - sum(r["params_before"] - r["params_after"] for r in rows)
-        cmp = compare_outputs(ref, Runner(out).run(held_out.inputs, 8))
+        cmp = compare_outputs(ref, Runner(out).run(held_out.inputs, 4))
         ranks = ", ".join(f"{r['node']} r={r['ranks'][0]}" for r in rows)
         print(f"  SVD energy 0.9 ({label}): FC params {fc_params:,} -> {after:,} "
-              f"({100 * (after / fc_params - 1):+.1f}%) [{ranks}]; output error on 8 held-out "
+              f"({100 * (after / fc_params - 1):+.1f}%) [{ranks}]; output error on 4 held-out "
               f"inputs: max rel {cmp.max_rel:.3e}, argmax agreement "
-              f"{100 * cmp.top1_agreement:.0f}%; {seconds:.0f} s")
+              f"{100 * cmp.top1_agreement:.0f}%; {seconds:.0f} s", flush=True)
         for r in reports[-1].skipped:
             print(f"    skipped {r['node']}: {r['reason']}")
 
@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="lowrank benchmark (issue 4)")
     ap.add_argument("--part", choices=("resnet56", "vgg19", "all"), default="all")
     ap.add_argument("--reps", type=int, default=10, help="latency repetitions")
-    ap.add_argument("--vgg-samples", type=int, default=48,
+    ap.add_argument("--vgg-samples", type=int, default=16,
                     help="calibration samples for the data-aware VGG-19 fit")
     args = ap.parse_args(argv)
     if args.part in ("resnet56", "all"):
