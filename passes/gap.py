@@ -83,7 +83,7 @@ class Head:
         return [s for s in self.steps if s.kind == "fc"]
 
     def params(self) -> int:
-        return sum(s.m.size + (0 if s.c is None else np.size(s.c)) for s in self.fcs)
+        return _fc_params(self.steps)
 
 
 @register_pass
@@ -136,6 +136,7 @@ class GlobalAveragePoolHead(Pass):
             ctx.warn("gap: no --calib-data: data-free fit (first FC's weights summed over "
                      "positions); logits will move more than with a data fit")
         acts = {} if data_free else self._activations(graph, ctx, heads)
+        kl = ctx.option("gap_fit", "lstsq") == "kl"
 
         summaries = []
         for head in heads:
@@ -143,18 +144,15 @@ class GlobalAveragePoolHead(Pass):
             if data_free:
                 steps, fit = self._fit_data_free(head, collapse), None
             else:
-                steps, fit = self._fit_data(head, acts, collapse,
-                                        kl=ctx.option("gap_fit", "lstsq") == "kl")
+                steps, fit = self._fit_data(head, acts, collapse, kl)
             self._rewrite(graph, head, steps)
-            after = sum(s.m.size + (0 if s.c is None else np.size(s.c))
-                        for s in steps if s.kind == "fc")
+            after = _fc_params(steps)
             row = {"flatten": head.flatten.name, "channels": head.channels,
                    "positions": head.positions, "fc_layers_before": len(head.fcs),
                    "fc_layers_after": sum(s.kind == "fc" for s in steps),
                    "head_params_before": before, "head_params_after": after,
                    "fit": "data-free" if data_free else
-                   ("least-squares + KL" if ctx.option("gap_fit", "lstsq") == "kl"
-                    else "least-squares")}
+                   ("least-squares + KL" if kl else "least-squares")}
             if fit:
                 row.update(fit)
             summaries.append(row)
@@ -162,9 +160,10 @@ class GlobalAveragePoolHead(Pass):
                         f"-> GAP, {row['fc_layers_before']} -> {row['fc_layers_after']} FC, "
                         f"head params {before:,} -> {after:,} "
                         f"({-100 * (before - after) / max(before, 1):+.1f}%)"
-                        + (f", calibration logit rel. error {fit['logit_rel_error']:.3f}, "
-                           f"argmax agreement {100 * fit['argmax_agreement']:.1f}%"
-                           if fit else ", data-free fit"))
+                        + (f", calibration logit rel. error {fit['logit_rel_error']:.3f}"
+                           if fit else ", data-free fit")
+                        + (f", argmax agreement {100 * fit['argmax_agreement']:.1f}%"
+                           if fit and fit["argmax_agreement"] is not None else ""))
         report.changed = len(heads)
         report.extra["gap"] = summaries
         return graph
@@ -386,6 +385,11 @@ def _fc_step(graph, node, x, width):
     if m.shape[0] != width:
         return f"{node.op} '{node.name}' expects {m.shape[0]} inputs, gets {width}"
     return Step("fc", [node], m=m, c=c)
+
+
+def _fc_params(steps) -> int:
+    return sum(s.m.size + (0 if s.c is None else np.size(s.c)) for s in steps
+               if s.kind == "fc")
 
 
 def _logit_fit(x, logits, kl: bool):
