@@ -24,11 +24,11 @@ SHARED = pathlib.Path(os.environ.get("ONNXC_SHARED", REPO.parent / "shared"))
 MEAN, STD, SCALE = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 1 / 255.0
 
 
-def latency_ratio(original, pruned, batch=64, warmup=3, reps=15):
+def latency_ratio(original, pruned, batch=64, warmup=3, reps=10, threads=None):
     """Median ORT latency of both models on the same batch, runs interleaved."""
     from onnxc.verify import Runner
 
-    a, b = Runner(original), Runner(pruned)
+    a, b = Runner(original, threads), Runner(pruned, threads)
     name = a.input_names[0]
     x = np.random.default_rng(0).standard_normal((batch, 3, 32, 32)).astype(np.float32)
     for _ in range(warmup):
@@ -69,9 +69,10 @@ def main(argv=None) -> int:
     original = frontend.load(str(model))
     print(f"# {args.model}: fold_bn,prune --prune-flops {args.flops} (no training); "
           f"top-1 on test_dev ({len(load_npz(str(test), original, pre))} images), "
-          f"latency: ORT CPU, batch 64, median of 15 interleaved runs after warm-up")
-    rows = [("criterion", "MACs", "MACs removed", "latency orig/pruned ms", "speed-up",
-             "top-1 orig", "top-1 pruned", "prune s")]
+          f"latency: ORT CPU, batch 64, median of 10 interleaved runs after warm-up, "
+          f"1 thread and ORT's default threads")
+    rows = [("criterion", "MACs", "MACs removed", "1 thread orig/pruned ms", "speed-up",
+             "default threads ms", "speed-up", "top-1 orig", "top-1 pruned", "prune s")]
     for crit in [c.strip() for c in args.criteria.split(",") if c.strip()]:
         res = compress(str(model), ["fold_bn", "prune"],
                        options={"prune_flops": args.flops, "prune_criterion": crit,
@@ -82,11 +83,13 @@ def main(argv=None) -> int:
                        log=lambda m: None)
         rep = res.report
         prune = next(x for x in rep["passes"] if x["name"] == "prune")
+        la1, lb1, ratio1 = latency_ratio(original, res.graph, threads=1)
         la, lb, ratio = latency_ratio(original, res.graph)
         rows.append((crit, f"{rep['original']['macs'] / 1e6:.1f}M -> "
                      f"{rep['final']['macs'] / 1e6:.1f}M",
                      f"{100 * (1 - rep['final']['macs'] / rep['original']['macs']):.1f}%",
-                     f"{la:.1f} / {lb:.1f}", f"{ratio:.2f}x",
+                     f"{la1:.0f} / {lb1:.0f}", f"{ratio1:.2f}x",
+                     f"{la:.0f} / {lb:.0f}", f"{ratio:.2f}x",
                      f"{rep['accuracy']['original_top1']:.2f}%",
                      f"{rep['accuracy']['final_top1']:.2f}%", f"{prune['seconds']:.1f}"))
         print("  done:", crit, file=sys.stderr)

@@ -179,7 +179,7 @@ class Prune(Pass):
                         f"({'global share' if use_global else 'per group'}); "
                         f"estimated MACs {base:,} -> {est:,} "
                         f"(-{100 * (1 - est / max(base, 1)):.1f}%)")
-            if est > (1.0 - flops + 0.005) * base * 1.001:
+            if est > (1.0 - flops) * base * 1.001:
                 report.note("the MAC target could not be reached within the constraints")
         else:
             removed = alloc.select(ratio, use_global)

@@ -23,7 +23,6 @@ MAX_RATIO = 0.9   # global ranking never strips a group beyond this
 # channels, so e.g. 31 kept channels cost as much as 32. Applied to subgroups of at
 # least 32 channels that are multiples of 8; an explicit --prune-multiple replaces it.
 AUTO_MULTIPLE, AUTO_MIN_SIZE = 8, 32
-FLOPS_SLACK = 0.005  # a MAC target counts as met within half a percent of the original
 
 
 def kept_count(size: int, n_remove: int, multiple: int) -> int:
@@ -130,7 +129,7 @@ class Allocator:
     def for_flops(self, flops: float, use_global: bool, base_macs: int,
                   curves=None) -> tuple[np.ndarray, float]:
         """Removal reaching ``flops`` share of MACs removed (or as close as allowed)."""
-        target = (1.0 - flops + FLOPS_SLACK) * base_macs
+        target = (1.0 - flops) * base_macs
         if curves is not None:
             return self._by_sensitivity(target, curves)
         hi_r = 0.999 if use_global else 0.95
