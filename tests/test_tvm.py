@@ -20,7 +20,7 @@ from conftest import run_cli
 pytest.importorskip("tvm")
 
 
-def tiny_cnn(batch="N", seed=0) -> onnx.ModelProto:
+def tiny_cnn(batch="N", seed=0, input_name="x") -> onnx.ModelProto:
     """Conv(3→8, 3×3) → Relu → Conv(8→8) → Add(residual) → GAP → Flatten → Gemm(8→5),
     with a symbolic batch dim (like exported models) unless ``batch`` is an int."""
     rng = np.random.default_rng(seed)
@@ -30,7 +30,7 @@ def tiny_cnn(batch="N", seed=0) -> onnx.ModelProto:
                                        .astype(np.float32), name)
 
     nodes = [
-        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", [input_name, "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
         helper.make_node("Relu", ["c1"], ["r1"]),
         helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1]),
         helper.make_node("Add", ["c2", "r1"], ["s"]),
@@ -40,7 +40,7 @@ def tiny_cnn(batch="N", seed=0) -> onnx.ModelProto:
     ]
     graph = helper.make_graph(
         nodes, "tiny",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 16, 16])],
+        [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, [batch, 3, 16, 16])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 5])],
         [init("w1", (8, 3, 3, 3)), init("b1", (8,), 0.1), init("w2", (8, 8, 3, 3)),
          init("b2", (8,), 0.1), init("wf", (5, 8)), init("bf", (5,), 0.1)])
@@ -208,6 +208,19 @@ def test_cuda_artifact_carries_device_code_for_requested_arch(tiny_path, tmp_pat
         pytest.skip("nvcc not installed: the PTX ahead-of-time check needs it")
     ptx = (out_dir / "kernels.sm_75.ptx").read_text()
     assert ".target sm_75" in ptx and ".entry" in ptx
+
+
+def test_input_names_that_are_not_identifiers_compile_for_cuda_and_x86(tmp_path):
+    from onnxc.backends.tvm import compile_model, load_artifact
+
+    model = tiny_cnn(batch=1, input_name="gpu_0/data_0")     # as in the onnx model zoo
+    cuda = compile_model(model, "cuda", str(tmp_path / "cuda"))
+    assert cuda.inputs[0]["name"] == "gpu_0/data_0"
+    if shutil.which("nvcc"):
+        assert (tmp_path / "cuda" / "kernels.sm_80.ptx").is_file()
+    compile_model(model, "x86", str(tmp_path / "x86"))
+    x = np.ones((1, 3, 16, 16), np.float32)
+    assert load_artifact(tmp_path / "x86").run({"gpu_0/data_0": x})[0].shape == (1, 5)
 
 
 def test_cuda_artifact_runs_on_a_gpu(tiny_path, tmp_path):

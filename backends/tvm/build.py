@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -131,14 +132,46 @@ def import_relax(model: onnx.ModelProto, inputs: list):
     """``relax.frontend.onnx.from_onnx`` with params bound; one-line errors."""
     from tvm.relax.frontend.onnx import from_onnx
 
-    shape_dict = {i["name"]: i["shape"] for i in inputs}
-    dtype_dict = {i["name"]: i["dtype"] for i in inputs}
+    model, names = _identifier_inputs(model, [i["name"] for i in inputs])
+    shape_dict = {names[i["name"]]: i["shape"] for i in inputs}
+    dtype_dict = {names[i["name"]]: i["dtype"] for i in inputs}
     try:
         return from_onnx(model, shape_dict=shape_dict, dtype_dict=dtype_dict)
     except Exception as exc:  # the importer raises anything from KeyError to TVMError
         ops = sorted({n.op_type for n in model.graph.node})
         raise UnsupportedError(f"TVM's ONNX importer failed: {T._first_line(exc)} "
                                f"(ops in graph: {', '.join(ops)})") from None
+
+
+def _identifier_inputs(model: onnx.ModelProto, names: list) -> tuple:
+    """Rename graph inputs to C identifiers (e.g. 'gpu_0/data_0' -> 'gpu_0_data_0').
+
+    TVM's CUDA codegen uses input names for kernel parameters verbatim, so a '/' in a
+    name produces CUDA that does not compile. The VM takes inputs by position, so the
+    artifact keeps the original names in target.json.
+    """
+    mapping, taken = {}, set()
+    for name in names:
+        new = re.sub(r"\W", "_", name)
+        if not new or new[0].isdigit():
+            new = "in_" + new
+        while new in taken:
+            new += "_"
+        taken.add(new)
+        mapping[name] = new
+    if all(k == v for k, v in mapping.items()):
+        return model, mapping
+    renamed = onnx.ModelProto()
+    renamed.CopyFrom(model)
+    for vi in renamed.graph.input:
+        vi.name = mapping.get(vi.name, vi.name)
+    for node in renamed.graph.node:
+        for k, name in enumerate(node.input):
+            if name in mapping:
+                node.input[k] = mapping[name]
+    for vi in renamed.graph.output:
+        vi.name = mapping.get(vi.name, vi.name)
+    return renamed, mapping
 
 
 # ----------------------------------------------------------------------------------------
@@ -290,7 +323,8 @@ def _cuda_device_code(executable, spec, out_dir, files, log) -> list:
     proc = subprocess.run([nvcc, "-ptx", f"-arch={arch}", "-w", cu, "-o",
                            os.path.join(out_dir, ptx)], capture_output=True, text=True)
     if proc.returncode != 0:
-        err = (proc.stderr.strip().splitlines() or ["?"])[0]
+        lines = proc.stderr.strip().splitlines()
+        err = next((ln for ln in lines if "error" in ln), lines[0] if lines else "?")
         raise BackendError(f"nvcc failed to compile the CUDA kernels for {arch}: {err}")
     files.append(ptx)
     return notes
