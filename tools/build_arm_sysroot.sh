@@ -32,7 +32,7 @@ trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$WORK/lists/partial" "$WORK/archives/partial" "$WORK/debs"
 APT_OPTS=(-oAPT::Architecture=arm64 -oAPT::Architectures=arm64
           "-oDir::State::Lists=$WORK/lists" "-oDir::Cache::Archives=$WORK/archives"
-          "-oDir::State::Status=/dev/null" -qq)
+          "-oDir::State::Status=/dev/null" -oAPT::Sandbox::User=root -qq)
 apt-get "${APT_OPTS[@]}" update
 # Python 3.11 itself and the shared libraries TVM's runtime and numpy's wheel link to.
 DEBS=(python3.11-minimal libpython3.11-minimal libpython3.11-stdlib libc6 libstdc++6
