@@ -289,8 +289,8 @@ def main(argv=None) -> int:
     if not args.skip_lowbit:
         lowbit_section(shared)
     pow2_section(shared)
-    mixed_section(shared)
     bad_input_section(shared)
+    mixed_section(shared)
     return 0
 
 
