@@ -54,6 +54,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     zoo = models()
     names = list(zoo) if args.models == "all" else args.models.split(",")
+    unknown = [n for n in names if n not in zoo]
+    if unknown:
+        p.error(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(zoo)}")
     print(f"{'model':<16} {'target':<6} {'result':<7} {'seconds':>7}  {'x86 vs ORT max rel':>18}"
           f"  files")
     failures = 0
