@@ -116,7 +116,9 @@ class Context:
         from onnxc.calibrate.readers import random_dataset
 
         if self.calibration is not None:
-            return self.calibration if samples is None else self.calibration.take(samples)
+            if samples is None or samples >= len(self.calibration):
+                return self.calibration      # a pass asking for more gets what there is
+            return self.calibration.take(samples)
         n = samples or int(self.option("calib_samples", 64))
         self.warn("no --calib-data given: calibrating on seeded RANDOM inputs; "
                   "accuracy of data-driven passes will suffer")
