@@ -53,8 +53,15 @@ def parse_tracker(text: str) -> tuple[str, int]:
 
 def check_tracker(host: str, port: int, key: str) -> None:
     """Fail early, in one line, when the tracker is unreachable or has no such device."""
+    import socket
+
     from tvm import rpc
 
+    try:   # TVM's own connect retries for a minute; a refused port should fail at once
+        socket.create_connection((host, port), timeout=10).close()
+    except OSError as exc:
+        raise BackendError(f"cannot reach the RPC tracker at {host}:{port}: "
+                           f"{exc.strerror or exc}") from None
     try:
         tracker = rpc.connect_tracker(host, port)
         summary = tracker.summary()
