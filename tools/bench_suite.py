@@ -267,16 +267,16 @@ def fmt_int(v) -> str:
 def write_markdown(results: dict, path: pathlib.Path, plots: list, command: str) -> None:
     runs = results.get("runs") or [dict(results["meta"])]
     lines = ["# onnxc benchmarks: rate–distortion on CIFAR-10 ResNets", "",
-             "Produced by the command(s) below, in order — a later `--merge` run replaces "
-             "only the rows it lists (the numbers are whatever they measured; rerun to "
-             "reproduce):", ""]
+             "Produced by the command(s) below — a `--merge` run, or one imported with "
+             "`--import-rows`, replaces only the rows it lists (the numbers are whatever "
+             "they measured; rerun to reproduce):", ""]
     for run in runs:
         lines += ["```", run.get("command", command), "```",
                   f"{run.get('started', '?')} → {run.get('finished', '(running)')}, load "
                   f"average {run.get('load_start', '?')} at start, "
                   f"{run.get('load_end', '?')} at end"
                   + (f", {run['suite_minutes']} min" if run.get("suite_minutes") else "")
-                  + ".", ""]
+                  + (f"; {run['note']}" if run.get("note") else "") + ".", ""]
     lines += [f"Machine: {results['meta']['machine']}, shared with other jobs: latencies "
               "are noisy, which is why original and compressed are timed interleaved in "
               "the same run and their ratio Sr is what to compare.", "",
@@ -335,10 +335,43 @@ def write_markdown(results: dict, path: pathlib.Path, plots: list, command: str)
         if notes:
             lines += [""] + [f"- {n}" for n in notes]
         lines.append("")
+    lines += goals_section(results)
     if plots:
         lines += ["## Plots", ""] + [f"![{p.stem}]({p.relative_to(path.parent)})" for p in plots]
         lines.append("")
     path.write_text("\n".join(lines))
+
+
+GOALS = [  # (config, what issue 8 asks for, check(row) -> met?)
+    ("prune50+recover", "top-1 drop ≤ 0.5 pt (hand-written baseline: 3.5 pt)",
+     lambda r: r["drop"] <= 0.5),
+    ("prune50+int8+recover", "size Cr ≥ 10× and drop ≤ 1.0 pt",
+     lambda r: r["cr"] >= 10 and r["drop"] <= 1.0),
+    ("ternary+recover", "drop ≤ 3 pt", lambda r: r["drop"] <= 3),
+    ("binary+recover", "report", None),
+]
+
+
+def goals_section(results: dict) -> list:
+    """Issue 8's must-show figures for ResNet-56, read from the rows above."""
+    rows = {r["config"]: r for r in results["rows"]
+            if r["model"] == "resnet56" and r.get("status") == "ok"}
+    if not any(c in rows for c, _, _ in GOALS):
+        return []
+    out = ["## Issue 8 goals (ResNet-56)", "",
+           "| configuration | goal | measured | met |", "|---|---|---|---|"]
+    for config, goal, check in GOALS:
+        r = rows.get(config)
+        if r is None:
+            out.append(f"| {config} | {goal} | not run | |")
+            continue
+        rec = r.get("recover") or {}
+        measured = (f"top-1 {r['top1']:.2f}% (drop {r['drop']:.2f} pt), Cr {r['cr']:.2f}×, "
+                    f"recover {rec.get('epochs', 0)} epochs / {rec.get('seconds', 0):.0f} s")
+        met = "" if check is None else ("yes" if check(r) else "no")
+        out.append(f"| {config} | {goal} | {measured} | {met} |")
+    out.append("")
+    return out
 
 
 def write_plots(results: dict, out_dir: pathlib.Path) -> list:
@@ -414,6 +447,8 @@ def main(argv=None) -> int:
                    help="replace rows of --json with those of another results file (a "
                         "run written elsewhere, e.g. while the main run was going) and "
                         "rewrite the report")
+    p.add_argument("--render", action="store_true",
+                   help="only rewrite BENCHMARKS.md and the plots from --json")
     p.add_argument("--tvm-only", action="store_true",
                    help="only add TVM latencies to the rows already in --json")
     p.add_argument("--verbose", action="store_true")
@@ -443,6 +478,10 @@ def main(argv=None) -> int:
                            if not (r["model"] in models and r["config"] in configs)]
     run = {"command": command, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
            "load_start": round(os.getloadavg()[0], 1)}
+    if args.render:
+        results = json.loads(json_path.read_text())
+        _save(results, json_path, out, plot_dir, command)
+        return 0
     if args.import_rows:
         results = json.loads(json_path.read_text())
         other = json.loads(pathlib.Path(args.import_rows).read_text())
@@ -453,6 +492,8 @@ def main(argv=None) -> int:
         results["rows"].sort(key=lambda r: (list(MODELS).index(r["model"]), order[r["config"]]))
         results.setdefault("runs", [dict(results["meta"])]).extend(
             other.get("runs") or [dict(other["meta"])])
+        results["runs"].append(dict(run, finished=run["started"],
+                                    note=f"rows {sorted(keys)} imported from that run"))
         _save(results, json_path, out, plot_dir, command)
         log(f"imported {len(keys)} row(s) from {args.import_rows}")
         return 0
