@@ -14,8 +14,8 @@ import onnx
 from .errors import BackendError
 
 VERIFY_SAMPLES = 64
-# Keep one verification run near this many MACs (ResNet-56: 64 samples, ResNet-50: 5).
-VERIFY_MAC_BUDGET = 2e10
+# Keep one verification run near this many MACs (ResNet-56: 64 samples, ResNet-50: 2).
+VERIFY_MAC_BUDGET = 1e10
 
 
 def _session(model: onnx.ModelProto, threads: int | None = None, optimize: bool = True):
@@ -125,7 +125,7 @@ class Verifier:
         from onnxc.calibrate.readers import random_dataset
 
         macs = max(graph.stats(with_bytes=False).macs, 1)
-        budget = int(min(VERIFY_SAMPLES, max(4, VERIFY_MAC_BUDGET // macs)))
+        budget = int(min(VERIFY_SAMPLES, max(2, VERIFY_MAC_BUDGET // macs)))
         for ds in (ctx.evaluation, ctx.calibration):
             if ds is not None:
                 return cls(ds.take(min(budget, len(ds))))
