@@ -3,15 +3,13 @@ verified, deployable artifacts.
 
 Python API::
 
-    from onnxc import compress
-    result = compress("model.onnx", ["fold_bn"], target="onnx", out_dir="out")
+    import onnxc
+    result = onnxc.compress("model.onnx", ["fold_bn"], target="onnx", out_dir="out")
     print(result.report["compression_ratio"])
 """
 
 __version__ = "0.1.0"
 
-
-def compress(*args, **kwargs):
-    from .compress import compress as _compress
-
-    return _compress(*args, **kwargs)
+# Imported eagerly on purpose: binding the function here, after the submodule import,
+# keeps ``onnxc.compress`` the function even once ``onnxc.compress`` (module) is loaded.
+from .compress import compress  # noqa: E402,F401
