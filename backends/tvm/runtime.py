@@ -63,6 +63,11 @@ def load_artifact(path: str) -> Artifact:
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise UsageError(f"{path} is not an artifact directory (written by onnxc compress -o)")
+    if os.path.isfile(os.path.join(path, "vta", "program.json")):
+        # A VTA artifact runs through its bit-exact simulator (+ host part).
+        from onnxc.backends.vta.runtime import load_artifact as load_vta
+
+        return load_vta(path)
     target_file = os.path.join(path, TARGET_FILE)
     if os.path.isfile(target_file):
         return _load_tvm(path, target_file)
