@@ -235,3 +235,27 @@ def test_loaded_artifact_offers_the_runner_interface(mixed_artifact):
     assert [o["name"] for o in art.outputs] == ["output"] and outs[0].shape == (1, 10)
     np.testing.assert_array_equal(outs[0], _ort_exact(mixed_artifact / "out" / "model.onnx",
                                                       feeds["input"]))
+
+
+def test_onnxc_run_on_a_vta_artifact_uses_the_simulator(mixed_artifact, tmp_path):
+    """`onnxc run` dispatches a VTA artifact to its simulator runtime, and the result
+    agrees with ONNX Runtime on the artifact's own model.onnx."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from onnxc.backends.tvm import load_artifact
+    from onnxc.backends.vta.runtime import VtaArtifact
+
+    out = mixed_artifact / "out"
+    assert isinstance(load_artifact(out), VtaArtifact)
+    sess = ort.InferenceSession(str(out / "model.onnx"))
+    name = sess.get_inputs()[0].name
+    x = np.random.default_rng(0).standard_normal((1, 3, 10, 10)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    code, _, err = run_cli("run", out, "--input", tmp_path / "x.npy",
+                           "--output", tmp_path / "y.npy")
+    assert code == 0, err
+    y = np.load(tmp_path / "y.npy")
+    ref = sess.run(None, {name: x})[0]
+    scale = float(np.abs(ref).max()) or 1.0
+    assert y.shape == ref.shape and float(np.abs(y - ref).max()) / scale < 0.05
