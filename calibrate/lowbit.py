@@ -96,16 +96,7 @@ class LowBitPass(Pass):
     exact = False
     bits = 2
     label = ""
-    options = (
-        Option("--keep-float", str, None,
-               "layers left in float: first,last,none or node names "
-               "(int8 default: none; ternary/binary default: first,last)"),
-        Option("--max-drop", float, None,
-               "mixed precision: top-1 drop budget (pt) on labelled data; the most "
-               "sensitive layers fall back to higher precision until it holds"),
-        Option("--format", str, "qdq", "also export QONNX-style Quant nodes "
-               "(model_qonnx.onnx) for FPGA toolflows", choices=("qdq", "qonnx")),
-    )
+    options = qdq.SHARED_OPTIONS
 
     def encode(self, w: np.ndarray):
         raise NotImplementedError

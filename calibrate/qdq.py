@@ -17,6 +17,20 @@ import platform
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxc.pipeline import Option
+
+# Options every quantization pass (int8, ternary, binary) shares: declared once here.
+SHARED_OPTIONS = (
+    Option("--keep-float", str, None,
+           "layers left in float: first,last,none or node names "
+           "(int8 default: none; ternary/binary default: first,last)"),
+    Option("--max-drop", float, None,
+           "mixed precision: top-1 drop budget (pt) on labelled data; the most "
+           "sensitive layers fall back to higher precision until it holds"),
+    Option("--format", str, "qdq", "also export QONNX-style Quant nodes "
+           "(model_qonnx.onnx) for FPGA toolflows", choices=("qdq", "qonnx")),
+)
+
 
 def has_vnni() -> bool:
     """True when this CPU has VNNI (or is not x86): u8·s8 dot products then cannot saturate."""
@@ -112,17 +126,8 @@ def insert_qdq(graph, tensor: gs.Variable, scale: float, zero_point: int, dtype)
     dq = gs.Node("DequantizeLinear", graph.unique_name(tensor.name + "_DequantizeLinear"),
                  inputs=[q_out, s, z], outputs=[dq_out])
     graph.gs.nodes.extend([q, dq])
-    for node in readers:
-        for i, t in enumerate(node.inputs):
-            if t is tensor:
-                node.inputs[i] = dq_out
-    for i, t in enumerate(graph.gs.outputs):
-        if t is tensor:
-            # Keep the public output name on the tensor the user reads.
-            name = tensor.name
-            tensor.name = graph.unique_name(name + "_float")
-            dq_out.name = name
-            graph.gs.outputs[i] = dq_out
+    # Only the original readers: the new QuantizeLinear must keep reading the float tensor.
+    graph.replace_tensor(tensor, dq_out, consumers=readers)
     return dq_out
 
 

@@ -209,9 +209,10 @@ class Graph:
             cache = self._name_cache
         return cache[2]
 
-    def replace_tensor(self, old, new) -> None:
-        """Point every consumer of ``old`` (and graph outputs) at ``new``."""
-        for node in list(old.outputs):
+    def replace_tensor(self, old, new, consumers=None) -> None:
+        """Point the consumers of ``old`` (all, or just ``consumers``) and the graph
+        outputs at ``new``."""
+        for node in list(old.outputs if consumers is None else consumers):
             for i, t in enumerate(node.inputs):
                 if t is old:
                     node.inputs[i] = new

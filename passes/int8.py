@@ -152,19 +152,11 @@ class Int8(Pass):
         Option("--reduce-range", str, "auto",
                "7-bit weights so u8·s8 kernels cannot saturate (auto: on x86 without VNNI)",
                choices=("auto", "on", "off")),
-        Option("--keep-float", str, None,
-               "layers left in float: first,last,none or node names "
-               "(int8 default: none; ternary/binary default: first,last)"),
-        Option("--max-drop", float, None,
-               "mixed precision: top-1 drop budget (pt) on labelled data; the most "
-               "sensitive layers fall back to higher precision until it holds"),
         Option("--int8-mode", str, "static",
                "static: calibrated QDQ; dynamic: int8 weights, activations quantized at "
                "run time (MatMul/Gemm only; for MatMul-heavy models, no data needed)",
                choices=("static", "dynamic")),
-        Option("--format", str, "qdq", "also export QONNX-style Quant nodes "
-               "(model_qonnx.onnx) for FPGA toolflows", choices=("qdq", "qonnx")),
-    )
+    ) + qdq.SHARED_OPTIONS
 
     def validate(self, ctx):
         p = ctx.option("percentile", 99.99)
