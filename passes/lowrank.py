@@ -73,6 +73,7 @@ class Layer:
     basis: np.ndarray | None = None   # svd: right singular vectors q (out × k)
     ranks: tuple = ()
     info: dict = field(default_factory=dict)
+    multiple: int = 1         # ranks are rounded up to a multiple of this (capped at full)
 
     @property
     def name(self) -> str:
@@ -103,19 +104,26 @@ class Layer:
                 + self.rows * r * kw + self.rows * r * n)
         return macs, r * (c + kh + kw + n)
 
+    def rounded(self, ranks) -> tuple:
+        """``ranks`` rounded up to a multiple of ``multiple`` (capped at the full ranks):
+        monotone in the ranks, so budget bisection over energy still works."""
+        k = self.multiple
+        return tuple(min(f, -(-r // k) * k) for r, f in zip(ranks, self.full_ranks()))
+
     def ranks_at_energy(self, energy: float) -> tuple:
-        return tuple(lm.energy_rank(s, energy) for s in self.spectra)
+        return self.rounded(lm.energy_rank(s, energy) for s in self.spectra)
 
     def ranks_fixed(self, rank: int) -> tuple:
-        return tuple(min(rank, f) for f in self.full_ranks())
+        return self.rounded(min(rank, f) for f in self.full_ranks())
 
     def ranks_vbmf(self) -> tuple:
         if self.method == "svd":
             s = self.info.get("data_free_s", self.spectra[0])
-            return (lm.evbmf_rank(s, self.weight.shape),)
+            return self.rounded((lm.evbmf_rank(s, self.weight.shape),))
         n, c, kh, kw = self.weight.shape
         s_out, s_in = self.spectra
-        return (lm.evbmf_rank(s_out, (n, c * kh * kw)), lm.evbmf_rank(s_in, (c, n * kh * kw)))
+        return self.rounded((lm.evbmf_rank(s_out, (n, c * kh * kw)),
+                             lm.evbmf_rank(s_in, (c, n * kh * kw))))
 
     def ranks_for_macs(self, budget: float) -> tuple:
         """Largest rank (R1 : R2 kept in the C : N ratio for Tucker-2) within ``budget``."""
@@ -124,7 +132,10 @@ class Layer:
         scale = [f / max(full) for f in full]
 
         def at(k):
-            return tuple(max(1, min(f, int(round(k * s)))) for f, s in zip(full, scale))
+            # Rounded down to the multiple (at least one multiple): stays within budget.
+            m = self.multiple
+            return tuple(max(min(f, m), min(f, int(round(k * s)) // m * m))
+                         for f, s in zip(full, scale))
 
         while lo < hi:
             mid = (lo + hi + 1) // 2
@@ -172,6 +183,9 @@ class LowRank(Pass):
                     "(default 50)"),
         Option("--lowrank-force", action="store_true",
                help="split eligible layers even where that does not save MACs"),
+        Option("--lowrank-multiple", int, 1,
+               help="round every rank up to a multiple of this (e.g. 8 for ONNX "
+                    "Runtime's blocked conv kernels); capped at the full rank"),
     )
 
     # -- options ----------------------------------------------------------------------
@@ -206,6 +220,9 @@ class LowRank(Pass):
         vbmf = bool(ctx.option("lowrank_vbmf", False))
         iters = number("lowrank_als_iters", int)
         samples = number("lowrank_samples", int)
+        multiple = number("lowrank_multiple", int)
+        if multiple is not None and multiple < 1:
+            raise UsageError(f"--lowrank-multiple must be a positive integer, got {multiple}")
         rules = [f for f, v in (("--lowrank-energy", energy), ("--lowrank-flops", flops),
                                 ("--lowrank-rank", rank), ("--lowrank-vbmf", vbmf or None))
                  if v is not None]
@@ -234,7 +251,8 @@ class LowRank(Pass):
                 "flops": flops, "rank": rank, "vbmf": vbmf, "iters": iters,
                 "samples": samples or 256, "data_aware": bool(ctx.option(
                     "lowrank_data_aware", False)),
-                "force": bool(ctx.option("lowrank_force", False))}
+                "force": bool(ctx.option("lowrank_force", False)),
+                "multiple": multiple or 1}
 
     # -- the pass ---------------------------------------------------------------------
     def run(self, graph, ctx, report):
@@ -290,6 +308,7 @@ class LowRank(Pass):
             else:
                 continue
             if layer is not None:
+                layer.multiple = cfg["multiple"]
                 found.append(layer)
         return found
 
@@ -713,12 +732,15 @@ def _run_stages(stages, x: np.ndarray) -> np.ndarray:
 
 def _rule_text(cfg) -> str:
     if cfg["flops"] is not None:
-        return f"MACs budget -{100 * cfg['flops']:.0f}%"
-    if cfg["rank"] is not None:
-        return f"fixed rank {cfg['rank']}"
-    if cfg["vbmf"]:
-        return "VBMF ranks"
-    return f"energy {cfg['energy']}"
+        text = f"MACs budget -{100 * cfg['flops']:.0f}%"
+    elif cfg["rank"] is not None:
+        text = f"fixed rank {cfg['rank']}"
+    elif cfg["vbmf"]:
+        text = "VBMF ranks"
+    else:
+        text = f"energy {cfg['energy']}"
+    multiple = cfg.get("multiple", 1)
+    return text + (f", ranks rounded up to multiples of {multiple}" if multiple > 1 else "")
 
 
 def _skip_summary(report) -> str:

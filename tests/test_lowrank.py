@@ -189,6 +189,26 @@ def test_macs_budget_removes_the_requested_share_of_eligible_macs():
     assert result.report["final"]["macs"] == extra["eligible_macs_after"]
 
 
+def test_rank_multiple_rounds_ranks_up_and_the_budget_still_holds():
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a"], ["b"]),
+             helper.make_node("Conv", ["b", "w2"], ["y"], pads=[1, 1, 1, 1])]
+    model = _model(nodes, {"w1": RNG.standard_normal((32, 16, 3, 3)),
+                           "w2": RNG.standard_normal((32, 32, 3, 3))},
+                   ["N", 16, 8, 8], ["N", 32, 8, 8])
+    result = run_pass(model, lowrank_flops=0.5, lowrank_multiple=8)
+    extra = result.report["passes"][-1]["extra"]["lowrank"]
+    assert extra["layers"] and all(r % 8 == 0 for row in extra["layers"]
+                                   for r in row["ranks"])
+    assert extra["eligible_macs_after"] <= 0.5 * extra["eligible_macs"]
+    assert "multiples of 8" in extra["rule"]
+    # An exact rank-5 FC weight at energy 1.0: rank 5 rounds up to 8, still exact.
+    fc = gemm_model(low_rank(48, 64, 5))
+    fc_result = run_pass(fc, lowrank_energy=1.0, lowrank_multiple=8)
+    assert layers(fc_result)[0]["ranks"] == [8]
+    assert output_error(fc, fc_result.graph.to_onnx(), [64]) <= 1e-5
+
+
 def test_data_aware_svd_has_lower_error_than_plain_svd_on_the_data_it_was_fitted_to():
     # Inputs live in a 6-dim subspace of R^64: plain SVD spends its rank on directions the
     # data never visits; the whitened SVD does not.
@@ -243,6 +263,7 @@ def test_layer_whose_split_would_not_save_macs_is_left_alone():
     ({"lowrank_rank": 4, "lowrank_energy": 0.9}, "choose one rank rule"),
     ({"lowrank_method": "cp"}, "give --lowrank-rank or --lowrank-flops"),
     ({"lowrank_method": "qr"}, "--lowrank-method must be one of"),
+    ({"lowrank_multiple": 0}, "--lowrank-multiple must be a positive integer"),
 ])
 def test_out_of_range_options_are_usage_errors(options, message):
     with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")
