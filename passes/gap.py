@@ -34,6 +34,12 @@ from ._lowrank_math import ridge_fit
 
 _ACTIVATIONS = {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Clip", "Elu"}
 _FINAL = {"Softmax", "LogSoftmax"}
+FORMS = ("hidden", "collapse", "auto")
+# Ridge strengths (relative to the mean feature power) tried on the held-out share of the
+# calibration set; the pooled features are few (C) but strongly correlated.
+RIDGES = (1e-4, 1e-3, 1e-2, 1e-1)
+HELD_OUT_SHARE = 0.2
+MIN_SELECT_SAMPLES = 50      # below this, no held-out split: ridge 1e-3, form as asked
 
 
 @dataclass
@@ -95,7 +101,12 @@ class GlobalAveragePoolHead(Pass):
     needs_data = True
     options = (
         Option("--gap-collapse", action="store_true",
-               help="replace the whole FC stack by one FC (channels -> classes)"),
+               help="replace the whole FC stack by one FC (channels -> classes); "
+                    "same as --gap-form collapse"),
+        Option("--gap-form", str, None, choices=FORMS,
+               help="hidden (default: keep the FC stack, first FC reads C values), "
+                    "collapse (one FC), or auto (needs data: fit both, keep the one with "
+                    "the lower logit error on the held-out 20%% of the calibration set)"),
         Option("--gap-samples", int, 512, help="calibration samples for the fit"),
         Option("--gap-data-free", action="store_true",
                help="ignore calibration data: sum the first FC's weights over positions"),
@@ -105,6 +116,7 @@ class GlobalAveragePoolHead(Pass):
     )
 
     def validate(self, ctx) -> None:
+        self._form(ctx)
         fit = ctx.option("gap_fit", "lstsq")
         if fit not in ("lstsq", "kl"):
             raise UsageError(f"--gap-fit must be lstsq or kl, got {fit!r}")
@@ -116,6 +128,16 @@ class GlobalAveragePoolHead(Pass):
         if not ok:
             raise UsageError(f"--gap-samples must be a positive integer, got {samples!r}")
 
+    @staticmethod
+    def _form(ctx) -> str:
+        form = ctx.option("gap_form", None)
+        collapse = bool(ctx.option("gap_collapse", False))
+        if form is not None and form not in FORMS:
+            raise UsageError(f"--gap-form must be one of {', '.join(FORMS)}, got {form!r}")
+        if collapse and form not in (None, "collapse"):
+            raise UsageError(f"--gap-collapse contradicts --gap-form {form}")
+        return "collapse" if collapse else (form or "hidden")
+
     def run(self, graph, ctx, report):
         heads, reasons = self._find_heads(graph)
         for node, reason in reasons:
@@ -124,8 +146,12 @@ class GlobalAveragePoolHead(Pass):
             detail = f": {reasons[0][0]}: {reasons[0][1]}" if reasons else \
                 " (no Flatten/Reshape of a 4-D feature map into a Gemm/MatMul)"
             raise UnsupportedError("gap: no plain classifier head to replace" + detail)
-        collapse = bool(ctx.option("gap_collapse", False))
+        form = self._form(ctx)
+        collapse = form == "collapse"
         data_free = bool(ctx.option("gap_data_free", False)) or ctx.calibration is None
+        if form == "auto" and data_free:
+            raise UsageError("gap: --gap-form auto chooses on held-out calibration data "
+                             "and needs --calib-data")
         for head in heads:
             nonlinear = any(s.kind == "act" for s in head.steps)
             if collapse and data_free and nonlinear:
@@ -144,7 +170,7 @@ class GlobalAveragePoolHead(Pass):
             if data_free:
                 steps, fit = self._fit_data_free(head, collapse), None
             else:
-                steps, fit = self._fit_data(head, acts, collapse, kl)
+                steps, fit = self._fit_data(head, acts, form, kl)
             self._rewrite(graph, head, steps)
             after = _fc_params(steps)
             row = {"flatten": head.flatten.name, "channels": head.channels,
@@ -152,7 +178,8 @@ class GlobalAveragePoolHead(Pass):
                    "fc_layers_after": sum(s.kind == "fc" for s in steps),
                    "head_params_before": before, "head_params_after": after,
                    "fit": "data-free" if data_free else
-                   ("least-squares + KL" if kl else "least-squares")}
+                   ("least-squares + KL" if kl else "least-squares"),
+                   "form": "collapse" if _collapsed(head, steps) else "hidden"}
             if fit:
                 row.update(fit)
             summaries.append(row)
@@ -285,38 +312,74 @@ class GlobalAveragePoolHead(Pass):
             steps = _compose_linear(steps)
         return steps
 
-    def _fit_data(self, head, acts, collapse, kl=False):
+    def _fit_data(self, head, acts, form, kl=False):
         fmap = acts[head.fmap.name].astype(np.float64)          # n × C × H × W
         g = fmap.reshape(len(fmap), head.channels, -1).mean(axis=2)   # n × C
         fcs = head.fcs
         logits = acts[fcs[-1].nodes[-1].outputs[0].name].reshape(len(g), -1)
         logits = logits.astype(np.float64)                      # n × classes
-        if collapse or len(fcs) == 1:
-            m, c = _logit_fit(g, logits, kl)
-            last = len(head.steps) - 1 - [s.kind for s in head.steps][::-1].index("fc")
-            steps = [Step("fc", fcs[0].nodes, m=m, c=c)] + head.steps[last + 1:]
+        hidden = acts[fcs[0].nodes[-1].outputs[0].name].reshape(len(g), -1) \
+            .astype(np.float64) if len(fcs) > 1 else None      # first FC's outputs
+        forms = ["collapse"] if len(fcs) == 1 else \
+            (["hidden", "collapse"] if form == "auto" else [form])
+        # Choose the form and the ridge on a held-out share of the calibration samples
+        # (the last 20%: a caller that adds flipped copies keeps each pair together at
+        # an even boundary), scored by the logit error there, then refit on all samples.
+        n = len(g)
+        held = int(HELD_OUT_SHARE * n) // 2 * 2 if n >= MIN_SELECT_SAMPLES else 0
+        tried = []
+        if held:
+            fit_rows, test_rows = slice(0, n - held), slice(n - held, n)
+            for f in forms:
+                for ridge in RIDGES:
+                    steps = self._fit_form(head, f, g[fit_rows], hidden[fit_rows]
+                                           if hidden is not None else None,
+                                           logits[fit_rows], ridge, kl=False)
+                    out = _head_logits(steps, g[test_rows])
+                    ref = logits[test_rows]
+                    tried.append({"form": f, "ridge": ridge, "held_out_logit_rel_error":
+                                  round(float(np.linalg.norm(out - ref)
+                                              / max(np.linalg.norm(ref), 1e-30)), 5),
+                                  "held_out_argmax_agreement": round(float(np.mean(
+                                      out.argmax(1) == ref.argmax(1))), 5)})
+            best = min(tried, key=lambda t: t["held_out_logit_rel_error"])
+            chosen_form, ridge = best["form"], best["ridge"]
         else:
-            # First FC: match its own outputs (pre-activation) from the pooled features.
-            target = acts[fcs[0].nodes[-1].outputs[0].name].astype(np.float64)
-            m, c = ridge_fit(g, target.reshape(len(g), -1))
-            first = Step("fc", fcs[0].nodes, m=m, c=c)
-            steps = [first if s is fcs[0] else s for s in head.steps]
-            # Last FC: refit on the new penultimate activations so the logits match
-            # (absorbs what the first fit could not reproduce).
-            last = max(i for i, s in enumerate(steps) if s.kind == "fc")
-            h = g
-            for s in steps[:last]:
-                h = s.apply(h)
-            m, c = _logit_fit(h, logits, kl)
-            steps[last] = Step("fc", steps[last].nodes, m=m, c=c)
-        new_logits = g
-        for s in steps:
-            new_logits = s.apply(new_logits) if s.kind != "final" else new_logits
+            chosen_form, ridge = forms[0], 1e-3
+        steps = self._fit_form(head, chosen_form, g, hidden, logits, ridge, kl)
+        new_logits = _head_logits(steps, g)
         err = np.linalg.norm(new_logits - logits) / max(np.linalg.norm(logits), 1e-30)
         agree = float(np.mean(new_logits.argmax(1) == logits.argmax(1))) \
             if logits.shape[1] > 1 else None
-        return steps, {"calibration_samples": len(g), "logit_rel_error": round(float(err), 5),
-                       "argmax_agreement": agree}
+        fit = {"calibration_samples": n, "logit_rel_error": round(float(err), 5),
+               "argmax_agreement": agree, "ridge": ridge}
+        if tried:
+            fit["held_out_samples"] = held
+            fit["held_out"] = tried
+            fit["held_out_logit_rel_error"] = best["held_out_logit_rel_error"]
+        return steps, fit
+
+    def _fit_form(self, head, form, g, hidden, logits, ridge, kl):
+        """Steps of the new head fitted on pooled features ``g`` (n × C): ``collapse`` =
+        one FC to the logits; ``hidden`` = the first FC fitted to the old first FC's
+        outputs ``hidden`` (pre-activation), the later FCs kept, the last refitted to the
+        logits on the new penultimate activations (absorbing what the first could not
+        reproduce)."""
+        fcs = head.fcs
+        if form == "collapse":
+            m, c = _logit_fit(g, logits, kl, ridge)
+            last = len(head.steps) - 1 - [s.kind for s in head.steps][::-1].index("fc")
+            return [Step("fc", fcs[0].nodes, m=m, c=c)] + head.steps[last + 1:]
+        m, c = ridge_fit(g, hidden, ridge)
+        first = Step("fc", fcs[0].nodes, m=m, c=c)
+        steps = [first if s is fcs[0] else s for s in head.steps]
+        last = max(i for i, s in enumerate(steps) if s.kind == "fc")
+        h = g
+        for s in steps[:last]:
+            h = s.apply(h)
+        m, c = _logit_fit(h, logits, kl, ridge)
+        steps[last] = Step("fc", steps[last].nodes, m=m, c=c)
+        return steps
 
     # -- rewriting ----------------------------------------------------------------------
     def _rewrite(self, graph, head, steps) -> None:
@@ -392,12 +455,23 @@ def _fc_params(steps) -> int:
                if s.kind == "fc")
 
 
-def _logit_fit(x, logits, kl: bool):
+def _head_logits(steps, g: np.ndarray) -> np.ndarray:
+    out = g
+    for s in steps:
+        out = s.apply(out) if s.kind != "final" else out
+    return out
+
+
+def _collapsed(head, steps) -> bool:
+    return len(head.fcs) > 1 and sum(s.kind == "fc" for s in steps) == 1
+
+
+def _logit_fit(x, logits, kl: bool, ridge: float = 1e-3):
     """Fit the logit layer: ridge least squares on the logits; with ``kl``, refine that by
     minimising KL(softmax(old logits) ‖ softmax(x·m + c)) (+ the same small ridge) with
     L-BFGS. Least squares weighs every logit alike, down to the irrelevant low ones; KL
     weighs them by the old head's probabilities, which is what decides the argmax."""
-    m, c = ridge_fit(x, logits)
+    m, c = ridge_fit(x, logits, ridge)
     if not kl:
         return m, c
     from scipy.optimize import minimize
@@ -407,7 +481,7 @@ def _logit_fit(x, logits, kl: bool):
     xb = np.hstack([x, np.ones((n, 1))])                         # n × (d+1)
     p = np.exp(logits - logits.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)                                 # old head's softmax
-    lam = 1e-3 * float(np.mean(x * x))
+    lam = ridge * float(np.mean(x * x))
 
     def loss(flat):
         w = flat.reshape(d + 1, k)

@@ -126,6 +126,20 @@ def test_collapse_replaces_the_fc_stack_by_one_fc_to_the_classes():
         + CLASSES
 
 
+def test_auto_form_keeps_the_form_with_the_lower_held_out_logit_error():
+    maps = Dataset({"x": constant_maps(400)}, source="maps")
+    # Nonlinear head, spatially constant maps: the hidden form can reproduce the logits
+    # exactly, one FC cannot; a linear head: both can, and the collapsed one is as good.
+    row = gap_report(gap(head_model(), calibration=maps, gap_form="auto"))["extra"]["gap"][0]
+    assert row["form"] == "hidden" and row["held_out_samples"] == 80
+    best = {f: min(t["held_out_logit_rel_error"] for t in row["held_out"] if t["form"] == f)
+            for f in ("hidden", "collapse")}
+    assert best["hidden"] < best["collapse"]
+    assert row["held_out_logit_rel_error"] == best["hidden"]
+    linear = gap(head_model(relu=False), calibration=maps, gap_form="collapse")
+    assert gap_report(linear)["extra"]["gap"][0]["logit_rel_error"] < 1e-3
+
+
 def test_collapse_of_a_linear_stack_without_data_composes_it_exactly():
     model = head_model(relu=False)
     result = gap(model, gap_collapse=True)
@@ -172,6 +186,16 @@ def test_model_without_flatten_into_fc_is_refused():
 def test_collapse_of_a_nonlinear_head_without_data_is_a_usage_error():
     with pytest.raises(UsageError, match="--gap-collapse .* needs calibration data"):
         gap(head_model(), gap_collapse=True)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"gap_form": "auto"}, "--gap-form auto chooses on held-out calibration data"),
+    ({"gap_form": "hidden", "gap_collapse": True}, "--gap-collapse contradicts"),
+    ({"gap_form": "wide"}, "--gap-form must be one of"),
+])
+def test_bad_form_is_a_usage_error(options, message):
+    with pytest.raises(UsageError, match=message):
+        gap(head_model(), **options)
 
 
 def test_bad_sample_count_is_a_usage_error():
