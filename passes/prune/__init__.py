@@ -26,7 +26,7 @@ import numpy as np
 from onnxc.errors import DataError, UnsupportedError, UsageError
 from onnxc.pipeline import Option, Pass, register_pass
 
-from .allocate import Allocator
+from .allocate import MAX_RATIO, Allocator
 from .criteria import scores as criterion_scores
 from .groups import DependencyGraph, rewrite
 
@@ -100,6 +100,8 @@ class Prune(Pass):
                "in [0, 1) (default 0.5 when --prune-flops is not given)"),
         Option("--prune-flops", float, None, "share of MACs to remove, in [0, 1); "
                "per-group ratios are allocated to reach it"),
+        Option("--prune-params", float, None, "share of parameters to remove, in [0, 1); "
+               "alone or with --prune-flops (both budgets are met)"),
         Option("--prune-global", None, None, "rank channels across groups instead of the "
                "same ratio in each", action="store_true"),
         Option("--prune-skip", str, None, "comma-separated glob(s) of layer names whose "
@@ -120,8 +122,11 @@ class Prune(Pass):
     def validate(self, ctx):
         ratio = _fraction(ctx, "prune_ratio", "--prune-ratio")
         flops = _fraction(ctx, "prune_flops", "--prune-flops")
+        params = _fraction(ctx, "prune_params", "--prune-params")
         if ratio is not None and flops is not None:
             raise UsageError("give either --prune-ratio or --prune-flops, not both")
+        if ratio is not None and params is not None:
+            raise UsageError("give either --prune-ratio or --prune-params, not both")
         for dest, flag in (("prune_min_channels", "--prune-min-channels"),
                            ("prune_multiple", "--prune-multiple"),
                            ("prune_samples", "--prune-samples")):
@@ -134,14 +139,15 @@ class Prune(Pass):
                              f"got '{crit}'")
         sens = ctx.option("prune_sensitivity")
         if sens is not None:
-            if flops is None:
-                raise UsageError("--prune-sensitivity needs --prune-flops")
+            if flops is None and params is None:
+                raise UsageError("--prune-sensitivity needs --prune-flops or --prune-params")
             load_curves(sens)
 
     def run(self, graph, ctx, report):
         ratio = _fraction(ctx, "prune_ratio", "--prune-ratio")
         flops = _fraction(ctx, "prune_flops", "--prune-flops")
-        if ratio is None and flops is None:
+        params = _fraction(ctx, "prune_params", "--prune-params")
+        if ratio is None and flops is None and params is None:
             ratio = 0.5
             report.note("no --prune-ratio/--prune-flops given: pruning 50% per group")
         criterion = ctx.option("prune_criterion", "l1")
@@ -169,18 +175,48 @@ class Prune(Pass):
         score = criterion_scores(criterion, dg, graph, ctx, samples)
         alloc = Allocator(dg, groups, score, min_ch, multiple)
         base = dg.estimate_macs(np.zeros(dg.num_classes, bool))
-        if flops is not None:
-            curves = None
-            if ctx.option("prune_sensitivity"):
-                curves = match_curves(load_curves(ctx.option("prune_sensitivity")), groups)
-            removed, level = alloc.for_flops(flops, use_global, base, curves)
+        before = graph.stats(with_bytes=False)
+        base_params = before.params
+        curves = None
+        if ctx.option("prune_sensitivity"):
+            curves = match_curves(load_curves(ctx.option("prune_sensitivity")), groups)
+        if params is not None or curves is not None:
+            removed, how = alloc.for_budgets(base, base_params, flops, params,
+                                             use_global, curves)
+            est, est_p = dg.estimate_macs(removed), base_params - dg.params_removed(removed)
+            asked = " ".join(f"{flag} {v}" for flag, v in (("--prune-flops", flops),
+                                                             ("--prune-params", params))
+                             if v is not None)
+            report.note(f"{asked}: {how}; estimated MACs {base:,} -> {est:,} "
+                        f"(-{100 * (1 - est / max(base, 1)):.1f}%), params "
+                        f"{base_params:,} -> {est_p:,} "
+                        f"(-{100 * (1 - est_p / max(base_params, 1)):.1f}%)")
+            short = []
+            if flops is not None and est > (1.0 - flops) * base * 1.001:
+                short.append(f"MACs -{100 * (1 - est / max(base, 1)):.1f}% < "
+                             f"-{100 * flops:.1f}%")
+            if params is not None and est_p > (1.0 - params) * base_params * 1.001:
+                short.append(f"params -{100 * (1 - est_p / max(base_params, 1)):.1f}% < "
+                             f"-{100 * params:.1f}%")
+            if short:
+                msg = (f"prune budget not reachable ({'; '.join(short)}): the prunable "
+                       f"groups are cut as far as allowed (max ratio {MAX_RATIO}, "
+                       f"--prune-min-channels, --prune-multiple; left-whole groups keep "
+                       f"their channels)")
+                report.note(msg)
+                ctx.warn(msg)
+        elif flops is not None:
+            removed, level = alloc.for_flops(flops, use_global, base)
             est = dg.estimate_macs(removed)
             report.note(f"--prune-flops {flops}: ratio {level:.3f} "
                         f"({'global share' if use_global else 'per group'}); "
                         f"estimated MACs {base:,} -> {est:,} "
                         f"(-{100 * (1 - est / max(base, 1)):.1f}%)")
             if est > (1.0 - flops) * base * 1.001:
-                report.note("the MAC target could not be reached within the constraints")
+                msg = (f"prune budget not reachable: MACs -{100 * (1 - est / max(base, 1)):.1f}%"
+                       f" < -{100 * flops:.1f}% (groups cut as far as allowed)")
+                report.note(msg)
+                ctx.warn(msg)
         else:
             removed = alloc.select(ratio, use_global)
 
@@ -200,11 +236,19 @@ class Prune(Pass):
             if n:
                 per_group.append({"group": g.label, "channels": int(len(g.classes)),
                                   "removed": n})
+        graph.refresh()            # shapes are stale after the rewrite: MACs need them
+        after = graph.stats(with_bytes=False)
+        report.note(f"achieved: MACs {before.macs:,} -> {after.macs:,} "
+                    f"(-{100 * (1 - after.macs / max(before.macs, 1)):.1f}%), params "
+                    f"{before.params:,} -> {after.params:,} "
+                    f"(-{100 * (1 - after.params / max(before.params, 1)):.1f}%)")
         report.changed = int(removed.sum())
         report.extra.update({"criterion": criterion, "groups": len(dg.groups),
                              "prunable_groups": len(groups),
                              "channels_removed": int(removed.sum()),
                              "estimated_macs": dg.estimate_macs(removed),
+                             "macs_removed_share": 1 - after.macs / max(before.macs, 1),
+                             "params_removed_share": 1 - after.params / max(before.params, 1),
                              "per_group": per_group})
         report.note(f"{int(removed.sum())} of {sum(len(g.classes) for g in groups)} "
                     f"prunable channels removed in {len(per_group)} of {len(groups)} "

@@ -126,12 +126,11 @@ class Allocator:
         counts = self.global_counts(ratio) if use_global else self.uniform_counts(ratio)
         return self._remove(counts)
 
-    def for_flops(self, flops: float, use_global: bool, base_macs: int,
-                  curves=None) -> tuple[np.ndarray, float]:
-        """Removal reaching ``flops`` share of MACs removed (or as close as allowed)."""
+    def for_flops(self, flops: float, use_global: bool,
+                  base_macs: int) -> tuple[np.ndarray, float]:
+        """Removal reaching ``flops`` share of MACs removed (or as close as allowed) with
+        one ratio for every group (or one global share)."""
         target = (1.0 - flops) * base_macs
-        if curves is not None:
-            return self._by_sensitivity(target, curves)
         hi_r = 0.999 if use_global else 0.95
         removed_hi = self.select(hi_r, use_global)
         if self.dg.estimate_macs(removed_hi) > target:
@@ -145,47 +144,161 @@ class Allocator:
                 lo = mid
         return self.select(hi, use_global), hi
 
-    def _by_sensitivity(self, target, curves) -> tuple[np.ndarray, float]:
-        """Greedy: raise the ratio of the group whose error grows least per MAC saved.
+    def for_budgets(self, base_macs: int, base_params: int, flops=None, params=None,
+                    use_global: bool = False, curves=None) -> tuple[np.ndarray, str]:
+        """Removal meeting a MAC budget and/or a parameter budget (shares to remove).
 
-        ``curves[group index]`` maps ratio -> output error measured by ``sensitivity``.
+        Global ranking: the share is bisected until both are met. Otherwise per-group
+        ratios are raised greedily (``_greedy``). Returns the removal and a short
+        description of the allocation.
         """
-        ratios = {gi: 0.0 for gi in curves}
-        steps = sorted({r for c in curves.values() for r in c})
+        tm = None if flops is None else (1.0 - flops) * base_macs
+        tp = None if params is None else (1.0 - params) * base_params
 
-        def removal():
-            counts = []
-            for gi, g in enumerate(self.groups):
-                r = ratios.get(gi, 0.0)
-                counts += [self._constrain(sg, math.floor(r * len(sg) + 1e-9))
-                           for sg in g.subgroups]
-            return self._remove(counts)
+        def met(removed):
+            return (tm is None or self.dg.estimate_macs(removed) <= tm) and \
+                (tp is None or base_params - self.dg.params_removed(removed) <= tp)
 
-        current = removal()
-        macs = self.dg.estimate_macs(current)
-        while macs > target:
-            best = None
-            for gi, c in curves.items():
-                nxt = [r for r in steps if r > ratios[gi] and r in c]
-                if not nxt:
-                    continue
-                r = nxt[0]
-                old = ratios[gi]
-                ratios[gi] = r
-                trial = removal()
-                saved = macs - self.dg.estimate_macs(trial)
-                ratios[gi] = old
-                if saved <= 0:
-                    continue
-                cost = (c[r] - c.get(old, 0.0)) / saved
-                if best is None or cost < best[0]:
-                    best = (cost, gi, r)
-            if best is None:
+        if use_global and curves is None:
+            hi = 0.999
+            if not met(self.select(hi, True)):
+                return self.select(hi, True), f"global share {hi:.3f}"
+            lo = 0.0
+            for _ in range(30):
+                mid = (lo + hi) / 2
+                if met(self.select(mid, True)):
+                    hi = mid
+                else:
+                    lo = mid
+            return self.select(hi, True), f"global share {hi:.3f}"
+        return self._greedy(tm, tp, base_params, curves)
+
+    def _group_states(self, gi, curves):
+        """Distinct removals of group ``gi`` by increasing ratio: [(ratio, counts)]."""
+        g = self.groups[gi]
+        if curves is not None:
+            if gi not in curves:
+                return [(0.0, [0] * len(g.subgroups))]
+            ratios = [0.0] + sorted(r for r in curves[gi] if r > 0)
+        else:
+            ratios = list(np.arange(0, 64) / 64.0)
+            ratios = [r for r in ratios if r <= MAX_RATIO + 1e-9]
+        states, seen = [], set()
+        for r in ratios:
+            counts = [self._constrain(sg, math.floor(r * len(sg) + 1e-9))
+                      for sg in g.subgroups]
+            if tuple(counts) not in seen:
+                seen.add(tuple(counts))
+                states.append((float(r), counts))
+        return states
+
+    def _greedy(self, tm, tp, base_params, curves) -> tuple[np.ndarray, str]:
+        """Raise, one step at a time, the ratio of the group whose damage grows least
+        per unit of budget progress, until every budget is met.
+
+        Damage: the measured output error of ``curves`` (``onnxc sensitivity``) at
+        that ratio; without curves, the criterion's share of the group's importance
+        removed (sum of the removed channels' scores over the group's sum), so a
+        group whose weakest channels carry little of its score is cut first.
+        Progress: MACs and parameters saved, each relative to what is still missing
+        from its budget, so the budget furthest from being met weighs most (ResNet
+        stages cost the same MACs but the last holds most parameters).
+        """
+        dg = self.dg
+        n = len(self.groups)
+        states = [self._group_states(gi, curves) for gi in range(n)]
+        level = [0] * n
+        order = [[np.argsort(self.scores[sg], kind="stable") for sg in g.subgroups]
+                 for g in self.groups]
+        mass = []
+        for g in self.groups:
+            v = self.norm[g.classes]
+            mass.append(float(v[np.isfinite(v)].sum()) or 1.0)
+
+        def fill(removed, gi, counts):
+            g = self.groups[gi]
+            removed[g.classes] = False
+            for sg, o, k in zip(g.subgroups, order[gi], counts):
+                if k > 0:
+                    removed[sg[o[:k]]] = True
+
+        def damage(gi, st):
+            r, counts = states[gi][st]
+            if curves is not None:
+                return curves[gi].get(r, 0.0) if r > 0 else 0.0
+            g = self.groups[gi]
+            tot = 0.0
+            for sg, o, k in zip(g.subgroups, order[gi], counts):
+                v = self.norm[sg[o[:k]]]
+                tot += float(v[np.isfinite(v)].sum())
+            return tot / mass[gi]
+
+        # Groups whose MAC/parameter terms overlap: raising one changes the other's
+        # savings (a conv between two groups); everyone else's cached step stays valid.
+        terms = [(m.in_slots, m.out_slots) for m in dg.mac_nodes] + \
+            [(i, o) for _, i, o in dg.param_terms()]
+        owner = np.full(dg.num_classes, -1)
+        for gi, g in enumerate(self.groups):
+            owner[g.classes] = gi
+        touch = [set() for _ in range(n)]
+        for ti, (i, o) in enumerate(terms):
+            for sl in (i, o):
+                if sl is not None and len(sl):
+                    for gi in np.unique(owner[dg.label[sl]]):
+                        if gi >= 0:
+                            touch[gi].add(ti)
+        linked = [{hj for hj in range(n) if touch[gi] & touch[hj]} | {gi}
+                  for gi in range(n)]
+
+        removed = np.zeros(dg.num_classes, bool)
+        macs = dg.estimate_macs(removed)
+        gone = 0
+        step = [None] * n          # cached (MACs saved, params saved, damage added)
+
+        def missing(m, p):
+            return (0.0 if tm is None else max(m - tm, 0.0),
+                    0.0 if tp is None else max(p - tp, 0.0))
+
+        while True:
+            need_m, need_p = missing(macs, base_params - gone)
+            if need_m <= 0 and need_p <= 0:
                 break
-            ratios[best[1]] = best[2]
-            current = removal()
-            macs = self.dg.estimate_macs(current)
-        return current, max(ratios.values()) if ratios else 0.0
+            best = None
+            for gi in range(n):
+                st = level[gi] + 1
+                if st >= len(states[gi]):
+                    continue
+                if step[gi] is None:
+                    trial = removed.copy()
+                    fill(trial, gi, states[gi][st][1])
+                    step[gi] = (macs - dg.estimate_macs(trial),
+                                dg.params_removed(trial) - gone,
+                                damage(gi, st) - damage(gi, level[gi]))
+                dm, dp, dd = step[gi]
+                gain = (dm / need_m if need_m > 0 else 0.0) + \
+                    (dp / need_p if need_p > 0 else 0.0)
+                if gain <= 0:
+                    continue
+                cost = dd / gain
+                if best is None or cost < best[0]:
+                    best = (cost, gi)
+            if best is None:
+                break                                   # every group at its limit
+            gi = best[1]
+            level[gi] += 1
+            fill(removed, gi, states[gi][level[gi]][1])
+            macs = dg.estimate_macs(removed)
+            gone = dg.params_removed(removed)
+            for hj in linked[gi]:
+                step[hj] = None
+        counts = []
+        for gi in range(n):
+            counts += states[gi][level[gi]][1]
+        ratios = [states[gi][level[gi]][0] for gi in range(n)]
+        desc = (f"per-group ratios {min(ratios):.2f}-{max(ratios):.2f} "
+                f"(mean {np.mean(ratios):.2f}), "
+                f"{'sensitivity' if curves is not None else 'criterion'}-guided")
+        return self._remove(counts), desc
 
     # ---- safety --------------------------------------------------------------------------
     def _no_empty_tensors(self, removed: np.ndarray) -> np.ndarray:

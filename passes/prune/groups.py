@@ -277,6 +277,49 @@ class DependencyGraph:
             total += m.macs * f
         return int(round(total))
 
+    def param_terms(self) -> list:
+        """(size, in_slots, out_slots) per weight tensor the pruner slices: a tensor of
+        ``size`` values keeps the kept fraction of its tracked in/out channels. Built
+        once; MatMul weights whose tracked axis is a row axis never shrink."""
+        if getattr(self, "_param_terms", None) is None:
+            terms = []
+            for m in self.mac_nodes:
+                ins = m.node.inputs
+                w = ins[1] if len(ins) > 1 else None
+                if not isinstance(w, gs.Constant):
+                    continue
+                if m.node.op == "MatMul" and m.out_slots is None:
+                    continue                       # rows pass through; weight unchanged
+                terms.append((int(w.values.size), m.in_slots, m.out_slots))
+                b = ins[2] if len(ins) > 2 else None
+                if isinstance(b, gs.Constant):
+                    # The bias follows the output channels (depthwise ConvTranspose:
+                    # the outputs follow the inputs).
+                    along = m.out_slots if m.out_slots is not None else m.in_slots
+                    if along is not None and b.values.size == len(along):
+                        terms.append((int(b.values.size), None, along))
+            for mem in self.members:
+                if mem.kind != "bn":
+                    continue
+                for t in mem.node.inputs[1:5]:
+                    if isinstance(t, gs.Constant) and t.values.size == len(mem.slots):
+                        terms.append((int(t.values.size), None, mem.slots))
+            self._param_terms = terms
+        return self._param_terms
+
+    def params_removed(self, removed: np.ndarray) -> int:
+        """Parameters the rewrite removes for ``removed`` (weights, biases, BN vectors;
+        small broadcast constants sliced by elementwise rules are not counted)."""
+        total = 0.0
+        for size, ins, outs in self.param_terms():
+            f = 1.0
+            if ins is not None and len(ins):
+                f *= 1.0 - removed[self.label[ins]].mean()
+            if outs is not None and len(outs):
+                f *= 1.0 - removed[self.label[outs]].mean()
+            total += size * (1.0 - f)
+        return int(round(total))
+
     def tensors_emptied(self, removed: np.ndarray) -> list:
         """Names of tracked tensors that would lose every channel."""
         return [name for name, info in self.info.items()
