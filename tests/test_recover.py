@@ -161,7 +161,81 @@ def test_quantized_student_stays_on_its_grid(teacher, train128, levels, allowed)
             if allowed:
                 assert set(np.unique(t.values).tolist()) <= allowed
         if name.endswith("_ws"):
-            assert np.array_equal(t.values, scales[name])      # grid unchanged
+            if levels == "int8":
+                assert np.array_equal(t.values, scales[name])      # grid unchanged
+            else:
+                # Ternary/binary α is learned, stored float16-exact (the packed file's
+                # precision) in the same float32 constant.
+                assert t.values.dtype == np.float32 and t.values.shape == scales[name].shape
+                assert np.array_equal(t.values.astype(np.float16).astype(np.float32),
+                                      t.values)
+    if levels != "int8":
+        assert report.extra["learned_lowbit_scales"] == n_quant
+        # The codes were made from the teacher's weights: training starts from those.
+        assert report.extra["float_latents"] == n_quant
+        assert any(not np.array_equal(t.values, scales[n])
+                   for n, t in out.tensors().items() if n.endswith("_ws"))
+
+
+@pytest.mark.parametrize("levels", ["ternary", "binary"])
+def test_float_latent_reproduces_the_codes_or_is_refused(levels):
+    """A float latent is used only if quantizing it gives back the stored codes."""
+    from onnxc.passes.recover.torch_graph import QuantWeight
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    flat = np.abs(w).reshape(4, -1)
+    if levels == "ternary":
+        q = (np.sign(w) * (np.abs(w) > 0.7 * flat.mean(1)[:, None, None, None])).astype(np.int8)
+    else:
+        q = np.where(w >= 0, 1, -1).astype(np.int8)
+    qw = QuantWeight(q, flat.mean(1).astype(np.float32), np.zeros(4, np.int8), 0)
+    latent = qw.float_latent(q, w, 0)
+    assert latent is not None and qw.kind == levels
+    assert np.array_equal(qw.quantize(latent).round().numpy().astype(np.int8), q)
+    other = -w                       # codes not made from this weight: refused
+    assert qw.float_latent(q, other, 0) is None
+    assert qw.float_latent(q, w[:2], 0) is None          # wrong shape
+
+
+def test_lowbit_scales_stay_fixed_when_asked(teacher, train128):
+    student = _quantize_weights(teacher.copy(), "ternary")
+    scales = {n: np.array(t.values) for n, t in student.tensors().items()
+              if n.endswith("_ws")}
+    out, report = _recover(student, teacher, train128, recover_scales="fixed")
+    assert report.extra["learned_lowbit_scales"] == 0
+    assert all(np.array_equal(t.values, scales[n]) for n, t in out.tensors().items()
+               if n.endswith("_ws"))
+
+
+def test_recovered_ternary_artifact_repacks_its_codes(resnet20_path, cifar_train_path,
+                                                      tmp_path):
+    """ternary writes packed_weights.npz before recover changes codes and α; the
+    artifact's packed file must hold the trained ones, equal to the model's."""
+    from onnx import numpy_helper
+
+    from onnxc.calibrate.lowbit import unpack_layers
+
+    code, _, err = run_cli("compress", resnet20_path, "--passes", "fold_bn,ternary,recover",
+                           "--calib-data", cifar_train_path, "--calib-samples", "128",
+                           *CIFAR_FLAGS, "--recover-epochs", "1", "--recover-threads", "1",
+                           "--quiet", "-o", tmp_path / "t")
+    assert code == 0, err
+    model = onnx.load(str(tmp_path / "t" / "model.onnx"))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    consumer = {n.input[1]: n.name for n in model.graph.node
+                if n.op_type in ("Conv", "Gemm") and len(n.input) > 1}
+    packed = unpack_layers((tmp_path / "t" / "packed_weights.npz").read_bytes())
+    checked = 0
+    for n in model.graph.node:
+        if n.op_type != "DequantizeLinear" or n.output[0] not in consumer:
+            continue
+        layer = consumer[n.output[0]]
+        codes, alpha = packed[layer]
+        assert np.array_equal(codes, inits[n.input[0]])
+        assert np.array_equal(alpha, inits[n.input[1]])
+        checked += 1
+    assert checked == len(packed) > 0
 
 
 # ---- bad input: one line, documented exit code -----------------------------------------

@@ -48,14 +48,21 @@ BASE_CONFIGS = {
     "binary": (["fold_bn", "binary"], {}),
 }
 LOSSY = ["int8", "prune30", "prune50", "prune50+int8", "tucker2", "ternary", "binary"]
-# Recovery minutes per configuration: the must-show ResNet-56 figures get the most time;
-# int8 loses little and gets a short touch-up. Scaled by --recover-scale.
-RECOVER_MINUTES = {
-    "resnet20": {"int8": 0.5, "prune30": 1.0, "prune50": 1.0, "prune50+int8": 1.0,
-                 "tucker2": 1.0, "ternary": 1.0, "binary": 1.0},
-    "resnet56": {"int8": 1.0, "prune30": 1.5, "prune50": 5.0, "prune50+int8": 5.0,
-                 "tucker2": 1.5, "ternary": 4.0, "binary": 4.0},
+# Share of the suite's recovery time per configuration. The suite first runs every base
+# row, then splits what is left of --budget-minutes among the +recover rows by these
+# weights (re-split before each row, so time a row leaves unused goes to the next).
+# The must-show ResNet-56 rows (prune50, prune50+int8, ternary, binary) get most of it;
+# int8 loses little and gets a touch-up; ResNet-20 rows are for the rate-distortion
+# picture only.
+RECOVER_WEIGHTS = {
+    "resnet20": {"int8": 0.1, "prune30": 0.2, "prune50": 0.4, "prune50+int8": 0.4,
+                 "tucker2": 0.3, "ternary": 0.4, "binary": 0.3},
+    "resnet56": {"int8": 0.2, "prune30": 0.5, "prune50": 3.0, "prune50+int8": 2.6,
+                 "tucker2": 0.6, "ternary": 2.6, "binary": 1.2},
 }
+# Seconds a +recover row costs besides training (loading, the teacher's held-out
+# logits, verification, top-1 of original and result): reserved before splitting.
+RECOVER_OVERHEAD_S = {"resnet20": 12.0, "resnet56": 25.0}
 ALL_CONFIGS = ["fold_bn"] + [c for base in LOSSY for c in (base, base + "+recover")]
 TVM_DEFAULT = ("original", "prune50")
 
@@ -130,15 +137,23 @@ def needed_passes(config: str) -> list:
     return passes
 
 
-def options_for(model: str, config: str, criterion: str, args) -> dict:
+def options_for(model: str, config: str, criterion: str, args,
+                minutes: float | None = None) -> dict:
     base = config.replace("+recover", "")
     opts = {k: (v.format(criterion=criterion) if isinstance(v, str) else v)
             for k, v in BASE_CONFIGS[base][1].items()}
     if config.endswith("+recover"):
         opts.update(recover_epochs=args.recover_epochs, recover_threads=args.threads,
-                    recover_hints=args.recover_hints,
-                    recover_minutes=RECOVER_MINUTES[model][base] * args.recover_scale)
+                    recover_hints=args.recover_hints, recover_minutes=minutes)
     return opts
+
+
+def recover_minutes(pending: list, seconds_left: float) -> float:
+    """Minutes for the first of ``pending`` [(model, config)] +recover rows: what is left
+    of the budget after every pending row's overhead, split by RECOVER_WEIGHTS."""
+    weights = [RECOVER_WEIGHTS[m][c.replace("+recover", "")] for m, c in pending]
+    train_s = seconds_left - sum(RECOVER_OVERHEAD_S[m] for m, _ in pending)
+    return max(0.25, train_s * weights[0] / sum(weights) / 60.0)
 
 
 def select_criterion(model_path, graph, train, registry, cache: dict, name: str) -> str:
@@ -168,7 +183,7 @@ def select_criterion(model_path, graph, train, registry, cache: dict, name: str)
 
 
 def run_config(model: str, model_path, config: str, criterion: str, train, test,
-               original_proto, args, bases: dict) -> dict:
+               original_proto, args, bases: dict, minutes: float | None = None) -> dict:
     """One row. A "+recover" row continues from its base configuration's compressed model
     (kept in ``bases``) with ``compress(base, ["recover"], recover_teacher=original)`` —
     what ``compress(original, base_passes + ["recover"])`` computes, since recover runs
@@ -193,7 +208,7 @@ def run_config(model: str, model_path, config: str, criterion: str, train, test,
     if recovering and bases[base].get("status") != "ok":
         row["status"] = f"base failed: {bases[base].get('status')}"
         return row
-    opts = options_for(model, config, criterion, args)
+    opts = options_for(model, config, criterion, args, minutes)
     say = (lambda m: log("   " + m.strip())) if args.verbose else (lambda m: None)
     start = time.perf_counter()
     try:
@@ -428,8 +443,9 @@ def main(argv=None) -> int:
     p.add_argument("--plots", default=str(REPO / "docs" / "bench"))
     p.add_argument("--json", default=str(REPO / "docs" / "bench" / "results.json"))
     p.add_argument("--merge", action="store_true", help="keep rows of other (model, config)")
-    p.add_argument("--recover-scale", type=float, default=1.0,
-                   help="multiply every recover time budget")
+    p.add_argument("--budget-minutes", type=float, default=38.0,
+                   help="wall-clock target of the whole run: the +recover rows share "
+                        "what the base rows leave of it (by RECOVER_WEIGHTS)")
     p.add_argument("--recover-epochs", type=float, default=30.0,
                    help="epoch cap for recover (the time budget normally ends it first)")
     p.add_argument("--recover-hints", default="auto")
@@ -513,6 +529,32 @@ def main(argv=None) -> int:
                        "ort_threads": args.ort_threads,
                        "passes_registered": sorted(registry)}
     suite_start = time.perf_counter()
+    deadline = suite_start + 60.0 * args.budget_minutes
+    order = {c: i for i, c in enumerate(ALL_CONFIGS)}
+
+    def record(model, config, row, bases):
+        base = config.replace("+recover", "")
+        if base != config and base not in configs and base in bases \
+                and not any(r is bases[base] for r in results["rows"]):
+            results["rows"] = [r for r in results["rows"]
+                               if (r["model"], r["config"]) != (model, base)]
+            results["rows"].append(bases[base])     # measured anyway: report it
+        results["rows"].append(row)
+        if row.get("status") == "ok":
+            rec = row.get("recover")
+            log(f"{model} {config}: top-1 {row['top1']:.2f} (drop {row['drop']:+.2f}) "
+                f"Cr {row['cr']:.2f}x Sr bs1 {row['sr_bs1']:.2f}x bs64 "
+                f"{row['sr_bs64']:.2f}x in {row['seconds']:.0f} s"
+                + (f" (recover {rec['epochs']} epochs, {rec['seconds']:.0f} s)" if rec
+                   else ""))
+        else:
+            log(f"{model} {config}: {row['status']}")
+        results["rows"].sort(key=lambda r: (list(MODELS).index(r["model"]),
+                                            order[r["config"]]))
+        _save(results, json_path, out, plot_dir, command)
+
+    # Phase 1: every base row (and the bases the +recover rows start from).
+    state = {}
     for model in models:
         path = SHARED / "models" / MODELS[model]
         graph = frontend.load(str(path))
@@ -538,27 +580,35 @@ def main(argv=None) -> int:
             meta["tvm_original_ms"], meta["tvm_original_note"] = ms, note
             log(f"{model}: TVM x86 original {ms} ms ({note})")
         bases: dict = {}
+        state[model] = (path, crit, train, test, original_proto, bases)
         for config in configs:
-            log(f"{model} {config} ...")
-            row = run_config(model, path, config, crit, train, test, original_proto, args,
-                             bases)
             base = config.replace("+recover", "")
-            if base != config and base not in configs and base in bases \
-                    and not any(r is bases[base] for r in results["rows"]):
-                results["rows"] = [r for r in results["rows"]
-                                   if (r["model"], r["config"]) != (model, base)]
-                results["rows"].append(bases[base])     # measured anyway: report it
-            results["rows"].append(row)
-            if row.get("status") == "ok":
-                log(f"{model} {config}: top-1 {row['top1']:.2f} (drop {row['drop']:+.2f}) "
-                    f"Cr {row['cr']:.2f}x Sr bs1 {row['sr_bs1']:.2f}x bs64 "
-                    f"{row['sr_bs64']:.2f}x in {row['seconds']:.0f} s")
-            else:
-                log(f"{model} {config}: {row['status']}")
-            order = {c: i for i, c in enumerate(ALL_CONFIGS)}
-            results["rows"].sort(key=lambda r: (list(MODELS).index(r["model"]),
-                                                order[r["config"]]))
-            _save(results, json_path, out, plot_dir, command)
+            if config.endswith("+recover") and base in configs:
+                continue                             # its base row comes by itself
+            log(f"{model} {base} ...")
+            row = run_config(model, path, base, crit, train, test, original_proto, args,
+                             bases)
+            if base in configs:
+                record(model, base, row, bases)
+            elif row.get("status") == "ok":
+                log(f"{model} {base} (base of {config}): top-1 {row['top1']:.2f}")
+    phase1 = (time.perf_counter() - suite_start) / 60
+    # Phase 2: +recover rows share what is left of the budget.
+    pending = [(m, c) for m in models for c in configs if c.endswith("+recover")]
+    if pending:
+        left = deadline - time.perf_counter()
+        log(f"base rows took {phase1:.1f} min; {left / 60:.1f} min left for "
+            f"{len(pending)} +recover rows")
+    while pending:
+        model, config = pending[0]
+        path, crit, train, test, original_proto, bases = state[model]
+        minutes = recover_minutes(pending, deadline - time.perf_counter())
+        log(f"{model} {config} (recover budget {minutes:.2f} min) ...")
+        row = run_config(model, path, config, crit, train, test, original_proto, args,
+                         bases, minutes=minutes)
+        record(model, config, row, bases)
+        pending.pop(0)
+    run["phase1_minutes"] = round(phase1, 1)
     run.update(finished=time.strftime("%Y-%m-%d %H:%M:%S"),
                load_end=round(os.getloadavg()[0], 1),
                suite_minutes=round((time.perf_counter() - suite_start) / 60, 1))

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 from onnxc.errors import DataError, UsageError
 from onnxc.pipeline import Option, Pass, register_pass
 
@@ -76,7 +78,10 @@ class Recover(Pass):
         Option("--recover-label-weight", float, 0.0,
                "weight of cross-entropy on the data's labels (0: pure distillation)"),
         Option("--recover-augment", str, "flip,crop",
-               "image augmentation: comma-separated flip,crop, or none"),
+               "image augmentation: comma-separated flip,crop,mixup, or none"),
+        Option("--recover-scales", str, "learn",
+               "per-channel α of ternary/binary weights: learn (TTQ-style) or fixed",
+               choices=("learn", "fixed")),
         Option("--recover-threads", _positive(int), 2, "torch threads for training"),
     )
 
@@ -91,8 +96,8 @@ class Recover(Pass):
                              "--calib-data FILE (it never trains on random inputs)")
         aug = ctx.option("recover_augment", "flip,crop")
         kinds = {a.strip() for a in str(aug).split(",") if a.strip()} - {"none"}
-        if kinds - {"flip", "crop"}:
-            raise UsageError(f"--recover-augment '{aug}': use flip, crop or none")
+        if kinds - {"flip", "crop", "mixup"}:
+            raise UsageError(f"--recover-augment '{aug}': use flip, crop, mixup or none")
         for dest in ("recover_hint_weight", "recover_label_weight"):
             if float(ctx.option(dest, 0.0)) < 0:
                 raise UsageError(f"--{dest.replace('_', '-')} must not be negative")
@@ -200,7 +205,10 @@ class Recover(Pass):
         cfg = self._config(ctx)
         before = structure(graph)
 
-        student = TorchGraph(graph)         # raises UnsupportedError naming any bad op
+        # raises UnsupportedError naming any bad op
+        student = TorchGraph(graph, learn_lowbit_scales=ctx.option("recover_scales",
+                                                                   "learn") == "learn",
+                             float_weights=_float_weights(teacher_graph))
         if not len(student.params):
             report.note("nothing trainable in the graph; left unchanged")
             return graph
@@ -224,6 +232,11 @@ class Recover(Pass):
         report.changed = student.write_back()
         if structure(graph) != before:      # never expected: write_back only sets values
             raise RuntimeError("recover changed the graph structure")
+        packed = _repack_lowbit(graph, student)
+        if packed is not None:
+            # The low-bit pass wrote packed_weights.npz from the codes before training;
+            # this later copy (same name) replaces it in the artifact.
+            report.files["packed_weights.npz"] = packed
 
         report.note(f"distilled {result.steps} steps ({result.epochs_done} epochs) in "
                     f"{result.seconds:.0f} s on {len(data)} samples; "
@@ -240,6 +253,8 @@ class Recover(Pass):
             "epochs": result.epochs_done, "train_seconds": result.seconds,
             "stopped_by_time": result.stopped_by_time, "hints": hints,
             "quantized_weights": quant_kinds, "trainable_tensors": report.changed,
+            "learned_lowbit_scales": len(student.lowbit_scales),
+            "float_latents": student.float_latents,
             "config": {"optimizer": cfg.optimizer, "lr": cfg.lr, "batch": cfg.batch_size,
                        "temperature": cfg.temperature,
                        "hint_weight": cfg.hint_weight, "label_weight": cfg.label_weight,
@@ -249,6 +264,55 @@ class Recover(Pass):
             "kept_epoch": result.kept_epoch,
         })
         return graph
+
+
+def _float_weights(teacher_graph) -> dict:
+    """{layer name: [float weight of the teacher, same after fold_bn]}: the candidates a
+    quantized weight of the student may have been made from (same layer name; the
+    converter uses one only if quantizing it reproduces the stored codes exactly)."""
+    from onnxc.passes.fold_bn import FoldBatchNorm
+    from onnxc.pipeline import Context, PassReport
+
+    from onnxc.calibrate.qdq import name_nodes
+
+    out: dict = {}
+    raw = teacher_graph.copy()
+    folded = raw.copy()
+    for g in (raw, folded):
+        name_nodes(g)
+    FoldBatchNorm().run(folded, Context(progress=False, log=lambda m: None),
+                        PassReport("fold_bn", True))
+    for g in (raw, folded):
+        for node in g.nodes:
+            if node.op in ("Conv", "ConvTranspose", "Gemm", "MatMul") \
+                    and len(node.inputs) > 1:
+                w = g.constant(node.inputs[1])
+                if w is not None and w.dtype.kind == "f":
+                    out.setdefault(node.name, []).append(np.asarray(w))
+    return out
+
+
+def _repack_lowbit(graph, student):
+    """packed_weights.npz (2-/1-bit codes + float16 α) for the trained ternary/binary
+    layers, in the layout of ``calibrate.lowbit.pack_layers``; None without any."""
+    import numpy as np
+
+    from onnxc.calibrate.lowbit import pack_layers
+
+    layers = []
+    for node in graph.nodes:
+        if node.op != "DequantizeLinear" or node.inputs[0].name not in student.quant:
+            continue
+        kind = student.quant[node.inputs[0].name].kind
+        if kind not in ("ternary", "binary") or len(node.outputs[0].outputs) != 1:
+            continue
+        codes = np.asarray(node.inputs[0].values)
+        axis = int(node.attrs.get("axis", 1)) % codes.ndim
+        alpha = np.asarray(node.inputs[1].values, np.float32).reshape(-1)
+        layers.append((node.outputs[0].outputs[0].name,
+                       np.ascontiguousarray(np.moveaxis(codes, axis, 0)), alpha,
+                       2 if kind == "ternary" else 1))
+    return pack_layers(layers)[0] if layers else None
 
 
 __all__ = ["Recover", "structure"]

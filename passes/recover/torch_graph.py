@@ -12,8 +12,11 @@ general converter builds its own module tree we would have to map back.
 The module interprets the topologically sorted nodes; each node becomes a closure
 over its attributes and constant inputs. Learned weights (float constants feeding
 Conv/Gemm/MatMul/BN/elementwise ops, and the integer weights behind
-DequantizeLinear) become ``nn.Parameter``s; everything else (shape data, quantization
-scales and zero points, BN running statistics) stays fixed.
+DequantizeLinear) become ``nn.Parameter``s; everything else (shape data, activation
+quantization scales, zero points, BN running statistics) stays fixed. The per-channel
+scale α of a ternary or binary weight is learned too (``learn_lowbit_scales``): with
+only two or three levels per channel, α is the layer's whole magnitude, and with BN
+folded nothing else can rescale a channel (Zhu et al., "Trained Ternary Quantization").
 """
 
 from __future__ import annotations
@@ -99,6 +102,40 @@ class QuantWeight:
         """Float weight whose fake quantization reproduces ``q`` exactly."""
         return ((torch.tensor(q.astype(np.float32)) - self.zero_point) * self.scale).float()
 
+    def float_latent(self, q: np.ndarray, w: np.ndarray, axis: int) -> torch.Tensor | None:
+        """Latent from the float weight ``w`` the codes ``q`` were made from, or None
+        when it does not reproduce them exactly.
+
+        Training from the float weight keeps what the codes threw away: how close each
+        weight is to a quantization boundary, so the ones the quantizer decided
+        narrowly flip first. Ternary codes come from a threshold Δ on |w| (TWN), not
+        from rounding at α/2; each channel is rescaled so the gap between its largest
+        zeroed and smallest kept |w| falls on α/2, which rounding then reproduces.
+        """
+        if w.shape != q.shape or w.dtype.kind != "f":
+            return None
+        w = w.astype(np.float32)
+        if self.kind == "ternary":
+            ax = axis % q.ndim
+            a = np.abs(np.moveaxis(w, ax, 0)).reshape(q.shape[ax], -1).astype(np.float64)
+            kept = np.moveaxis(q, ax, 0).reshape(q.shape[ax], -1) != 0
+            lo = np.where(~kept, a, 0.0).max(1)
+            hi = np.where(kept, a, np.inf).min(1)
+            if np.any(lo >= hi):
+                return None               # not a threshold on |w|: not made from w
+            t = np.where(np.isfinite(hi), (lo + hi) / 2, 2 * lo + 1e-12)
+            t = np.maximum(t, 1e-12)
+            shape = [1] * q.ndim
+            shape[ax] = -1
+            s = self.scale.numpy().reshape(-1) if self.scale.numel() > 1 \
+                else np.full(len(t), float(self.scale))
+            w = w * (0.5 * s / t).astype(np.float32).reshape(shape)
+        latent = torch.tensor(w)
+        with torch.no_grad():
+            ok = np.array_equal(self.quantize(latent).round().numpy().astype(np.int64),
+                                q.astype(np.int64))
+        return latent if ok else None
+
     def quantize(self, w: torch.Tensor) -> torch.Tensor:
         """Integer grid values (float tensor) of latent weight ``w``, STE gradient."""
         if self.kind == "binary":
@@ -132,9 +169,16 @@ class TorchGraph(nn.Module):
     ``taps`` (for feature hints) as a second value when ``taps`` is given.
     """
 
-    def __init__(self, graph, trainable: bool = True):
+    def __init__(self, graph, trainable: bool = True, learn_lowbit_scales: bool = True,
+                 float_weights: dict | None = None):
         super().__init__()
         self.graph = graph
+        # {consumer node name: [candidate float weights]}: where quantized weights came
+        # from (see QuantWeight.float_latent); used only if one reproduces the codes.
+        self.float_weights = float_weights or {}
+        self.float_latents = 0
+        self.learn_lowbit_scales = learn_lowbit_scales
+        self.lowbit_scales: set = set()           # learned α of ternary/binary weights
         self.input_names = [t.name for t in graph.gs.inputs]
         self.output_names = [t.name for t in graph.gs.outputs]
         self.params = nn.ParameterList()
@@ -182,7 +226,26 @@ class TorchGraph(nn.Module):
                                  int(node.attrs.get("axis", 1)))
                 self.quant[x.name] = qw
                 self.param_index[x.name] = len(self.params)
-                self.params.append(nn.Parameter(qw.latent(np.asarray(x.values))))
+                q = np.asarray(x.values)
+                latent = None
+                readers = node.outputs[0].outputs
+                for w in self.float_weights.get(readers[0].name if len(readers) == 1
+                                                else None, ()):
+                    latent = qw.float_latent(q, w, int(node.attrs.get("axis", 1)))
+                    if latent is not None:
+                        self.float_latents += 1
+                        break
+                self.params.append(nn.Parameter(qw.latent(q) if latent is None else latent))
+                s_t = node.inputs[1]
+                if self.learn_lowbit_scales and qw.kind in ("ternary", "binary") \
+                        and s_t.name not in self.param_index \
+                        and len(s_t.outputs) == 1:
+                    # The codes are still chosen on the pass's grid (w / α₀, fixed in
+                    # ``qw``); the DequantizeLinear multiplies them by the learned α.
+                    self.param_index[s_t.name] = len(self.params)
+                    self.lowbit_scales.add(s_t.name)
+                    self.params.append(nn.Parameter(torch.tensor(
+                        np.asarray(s_t.values, dtype=np.float32))))
             return
         for i in TRAINABLE_INPUTS.get(node.op, ()):
             if i >= len(node.inputs):
@@ -215,6 +278,10 @@ class TorchGraph(nn.Module):
             p = self.params[idx].detach()
             if name in self.quant:
                 new = self.quant[name].to_storage(p)
+            elif name in self.lowbit_scales:
+                # α stays float16-exact: the packed low-bit file stores it as float16
+                # and must dequantize exactly like the model.
+                new = p.numpy().astype(np.float16).astype(np.float32)
             else:
                 new = p.numpy().astype(const.values.dtype)
             assert new.shape == tuple(const.values.shape), name
