@@ -197,9 +197,9 @@ class Allocator:
         per unit of budget progress, until every budget is met.
 
         Damage: the measured output error of ``curves`` (``onnxc sensitivity``) at
-        that ratio; without curves, the criterion's share of the group's importance
-        removed (sum of the removed channels' scores over the group's sum), so a
-        group whose weakest channels carry little of its score is cut first.
+        that ratio; without curves, −log of the share of the group's importance kept
+        (criterion scores, normalised per group), so a group whose weakest channels
+        carry little of its score is cut first, and deep cuts cost ever more.
         Progress: MACs and parameters saved, each relative to what is still missing
         from its budget, so the budget furthest from being met weighs most (ResNet
         stages cost the same MACs but the last holds most parameters).
@@ -231,7 +231,10 @@ class Allocator:
             for sg, o, k in zip(g.subgroups, order[gi], counts):
                 v = self.norm[sg[o[:k]]]
                 tot += float(v[np.isfinite(v)].sum())
-            return tot / mass[gi]
+            # −log of the importance kept: removing the last strong channels of a group
+            # costs ever more (a layer keeping 12% of its score is far worse than two
+            # keeping 35%), and attenuation through a deep chain multiplies, so logs add.
+            return -math.log(max(1.0 - tot / mass[gi], 1e-6))
 
         # Groups whose MAC/parameter terms overlap: raising one changes the other's
         # savings (a conv between two groups); everyone else's cached step stays valid.
