@@ -73,3 +73,15 @@ def test_render_writes_markdown_goals_and_plots(tmp_path):
     assert "| yes |" in text
     assert (plots / "top1_vs_cr.png").stat().st_size > 1000
     assert (plots / "top1_vs_sr.png").stat().st_size > 1000
+
+
+def test_params_share_reaches_the_size_target_with_the_measured_overhead():
+    # An int8 model of 850k params in 1.018 MB (as measured for ResNet-56): 168 kB of
+    # it is not weights. Cr 10 of 3.44 MB leaves 344 kB, i.e. ~170k params.
+    share = bs.params_share_for_cr(3_440_640, 850_986, 1_017_856, 10.0)
+    keep = 850_986 * (1 - share)
+    assert keep + (1_017_856 - 850_986) <= 3_440_640 / 10
+    assert 0.75 < share < 0.85
+    # Less overhead, less pruning; an impossible target is capped.
+    assert bs.params_share_for_cr(3_440_640, 850_986, 880_000, 10.0) < 0.66
+    assert bs.params_share_for_cr(3_440_640, 850_986, 1_017_856, 100.0) == 0.95
