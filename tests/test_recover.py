@@ -177,6 +177,25 @@ def test_quantized_student_stays_on_its_grid(teacher, train128, levels, allowed)
                    for n, t in out.tensors().items() if n.endswith("_ws"))
 
 
+def test_reduced_range_int8_codes_stay_in_their_range():
+    """int8 weights quantized to ±63 (reduced range, no VNNI) must not drift to ±127:
+    a latent pushed far beyond the grid is stored at the grid's end."""
+    import torch
+
+    from onnxc.passes.recover.torch_graph import QuantWeight
+
+    q = np.array([[-63, 5, 63], [12, -63, 0]], np.int8)
+    qw = QuantWeight(q, np.array([0.1, 0.2], np.float32), np.zeros(2, np.int8), 0)
+    assert (qw.kind, qw.qmin, qw.qmax) == ("int", -63, 63)
+    far = qw.latent(q) * 3
+    assert np.array_equal(qw.to_storage(far), np.clip(q.astype(int) * 3, -63, 63))
+    full = QuantWeight(np.array([[-127, 3], [127, 0]], np.int8), np.ones(2, np.float32),
+                       np.zeros(2, np.int8), 0)
+    assert (full.qmin, full.qmax) == (-127, 127)
+    assert torch.equal(full.quantize(torch.tensor([[500.0, 0.0], [0.0, -500.0]])),
+                       torch.tensor([[127.0, 0.0], [0.0, -127.0]]))
+
+
 @pytest.mark.parametrize("levels", ["ternary", "binary"])
 def test_float_latent_reproduces_the_codes_or_is_refused(levels):
     """A float latent is used only if quantizing it gives back the stored codes."""
