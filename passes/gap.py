@@ -40,6 +40,7 @@ FORMS = ("hidden", "collapse", "auto")
 RIDGES = (1e-4, 1e-3, 1e-2, 1e-1)
 HELD_OUT_SHARE = 0.2
 MIN_SELECT_SAMPLES = 50      # below this, no held-out split: ridge 1e-3, form as asked
+RELU_FIT_ITERS = 10          # alternating-projection rounds of the ReLU-aware first-FC fit
 
 
 @dataclass
@@ -322,6 +323,11 @@ class GlobalAveragePoolHead(Pass):
             .astype(np.float64) if len(fcs) > 1 else None      # first FC's outputs
         forms = ["collapse"] if len(fcs) == 1 else \
             (["hidden", "collapse"] if form == "auto" else [form])
+        relu = _relu_after_first_fc(head)
+        # (form, ReLU-aware first-FC fit) pairs to try; the ReLU-aware fit lowers the
+        # error after the ReLU, which usually but not always lowers the logit error.
+        variants = [(f, r) for f in forms
+                    for r in ((False, True) if f == "hidden" and relu else (False,))]
         # Choose the form and the ridge on a held-out share of the calibration samples
         # (the last 20%: a caller that adds flipped copies keeps each pair together at
         # an even boundary), scored by the logit error there, then refit on all samples.
@@ -330,47 +336,67 @@ class GlobalAveragePoolHead(Pass):
         tried = []
         if held:
             fit_rows, test_rows = slice(0, n - held), slice(n - held, n)
-            for f in forms:
+            for f, r in variants:
                 for ridge in RIDGES:
                     steps = self._fit_form(head, f, g[fit_rows], hidden[fit_rows]
                                            if hidden is not None else None,
-                                           logits[fit_rows], ridge, kl=False)
+                                           logits[fit_rows], ridge, kl=False, relu_fit=r)
                     out = _head_logits(steps, g[test_rows])
                     ref = logits[test_rows]
-                    tried.append({"form": f, "ridge": ridge, "held_out_logit_rel_error":
+                    tried.append({"form": f, "relu_fit": r, "ridge": ridge,
+                                  "held_out_logit_rel_error":
                                   round(float(np.linalg.norm(out - ref)
                                               / max(np.linalg.norm(ref), 1e-30)), 5),
                                   "held_out_argmax_agreement": round(float(np.mean(
                                       out.argmax(1) == ref.argmax(1))), 5)})
             best = min(tried, key=lambda t: t["held_out_logit_rel_error"])
-            chosen_form, ridge = best["form"], best["ridge"]
+            chosen_form, relu_fit, ridge = best["form"], best["relu_fit"], best["ridge"]
         else:
-            chosen_form, ridge = forms[0], 1e-3
-        steps = self._fit_form(head, chosen_form, g, hidden, logits, ridge, kl)
+            (chosen_form, relu_fit), ridge = variants[-1], 1e-3
+        steps = self._fit_form(head, chosen_form, g, hidden, logits, ridge, kl, relu_fit)
         new_logits = _head_logits(steps, g)
         err = np.linalg.norm(new_logits - logits) / max(np.linalg.norm(logits), 1e-30)
         agree = float(np.mean(new_logits.argmax(1) == logits.argmax(1))) \
             if logits.shape[1] > 1 else None
         fit = {"calibration_samples": n, "logit_rel_error": round(float(err), 5),
-               "argmax_agreement": agree, "ridge": ridge}
+               "argmax_agreement": agree, "ridge": ridge, "relu_fit": relu_fit}
+        if chosen_form == "hidden":
+            # Error of the new first hidden layer (after its activation) on the
+            # calibration set: what the first fit controls.
+            new_h, old_h = g @ steps[head.steps.index(fcs[0])].m, hidden
+            new_h = new_h + steps[head.steps.index(fcs[0])].c
+            act = head.steps[head.steps.index(fcs[0]) + 1]
+            if act.kind == "act":
+                new_h, old_h = act.apply(new_h), act.apply(old_h)
+            fit["hidden_rel_error"] = round(float(np.linalg.norm(new_h - old_h) / max(
+                np.linalg.norm(old_h), 1e-30)), 5)
         if tried:
             fit["held_out_samples"] = held
             fit["held_out"] = tried
             fit["held_out_logit_rel_error"] = best["held_out_logit_rel_error"]
         return steps, fit
 
-    def _fit_form(self, head, form, g, hidden, logits, ridge, kl):
+    def _fit_form(self, head, form, g, hidden, logits, ridge, kl, relu_fit=False):
         """Steps of the new head fitted on pooled features ``g`` (n × C): ``collapse`` =
         one FC to the logits; ``hidden`` = the first FC fitted to the old first FC's
-        outputs ``hidden`` (pre-activation), the later FCs kept, the last refitted to the
-        logits on the new penultimate activations (absorbing what the first could not
-        reproduce)."""
+        outputs ``hidden`` (pre-activation; after a ReLU only its output is matched), the
+        later FCs kept, the last refitted to the logits on the new penultimate activations
+        (absorbing what the first could not reproduce)."""
         fcs = head.fcs
         if form == "collapse":
             m, c = _logit_fit(g, logits, kl, ridge)
             last = len(head.steps) - 1 - [s.kind for s in head.steps][::-1].index("fc")
             return [Step("fc", fcs[0].nodes, m=m, c=c)] + head.steps[last + 1:]
         m, c = ridge_fit(g, hidden, ridge)
+        if relu_fit:
+            # Only the ReLU's output matters: where the old pre-activation is <= 0, any
+            # value <= 0 is as good as it. Alternate between those targets (the current
+            # prediction clipped at 0) and the least-squares fit; each round lowers the
+            # error (alternating minimisation).
+            active = hidden > 0
+            for _ in range(RELU_FIT_ITERS):
+                target = np.where(active, hidden, np.minimum(g @ m + c, 0))
+                m, c = ridge_fit(g, target, ridge)
         first = Step("fc", fcs[0].nodes, m=m, c=c)
         steps = [first if s is fcs[0] else s for s in head.steps]
         last = max(i for i, s in enumerate(steps) if s.kind == "fc")
@@ -453,6 +479,11 @@ def _fc_step(graph, node, x, width):
 def _fc_params(steps) -> int:
     return sum(s.m.size + (0 if s.c is None else np.size(s.c)) for s in steps
                if s.kind == "fc")
+
+
+def _relu_after_first_fc(head) -> bool:
+    i = head.steps.index(head.fcs[0])
+    return i + 1 < len(head.steps) and head.steps[i + 1].op == "Relu"
 
 
 def _head_logits(steps, g: np.ndarray) -> np.ndarray:

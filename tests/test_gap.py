@@ -115,6 +115,34 @@ def test_kl_fit_agrees_with_the_old_argmax_at_least_as_often_as_least_squares():
     assert rows["kl"]["argmax_agreement"] >= rows["lstsq"]["argmax_agreement"]
 
 
+def test_relu_aware_first_fc_fit_lowers_the_error_after_the_relu():
+    from onnxc import frontend
+    from onnxc.passes import gap as gap_module
+    from onnxc.passes._activations import collect
+
+    def maps(n):   # per-channel levels + spatial texture the pooled features cannot see
+        return (constant_maps(n) + 0.7 * RNG.standard_normal((n, C, H, W))).astype(
+            np.float32)
+    data = Dataset({"x": maps(400)}, source="maps")
+    model = head_model()
+    graph = frontend.load(model)
+    fitter = gap_module.GlobalAveragePoolHead()
+    head = fitter._find_heads(graph)[0][0]
+    acts = collect(graph, ["x", "h1", "y"], data)
+    g = acts["x"].reshape(400, C, -1).mean(2).astype(np.float64)
+    hidden = acts["h1"].astype(np.float64)
+
+    def error_after_relu(relu_fit):
+        first = fitter._fit_form(head, "hidden", g, hidden, acts["y"].astype(np.float64),
+                                 1e-3, False, relu_fit)[0]
+        return np.linalg.norm(np.maximum(g @ first.m + first.c, 0) - np.maximum(hidden, 0))
+    assert error_after_relu(True) < 0.98 * error_after_relu(False)
+    # The pass tries both fits (each ridge) and keeps the better on held-out logits.
+    row = gap_report(gap(model, calibration=data, gap_form="hidden"))["extra"]["gap"][0]
+    assert sorted(t["relu_fit"] for t in row["held_out"]) == \
+        [False] * len(gap_module.RIDGES) + [True] * len(gap_module.RIDGES)
+
+
 def test_collapse_replaces_the_fc_stack_by_one_fc_to_the_classes():
     data = Dataset({"x": constant_maps(256)}, source="maps")
     result = gap(head_model(), calibration=data, gap_collapse=True)

@@ -42,7 +42,7 @@ def _with_flips(data):
     return Dataset(inputs, None, data.source + " + horizontal flips")
 
 
-def bench_fc_model() -> None:
+def bench_fc_model(model_path: pathlib.Path = FC_MODEL) -> None:
     from conftest import cifar_preprocess
 
     from onnxc import frontend
@@ -50,7 +50,7 @@ def bench_fc_model() -> None:
     from onnxc.compress import compress
     from onnxc.verify import Runner, compare_outputs, top1
 
-    original = frontend.load(str(FC_MODEL))
+    original = frontend.load(str(model_path))
     test = load_npz(str(SHARED / "data" / "cifar10" / "test_dev.npz"), original,
                     cifar_preprocess())
     train = load_npz(str(SHARED / "data" / "cifar10" / "train.npz"), original,
@@ -59,7 +59,7 @@ def bench_fc_model() -> None:
     full = _with_flips(train)
     base = top1(original, test)
     ref = Runner(original).run(test.inputs)
-    print(f"FC-head model {FC_MODEL.name}: {original.stats(with_bytes=False).params:,} params, "
+    print(f"FC-head model {model_path.name}: {original.stats(with_bytes=False).params:,} params, "
           f"top-1 {base:.2f}% on test_dev ({len(test)} images)")
     n_full = f"{len(train)} train images + flips"
     for label, options, data in (
@@ -74,7 +74,7 @@ def bench_fc_model() -> None:
              {"gap_form": "auto", "gap_fit": "kl"}, full)):
         options = {**options, "gap_samples": len(data) if data is not None else 512}
         start = time.perf_counter()
-        result = compress(str(FC_MODEL), ["gap"], options=options, calibration=data,
+        result = compress(str(model_path), ["gap"], options=options, calibration=data,
                           log=lambda m: None)
         seconds = time.perf_counter() - start
         row = next(p for p in result.report["passes"] if p["name"] == "gap")["extra"]["gap"][0]
@@ -140,11 +140,13 @@ def bench_zoo(randomize: bool) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="gap benchmark (issue 4)")
     ap.add_argument("--part", choices=("fc", "zoo", "all"), default="all")
+    ap.add_argument("--model", type=pathlib.Path, default=FC_MODEL,
+                    help="FC-head model for --part fc (default: the committed one)")
     ap.add_argument("--randomize", action="store_true",
                     help="give the zoo models seeded random weights first (slower)")
     args = ap.parse_args(argv)
     if args.part in ("fc", "all"):
-        bench_fc_model()
+        bench_fc_model(args.model)
     if args.part in ("zoo", "all"):
         print("light zoo (data-free gap):")
         bench_zoo(args.randomize)
