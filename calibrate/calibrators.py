@@ -166,7 +166,7 @@ def _fq_error(c, w, lo, hi, scheme: Scheme) -> np.ndarray:
     return ((fq - c[None, :]) ** 2 * w[None, :]).sum(1)
 
 
-def _mse_range(stats: TensorStats, scheme: Scheme, candidates: int = 128) -> tuple:
+def _mse_range(stats: TensorStats, scheme: Scheme, candidates: int = 512) -> tuple:
     """Range minimising the expected squared quantization error over the histogram.
 
     Symmetric int8 or a one-sided tensor: one threshold t. uint8 with both signs (the

@@ -1,12 +1,18 @@
 """Building blocks of the QDQ format shared by the int8, ternary and binary passes.
 
-Conventions (documented for users in docs/quantization.md):
-- an activation tensor T is quantized by ``T → QuantizeLinear(s, zp) → DequantizeLinear(s, zp)``
-  named ``T_q``/``T_dq``; every consumer of T reads ``T_dq``;
-- a weight is an int8 initializer ``<w>_q`` read by ``DequantizeLinear(<w>_q, <w>_scale,
-  <w>_zp, axis=<output-channel axis>)``; scales are float32 vectors, zero points int8 zeros;
-- a bias is an int32 initializer with scale ``s_input · s_weight`` (per channel) and zero
-  point 0, read through its own DequantizeLinear (what ONNX Runtime fuses into
+Conventions (documented for users in docs/quantization.md). Every tensor the passes add
+is named ``<base>_<role>`` with a short base (int8: ``a<k>`` per quantized activation,
+``w<j>``/``b<j>`` per layer's weight/bias), roles ``_q`` codes, ``_s`` scale, ``_z`` zero
+point, ``_dq`` dequantized float; a Q/DQ node is named after its output. Short names
+matter: ResNet-56 has ~300 Q/DQ nodes and every name is stored several times, which cost
+5 % of the int8 file with names derived from the original tensors.
+- an activation tensor T is quantized by ``T → QuantizeLinear(s, zp) → DequantizeLinear(s, zp)``;
+  every consumer of T reads the DequantizeLinear output;
+- a weight is an int8 initializer read by ``DequantizeLinear(codes, scale[, zp], axis=<output
+  channel axis>)``; scales are float32 vectors; the zero point (all zeros, the ONNX default)
+  is only stored where ONNX Runtime's fusion needs it (Gemm/MatMul → QGemm);
+- a bias is an int32 initializer with scale ``s_input · s_weight`` (per channel) and no
+  zero point, read through its own DequantizeLinear (what ONNX Runtime fuses into
   QLinearConv / QGemm).
 """
 
@@ -89,18 +95,16 @@ def dequantize(codes: np.ndarray, scale: np.ndarray, axis: int | None) -> np.nda
 
 
 def weight_dq(graph, base: str, codes: np.ndarray, scale: np.ndarray,
-              axis: int | None) -> gs.Variable:
-    """Float output of ``DequantizeLinear(codes, scale, 0, axis)``, node added to the graph."""
-    zp = np.zeros(scale.shape, codes.dtype)
+              axis: int | None, zero_point: bool = True) -> gs.Variable:
+    """Float output of ``DequantizeLinear(codes, scale[, 0], axis)``, node added to the graph.
+    ``zero_point=False`` leaves out the all-zero zero point (the ONNX default)."""
     out = graph.make_variable(base + "_dq", dtype=np.float32, shape=list(codes.shape))
     attrs = {"axis": int(axis)} if axis is not None and scale.ndim == 1 else {}
-    node = gs.Node("DequantizeLinear", graph.unique_name(base + "_DequantizeLinear"),
-                   attrs=attrs,
-                   inputs=[_const(graph, base + "_q", codes),
-                           _const(graph, base + "_scale", scale),
-                           _const(graph, base + "_zp", zp)],
-                   outputs=[out])
-    graph.gs.nodes.append(node)
+    inputs = [_const(graph, base + "_q", codes), _const(graph, base + "_s", scale)]
+    if zero_point:
+        inputs.append(_const(graph, base + "_z", np.zeros(scale.shape, codes.dtype)))
+    graph.gs.nodes.append(gs.Node("DequantizeLinear", out.name, attrs=attrs, inputs=inputs,
+                                  outputs=[out]))
     return out
 
 
@@ -111,20 +115,22 @@ def bias_dq(graph, base: str, bias: np.ndarray, x_scale: float,
     codes = np.round(bias.astype(np.float64) / scale.astype(np.float64))
     if np.any(np.abs(codes) > 2**31 - 1):
         return None
-    return weight_dq(graph, base, codes.astype(np.int32), scale, 0)
+    # No zero point: int32 zeros would cost 4 bytes per channel, ORT fuses without it.
+    return weight_dq(graph, base, codes.astype(np.int32), scale, 0, zero_point=False)
 
 
-def insert_qdq(graph, tensor: gs.Variable, scale: float, zero_point: int, dtype) -> gs.Variable:
-    """Quantize ``tensor`` in place: every reader now sees DQ(Q(tensor)). Returns the DQ output."""
-    s = _const(graph, tensor.name + "_scale", np.array(scale, np.float32))
-    z = _const(graph, tensor.name + "_zero_point", np.array(zero_point, dtype))
-    q_out = graph.make_variable(tensor.name + "_q", dtype=dtype, shape=tensor.shape)
-    dq_out = graph.make_variable(tensor.name + "_dq", dtype=np.float32, shape=tensor.shape)
+def insert_qdq(graph, tensor: gs.Variable, scale: float, zero_point: int, dtype,
+               base: str | None = None) -> gs.Variable:
+    """Quantize ``tensor`` in place: every reader now sees DQ(Q(tensor)). Returns the DQ
+    output. New names start with ``base`` (default: the tensor's name)."""
+    base = base or tensor.name
+    s = _const(graph, base + "_s", np.array(scale, np.float32))
+    z = _const(graph, base + "_z", np.array(zero_point, dtype))
+    q_out = graph.make_variable(base + "_q", dtype=dtype, shape=tensor.shape)
+    dq_out = graph.make_variable(base + "_dq", dtype=np.float32, shape=tensor.shape)
     readers = list(tensor.outputs)
-    q = gs.Node("QuantizeLinear", graph.unique_name(tensor.name + "_QuantizeLinear"),
-                inputs=[tensor, s, z], outputs=[q_out])
-    dq = gs.Node("DequantizeLinear", graph.unique_name(tensor.name + "_DequantizeLinear"),
-                 inputs=[q_out, s, z], outputs=[dq_out])
+    q = gs.Node("QuantizeLinear", q_out.name, inputs=[tensor, s, z], outputs=[q_out])
+    dq = gs.Node("DequantizeLinear", dq_out.name, inputs=[q_out, s, z], outputs=[dq_out])
     graph.gs.nodes.extend([q, dq])
     # Only the original readers: the new QuantizeLinear must keep reading the float tensor.
     graph.replace_tensor(tensor, dq_out, consumers=readers)

@@ -41,6 +41,24 @@ class TensorStats:
     first: int = 0
     counts: np.ndarray | None = None      # int64, len ≤ MAX_BINS
     zeros: int = 0                        # exact zeros among the histogrammed values
+    channel_sum: np.ndarray | None = None  # float64 per axis-1 channel (when asked for)
+    channel_count: int = 0                # values summed per channel
+
+    def update_channels(self, x: np.ndarray) -> None:
+        """Accumulate the per-channel (axis 1) sum of an N×C×… tensor."""
+        x = np.asarray(x)
+        if x.ndim < 2:
+            return
+        axes = (0,) + tuple(range(2, x.ndim))
+        s = x.sum(axes, dtype=np.float64)
+        self.channel_sum = s if self.channel_sum is None else self.channel_sum + s
+        self.channel_count += x.size // x.shape[1]
+
+    def channel_mean(self) -> np.ndarray | None:
+        """Mean of each axis-1 channel over samples and positions, or None."""
+        if self.channel_sum is None or self.channel_count == 0:
+            return None
+        return self.channel_sum / self.channel_count
 
     # -- update ------------------------------------------------------------------------
     def update(self, x: np.ndarray, histogram: bool = True) -> None:
@@ -106,9 +124,11 @@ class TensorStats:
 
 def collect(model: onnx.ModelProto, tensors: list[str], dataset, batch_size: int = BATCH_SIZE,
             progress: bool = True, desc: str = "calibrating",
-            histograms: bool = True) -> dict[str, TensorStats]:
+            histograms: bool = True, channel_means=()) -> dict[str, TensorStats]:
     """Run ``model`` over ``dataset`` once; statistics of every tensor in ``tensors``
-    (min/max always; histograms unless ``histograms`` is False, e.g. for minmax)."""
+    (min/max always; histograms unless ``histograms`` is False, e.g. for minmax).
+    Tensors named in ``channel_means`` also get per-channel means (they are collected
+    too if not in ``tensors``); int8 bias correction needs them for layer inputs."""
     from onnxc.verify import _session
 
     if len(dataset) == 0:
@@ -116,13 +136,14 @@ def collect(model: onnx.ModelProto, tensors: list[str], dataset, batch_size: int
     work = onnx.ModelProto()
     work.CopyFrom(model)
     present = {o.name for o in work.graph.output}
-    for name in tensors:
+    for name in list(tensors) + list(channel_means):
         if name not in present:
             work.graph.output.append(onnx.ValueInfoProto(name=name))
             present.add(name)
     session = _session(work)
     out_names = [o.name for o in session.get_outputs()]
-    wanted = set(tensors)
+    tensors = list(dict.fromkeys(list(tensors) + list(channel_means)))
+    wanted, means = set(tensors), set(channel_means)
     stats = {name: TensorStats(name) for name in tensors}
     first = session.get_inputs()[0].shape
     # A model with a static batch dimension takes exactly that many samples per run.
@@ -147,6 +168,8 @@ def collect(model: onnx.ModelProto, tensors: list[str], dataset, batch_size: int
                 if fixed and got < fixed and value.ndim and value.shape[0] == fixed:
                     value = value[:got]
                 stats[name].update(value, histograms)
+                if name in means:
+                    stats[name].update_channels(value)
     return stats
 
 

@@ -152,6 +152,10 @@ class Int8(Pass):
         Option("--reduce-range", str, "auto",
                "7-bit weights so u8·s8 kernels cannot saturate (auto: on x86 without VNNI)",
                choices=("auto", "on", "off")),
+        Option("--bias-correction", str, "on",
+               "fold the mean output error of weight rounding into the int32 bias "
+               "(per output channel, from the calibration inputs' channel means)",
+               choices=("on", "off")),
         Option("--int8-mode", str, "static",
                "static: calibrated QDQ; dynamic: int8 weights, activations quantized at "
                "run time (MatMul/Gemm only; for MatMul-heavy models, no data needed)",
@@ -189,8 +193,13 @@ class Int8(Pass):
         full = Plan(graph, candidates, scheme.signed)
 
         data = calibration_set(ctx, graph)
+        correct = ctx.option("bias_correction", "on") == "on"
+        # Bias correction needs E[x] per input channel of every quantized weighted layer.
+        layer_inputs = sorted({n.inputs[0].name for n in weighted if n.name in full.layers}) \
+            if correct else []
         stats = collect(graph.to_onnx(), full.stat_tensors(), data, progress=ctx.progress,
-                        histograms=method != "minmax")
+                        histograms=method != "minmax", channel_means=layer_inputs)
+        means = {name: stats[name].channel_mean() for name in layer_inputs}
         outputs = {t.name for t in graph.gs.outputs}
         # Never clip what the user reads: graph outputs keep their observed range.
         ranges = {name: clip_range(s, "minmax" if name in outputs else method, scheme,
@@ -199,7 +208,8 @@ class Int8(Pass):
 
         def build(layers: set):
             plan = Plan(graph, layers, scheme.signed)
-            return apply_plan(graph.copy(), plan, params, scheme, reduce, per_channel), plan
+            return apply_plan(graph.copy(), plan, params, scheme, reduce, per_channel,
+                              means if correct else None), plan
 
         fallback = []
         if ctx.option("max_drop") is not None:
@@ -222,13 +232,15 @@ class Int8(Pass):
         report.note(f"activations {'int8 zero-point 0' if scheme.signed else 'uint8'}, "
                     f"weights int8 per-{'channel' if per_channel else 'tensor'} "
                     f"{'[-63, 63] (reduced range: no VNNI)' if reduce else '[-127, 127]'}"
-                    f"{', power-of-two scales' if scheme.pow2 else ''}")
+                    f"{', power-of-two scales' if scheme.pow2 else ''}"
+                    f"{', bias correction' if correct else ''}")
         report.extra.update({
             "calibrator": method, "calibration_samples": len(data),
             "calibration_data": "random" if data.synthetic else data.source,
             "activation_type": "int8" if scheme.signed else "uint8",
             "weight_range": 63 if reduce else 127, "pow2_scales": scheme.pow2,
-            "per_channel": per_channel, "quantized_layers": sorted(plan.layers),
+            "per_channel": per_channel, "bias_correction": correct,
+            "quantized_layers": sorted(plan.layers),
             "float_layers": sorted(keep | set(fallback) | set(plan.skipped)),
             "activation_ranges": {k: [float(v[0]), float(v[1])] for k, v in ranges.items()},
         })
@@ -327,32 +339,41 @@ def calibration_set(ctx, graph):
 
 
 def apply_plan(graph, plan: Plan, params: dict, scheme: Scheme, reduce: bool,
-               per_channel: bool):
-    """Rewrite ``graph`` (a copy) into QDQ form following ``plan``."""
+               per_channel: bool, means: dict | None = None):
+    """Rewrite ``graph`` (a copy) into QDQ form following ``plan``. ``means`` (input
+    tensor name -> per-channel mean) turns on bias correction."""
     tensors = graph.tensors()
     nodes = {n.name: n for n in graph.nodes}
     qparams = {t: params[src] for t, src in plan.params_from.items()}
     qmax = qdq.weight_qmax(reduce)
-    # Weights and biases first: they need the input's scale.
-    for name in plan.layers:
-        node = nodes[name]
+    # Weights and biases first: they need the input's scale. Layers in graph order, so
+    # the short names w<j>/b<j> are the same on every run.
+    layer = 0
+    for node in [n for n in graph.nodes if n.name in plan.layers]:
         axis = qdq.weight_axis(graph, node)
         if axis is False or node.op not in ("Conv", "Gemm", "MatMul"):
             continue
         axis = axis if per_channel else None
         w = graph.constant(node.inputs[1])
         codes, w_scale = qdq.quantize_weight(w, axis, qmax, scheme.pow2)
-        node.inputs[1] = qdq.weight_dq(graph, node.name + "_W", codes, w_scale, axis)
+        # ORT fuses DQ(W)→Conv without a weight zero point, but not DQ(W)→Gemm/MatMul.
+        node.inputs[1] = qdq.weight_dq(graph, f"w{layer}", codes, w_scale, axis,
+                                       zero_point=node.op != "Conv")
         if node.op in ("Conv", "Gemm") and len(node.inputs) > 2:
             b = graph.constant(node.inputs[2])
             n_out = w.shape[0] if node.op == "Conv" or node.attrs.get("transB", 0) \
                 else w.shape[1]
             if b is not None and b.ndim == 1 and b.size == n_out:
+                mean_x = (means or {}).get(node.inputs[0].name)
+                if mean_x is not None:
+                    b = b + weight_error_bias(node, w, qdq.dequantize(codes, w_scale, axis),
+                                              mean_x)
                 x_scale = qparams[node.inputs[0].name][0]
-                bq = qdq.bias_dq(graph, node.name + "_B", b.astype(np.float32), x_scale,
+                bq = qdq.bias_dq(graph, f"b{layer}", b.astype(np.float32), x_scale,
                                  np.broadcast_to(w_scale, (n_out,)).astype(np.float32))
                 if bq is not None:
                     node.inputs[2] = bq
+        layer += 1
     # Fuse Relu into the preceding quantized output (uint8: Q clamps at zero point 0).
     if not scheme.signed:
         for pre, relu_name in plan.fused_relu.items():
@@ -363,12 +384,35 @@ def apply_plan(graph, plan: Plan, params: dict, scheme: Scheme, reduce: bool,
             relu.inputs.clear()
             relu.outputs.clear()
     tensors = graph.tensors()
-    for tname, (scale, zp) in qparams.items():
+    for k, (tname, (scale, zp)) in enumerate(qparams.items()):
         tensor = tensors.get(tname)
         if tensor is None:
             continue               # the pre-Relu tensor of a removed Relu
-        qdq.insert_qdq(graph, tensor, scale, zp, scheme.dtype)
+        qdq.insert_qdq(graph, tensor, scale, zp, scheme.dtype, base=f"a{k}")
     return graph
+
+
+def weight_error_bias(node, w: np.ndarray, w_hat: np.ndarray, mean_x: np.ndarray):
+    """Per output channel E[y(W) − y(Ŵ)] = Σ (W − Ŵ)·E[x]: the mean shift rounding the
+    weights causes (bias correction, Nagel et al. 2019, "Data-free quantization"). With
+    7-bit weights (reduced range) this shift is large enough to flip a few predictions;
+    adding it to the bias removes it. E[x] is per input channel, so zero padding at the
+    borders is ignored (a small second-order error)."""
+    err = np.asarray(w, np.float64) - np.asarray(w_hat, np.float64)
+    mean_x = np.asarray(mean_x, np.float64).reshape(-1)
+    if node.op == "Conv":
+        groups = int(node.attrs.get("group", 1))
+        n_out, n_in = err.shape[0], err.shape[1]
+        if mean_x.size != n_in * groups:
+            return np.zeros(n_out, np.float32)
+        # Output channel o of group o // (n_out / groups) reads that group's inputs.
+        mx = mean_x.reshape(groups, n_in)[np.arange(n_out) // (n_out // groups)]
+        d = (err.reshape(n_out, n_in, -1).sum(2) * mx).sum(1)
+    elif node.op == "Gemm" and node.attrs.get("transB", 0):
+        d = err @ mean_x if mean_x.size == err.shape[1] else np.zeros(err.shape[0])
+    else:                                            # Gemm(transB=0) / MatMul: K × N
+        d = mean_x @ err if mean_x.size == err.shape[0] else np.zeros(err.shape[1])
+    return d.astype(np.float32)
 
 
 def requant_shifts(graph) -> dict:

@@ -80,3 +80,14 @@ def test_collect_runs_the_model_once_and_sees_requested_tensors():
     assert stats["r0"].min == 0.0                  # a ReLU output
     assert stats["c2"].min < 0 < stats["c2"].max
     assert all(s.count > 0 for s in stats.values())
+
+
+def test_channel_means_cover_samples_and_positions():
+    s = TensorStats("t")
+    rng = np.random.default_rng(3)
+    batches = [rng.normal([[[1.0]], [[-3.0]]], 1.0, (n, 2, 4, 4)) for n in (5, 7)]
+    for b in batches:
+        s.update_channels(b.astype(np.float32))
+    np.testing.assert_allclose(s.channel_mean(), np.concatenate(batches).mean((0, 2, 3)),
+                               rtol=1e-6)
+    assert TensorStats("u").channel_mean() is None

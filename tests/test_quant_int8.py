@@ -85,6 +85,55 @@ def test_onnxruntime_runs_integer_kernels(quantized, tmp_path):
     assert "QLinearAdd" in optimized
     assert "QLinearGlobalAveragePool" in optimized
     assert "Conv" not in optimized and "Add" not in optimized
+    # The Gemm keeps its weight zero point: without it ORT leaves the Gemm in float.
+    assert "QGemm" in optimized and "Gemm" not in optimized
+
+
+def test_int8_file_is_weights_plus_little_structure(quantized):
+    # Size: weight/bias zero points (all 0, the ONNX default) are left out where ORT fuses
+    # without them, and every added tensor has a short name (w<j>_q, a<k>_s, ...).
+    m = quantized.graph.to_onnx()
+    inits = _inits(m)
+    prod = {o: n for n in m.graph.node for o in n.output}
+    for conv in (n for n in m.graph.node if n.op_type == "Conv"):
+        assert len(prod[conv.input[1]].input) == 2 and len(prod[conv.input[2]].input) == 2
+    added = [n for n in inits if n not in {"w0", "w1", "w2", "wf", "b0", "b1", "b2", "bf"}]
+    assert added and all(len(n) <= 6 for n in added)
+    # Names and structure: ~52 bytes per node, ~12 per initializer here (names derived from
+    # the tensors, like "<tensor>_QuantizeLinear", cost about twice that).
+    assert sum(n.ByteSize() for n in m.graph.node) < 60 * len(m.graph.node)
+    header = sum(i.ByteSize() for i in m.graph.initializer) - sum(a.nbytes for a in inits.values())
+    assert header < 16 * len(inits)
+
+
+def test_bias_correction_removes_the_mean_shift_of_weight_rounding():
+    from onnxc.passes.int8 import weight_error_bias
+    from onnxc.calibrate.qdq import dequantize, quantize_weight
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    codes, scale = quantize_weight(w, 0, 7)                     # coarse: a visible shift
+    w_hat = dequantize(codes, scale, 0)
+    x = (rng.standard_normal((16, 3, 10, 10)) + [[[1.0]], [[-2.0]], [[0.5]]]).astype(np.float32)
+    windows = np.lib.stride_tricks.sliding_window_view(x, (3, 3), axis=(2, 3))  # N,C,8,8,3,3
+
+    def conv(k):   # 'valid' convolution: every output sees real inputs, no padding
+        return np.einsum("nchwij,ocij->nohw", windows, k)
+
+    shift = (conv(w) - conv(w_hat)).mean((0, 2, 3))
+    node = type("N", (), {"op": "Conv", "attrs": {}})()
+    d = weight_error_bias(node, w, w_hat, x.mean((0, 2, 3)))
+    # E[x] of the whole image vs of the valid windows differ slightly: not exact.
+    np.testing.assert_allclose(d, shift, rtol=0.03, atol=0.01)
+    assert np.abs(shift).max() > 10 * np.abs(shift - d).max()
+
+
+def test_bias_correction_option_changes_only_the_biases(model, data):
+    on = _inits(_int8(model, data).graph.to_onnx())
+    off = _inits(_int8(model, data, bias_correction="off").graph.to_onnx())
+    assert on.keys() == off.keys()
+    changed = {k for k in on if not np.array_equal(on[k], off[k])}
+    assert changed and all(on[k].dtype == np.int32 for k in changed)
 
 
 def test_keep_float_first_and_last_leaves_those_layers_float(model, data):
@@ -111,7 +160,9 @@ def test_pow2_scales_give_shift_requantisation(model, data):
         if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
             scale = inits[node.input[1]]
             np.testing.assert_array_equal(np.log2(scale), np.round(np.log2(scale)))
-            if node.input[0] not in inits or inits[node.input[0]].dtype != np.int32:
+            if len(node.input) < 3:        # zero point left out: 0 of the codes' type
+                assert inits[node.input[0]].dtype in (np.int8, np.int32)
+            elif node.input[0] not in inits or inits[node.input[0]].dtype != np.int32:
                 assert inits[node.input[2]].dtype == np.int8       # int8, zero point 0
                 assert not np.any(inits[node.input[2]])
     shifts = res.report["passes"][-1]["extra"]["shifts"]
