@@ -62,7 +62,7 @@ RECOVER_WEIGHTS = {
 }
 # Seconds a +recover row costs besides training (loading, the teacher's held-out
 # logits, verification, top-1 of original and result): reserved before splitting.
-RECOVER_OVERHEAD_S = {"resnet20": 12.0, "resnet56": 25.0}
+RECOVER_OVERHEAD_S = {"resnet20": 15.0, "resnet56": 30.0}
 ALL_CONFIGS = ["fold_bn"] + [c for base in LOSSY for c in (base, base + "+recover")]
 TVM_DEFAULT = ("original", "prune50")
 
@@ -594,7 +594,7 @@ def main(argv=None) -> int:
             log(f"{model} {config}: {row['status']}")
         results["rows"].sort(key=lambda r: (list(MODELS).index(r["model"]),
                                             order[r["config"]]))
-        _save(results, json_path, out, plot_dir, command)
+        _save(results, json_path, out, plot_dir, command, plots=False)
 
     # Phase 1: every base row (and the bases the +recover rows start from).
     state = {}
@@ -644,6 +644,7 @@ def main(argv=None) -> int:
             elif row.get("status") == "ok":
                 log(f"{model} {base} (base of {config}): top-1 {row['top1']:.2f}")
     phase1 = (time.perf_counter() - suite_start) / 60
+    _save(results, json_path, out, plot_dir, command)
     # Phase 2: +recover rows share what is left of the budget.
     pending = [(m, c) for m in models for c in configs if c.endswith("+recover")]
     if pending:
@@ -702,13 +703,17 @@ def fill_tvm(results: dict, models: list, args) -> None:
                     f"same structure as {config} (recover changes only values)"
 
 
-def _save(results, json_path, out, plot_dir, command) -> None:
+def _save(results, json_path, out, plot_dir, command, plots: bool = True) -> None:
+    """JSON and BENCHMARKS.md; the plots too unless ``plots`` is False (matplotlib
+    costs seconds per call: the suite redraws them only at the end of each phase)."""
     json_path.parent.mkdir(parents=True, exist_ok=True)
     clean = dict(results, rows=[{k: v for k, v in r.items() if not k.startswith("_")}
                                 for r in results["rows"]])
     json_path.write_text(json.dumps(clean, indent=1, default=str) + "\n")
-    plots = write_plots(results, plot_dir) if results["rows"] else []
-    write_markdown(results, out, plots, command)
+    made = (write_plots(results, plot_dir) if plots else
+            [plot_dir / n for n in ("top1_vs_cr.png", "top1_vs_sr.png")
+             if (plot_dir / n).exists()]) if results["rows"] else []
+    write_markdown(results, out, made, command)
 
 
 if __name__ == "__main__":
