@@ -301,3 +301,34 @@ def test_unreachable_rpc_tracker_is_a_backend_error(tiny_path, tmp_path):
                            "--tune-db", tmp_path / "db", "--rpc-tracker", "127.0.0.1:9",
                            "--rpc-key", "none", "-o", tmp_path / "o")
     assert code == 8 and "cannot reach the RPC tracker at 127.0.0.1:9" in err
+
+
+def test_tuning_setup_survives_unnamed_handlers_on_metaschedule_logger(tmp_path):
+    """Regression: MetaSchedule's logging setup lists the logger's handlers by name, so
+    an unnamed one (pytest attaches its capture handler) made a second tuning run in
+    the same process fail with "'NoneType' object has no attribute 'format'"."""
+    import logging
+
+    import tvm
+    import tvm.s_tir.meta_schedule as ms
+
+    from onnxc.backends.tvm.build import import_relax, io_signature, static_model
+    from onnxc.backends.tvm.tuning import _tune_contexts, import_tensor_intrinsics
+
+    import_tensor_intrinsics()                 # as tune() does: seconds instead of minutes
+    model = static_model(tiny_cnn())
+    mod = import_relax(model, io_signature(model)[0])
+    target = tvm.target.Target({"kind": "llvm", "num-cores": 2})
+    with target:
+        mod = tvm.relax.pipeline.zero_pipeline()(mod)
+    tasks = ms.relax_integration.extract_tasks(mod, target)
+    logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    foreign = logging.NullHandler()            # no name, like pytest's LogCaptureHandler
+    _tune_contexts(tasks, str(tmp_path / "a"), 0)
+    logger.addHandler(foreign)
+    try:
+        contexts, weights = _tune_contexts(tasks, str(tmp_path / "b"), 0)
+        assert len(contexts) == len(weights) == len(tasks) > 0
+        assert foreign in logger.handlers      # put back after the setup
+    finally:
+        logger.removeHandler(foreign)
