@@ -311,6 +311,7 @@ def write_markdown(results: dict, path: pathlib.Path, plots: list, command: str)
                   f"average {run.get('load_start', '?')} at start, "
                   f"{run.get('load_end', '?')} at end"
                   + (f", {run['suite_minutes']} min" if run.get("suite_minutes") else "")
+                  + (f", commit {run['commit']}" if run.get("commit") else "")
                   + (f"; {run['note']}" if run.get("note") else "") + ".", ""]
     lines += [f"Machine: {results['meta']['machine']}, shared with other jobs: latencies "
               "are noisy, which is why original and compressed are timed interleaved in "
@@ -535,7 +536,7 @@ def main(argv=None) -> int:
         results["rows"] = [r for r in results["rows"]
                            if not (r["model"] in models and r["config"] in configs)]
     run = {"command": command, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-           "load_start": round(os.getloadavg()[0], 1)}
+           "load_start": round(os.getloadavg()[0], 1), "commit": _commit()}
     if args.render:
         results = json.loads(json_path.read_text())
         _save(results, json_path, out, plot_dir, command)
@@ -701,6 +702,21 @@ def fill_tvm(results: dict, models: list, args) -> None:
                 r["tvm_x86_ms"] = round(ms, 3) if ms else None
                 r["tvm_note"] = note if r["config"] == config else \
                     f"same structure as {config} (recover changes only values)"
+
+
+def _commit() -> str:
+    """The checkout's commit, "+ local changes" when its tracked files differ from it."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain",
+                                "--untracked-files=no"], capture_output=True, text=True,
+                               timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    return (head or "?") + (" + local changes" if dirty else "")
 
 
 def _save(results, json_path, out, plot_dir, command, plots: bool = True) -> None:
