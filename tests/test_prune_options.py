@@ -73,6 +73,20 @@ def test_uniform_ratio_halves_every_group(chain_path):
     assert widths(result) == {"c1": 8, "c2": 8, "c3": 8, "c4": 4}
 
 
+def test_default_rounding_keeps_blocks_of_8_from_16_channels(chain_path):
+    # ORT's NCHWc convs take input channel counts that are multiples of 8 (or < 8 from a
+    # reordered NCHW buffer): 16-channel groups keep 8 or 16 unless told otherwise.
+    opts = {"prune_ratio": 0.3}
+    assert widths(compress(str(chain_path), ["prune"], options=opts,
+                           log=lambda m: None))["c2"] == 16
+    opts["prune_ratio"] = 0.6
+    assert widths(compress(str(chain_path), ["prune"], options=opts,
+                           log=lambda m: None))["c2"] == 8
+    opts["prune_multiple"] = 1
+    assert widths(compress(str(chain_path), ["prune"], options=opts,
+                           log=lambda m: None))["c2"] == 7
+
+
 def test_flops_target_is_reached(chain_path):
     result = compress(str(chain_path), ["prune"], options={"prune_flops": 0.6},
                       log=lambda m: None)
@@ -87,7 +101,7 @@ def test_global_ranking_prunes_weak_layers_more():
     arr = onnx.numpy_helper.to_array(w[node.input[1]]).copy()
     arr[:12] *= 1e-3
     w[node.input[1]].CopyFrom(onnx.numpy_helper.from_array(arr, node.input[1]))
-    result = compress(model, ["prune"], options={"prune_ratio": 12 / 48,
+    result = compress(model, ["prune"], options={"prune_ratio": 12 / 48, "prune_multiple": 1,
                                                  "prune_global": True}, log=lambda m: None)
     assert widths(result)["c3"] == 4 and widths(result)["c1"] == 16
 
@@ -99,7 +113,7 @@ def test_bn_gamma_prefers_small_gammas():
     gamma = onnx.numpy_helper.to_array(inits[bn.input[1]]).copy()
     gamma[[1, 4, 9, 12]] = 1e-3
     inits[bn.input[1]].CopyFrom(onnx.numpy_helper.from_array(gamma, bn.input[1]))
-    result = compress(model, ["prune"], options={"prune_ratio": 0.25,
+    result = compress(model, ["prune"], options={"prune_ratio": 0.25, "prune_multiple": 1,
                                                  "prune_criterion": "bn_gamma"},
                       log=lambda m: None)
     bn_after = next(n for n in result.graph.nodes if n.op == "BatchNormalization")

@@ -294,3 +294,28 @@ def test_min_channels_is_respected():
                       log=lambda m: None)
     w = {n.name: n.inputs[1].values.shape for n in result.graph.nodes if n.op == "Conv"}
     assert w["c1"][0] == 3
+
+
+def test_ort_layout_turns_channel_pad_shortcuts_into_selection_convs():
+    # The option-A shortcut (Slice step 2 on H and W, zero Pad on channels) becomes a
+    # 1x1 stride-2 Conv with a 0/1 weight: same outputs, no Pad/Slice left.
+    n = Net()
+    t = n.op("Relu", [n.conv("x", 3, 8, name="c0")])
+    big = np.array([2 ** 62], np.int64)
+    sc = n.op("Slice", [t, n.const(np.array([0, 0], np.int64)), n.const(np.r_[big, big]),
+                        n.const(np.array([2, 3], np.int64)), n.const(np.array([2, 2], np.int64))])
+    sc = n.op("Pad", [sc, n.const(np.array([0, 4, 0, 0, 0, 4, 0, 0], np.int64))])
+    m = n.conv(n.op("Relu", [n.conv(t, 8, 16, name="c1", strides=[2, 2])]), 16, 16, name="c2")
+    model = n.model([n.op("Relu", [n.op("Add", [m, sc])])])
+    plain = compress(model, ["prune"], options={"prune_ratio": 0.5}, log=lambda m: None)
+    res = compress(model, ["prune"], options={"prune_ratio": 0.5, "prune_ort_layout": True},
+                   log=lambda m: None)
+    ops = [x.op for x in res.graph.nodes]
+    assert "Pad" not in ops and "Slice" not in ops
+    sel = next(x for x in res.graph.nodes if x.name.endswith("_as_conv"))
+    assert sel.attrs["strides"] == [2, 2]
+    w = np.asarray(sel.inputs[1].values)[:, :, 0, 0]
+    assert set(np.unique(w)) <= {0.0, 1.0} and (w.sum(0) == 1).all()
+    x = np.random.default_rng(0).standard_normal((4, 3, 12, 12)).astype(np.float32)
+    cmp = compare_outputs(Runner(plain.graph).run({"x": x}), Runner(res.graph).run({"x": x}))
+    assert cmp.max_abs <= 1e-6

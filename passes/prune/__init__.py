@@ -112,8 +112,11 @@ class Prune(Pass):
         Option("--prune-criterion", str, "l1", "channel importance", choices=CRITERIA),
         Option("--prune-min-channels", int, 1, "keep at least this many channels per group"),
         Option("--prune-multiple", int, None, "round kept channel counts up to a multiple "
-               "of this (e.g. 16 for VTA); default: 8 for groups of >= 32 channels "
+               "of this (e.g. 16 for VTA); default: 8 for groups of >= 16 channels "
                "(CPU SIMD blocks), 1 disables"),
+        Option("--prune-ort-layout", None, None, "rewrite zero channel Pads (ResNet "
+               "option-A shortcuts) as exact 1x1 selection convs so ONNX Runtime keeps the "
+               "residual trunk in its NCHWc conv blocks", action="store_true"),
         Option("--prune-samples", int, 256, "calibration samples for apoz/thinet"),
         Option("--prune-sensitivity", str, None, "JSON from 'onnxc sensitivity --json' to "
                "allocate --prune-flops by measured per-group error"),
@@ -206,10 +209,13 @@ class Prune(Pass):
                 report.note(msg)
                 ctx.warn(msg)
         elif flops is not None:
-            removed, level = alloc.for_flops(flops, use_global, base)
+            removed, level, topped = alloc.for_flops(flops, use_global, base)
             est = dg.estimate_macs(removed)
-            report.note(f"--prune-flops {flops}: ratio {level:.3f} "
-                        f"({'global share' if use_global else 'per group'}); "
+            how = f"ratio {level:.3f} ({'global share' if use_global else 'per group'})"
+            if topped:
+                how = (f"largest uniform ratio short of the target (just under {level:.3f}),"
+                       f" topped up where the criterion says it hurts least")
+            report.note(f"--prune-flops {flops}: {how}; "
                         f"estimated MACs {base:,} -> {est:,} "
                         f"(-{100 * (1 - est / max(base, 1)):.1f}%)")
             if est > (1.0 - flops) * base * 1.001:
@@ -237,6 +243,14 @@ class Prune(Pass):
                 per_group.append({"group": g.label, "channels": int(len(g.classes)),
                                   "removed": n})
         graph.refresh()            # shapes are stale after the rewrite: MACs need them
+        if ctx.option("prune_ort_layout", False):
+            from .layout import channel_pads_as_convs
+
+            n_pads = channel_pads_as_convs(graph)
+            report.note(f"--prune-ort-layout: {n_pads} channel Pad shortcut(s) now 1x1 "
+                        f"selection convs (exact; ORT keeps the trunk in NCHWc)")
+            if n_pads:
+                graph.refresh()
         after = graph.stats(with_bytes=False)
         report.note(f"achieved: MACs {before.macs:,} -> {after.macs:,} "
                     f"(-{100 * (1 - after.macs / max(before.macs, 1)):.1f}%), params "
