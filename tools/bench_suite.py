@@ -149,7 +149,8 @@ def options_for(model: str, config: str, criterion: str, args,
             opts["prune_params"] = share
     if config.endswith("+recover"):
         opts.update(recover_epochs=args.recover_epochs, recover_threads=args.threads,
-                    recover_hints=args.recover_hints, recover_minutes=minutes)
+                    recover_hints=args.recover_hints, recover_minutes=minutes,
+                    recover_augment=getattr(args, "recover_augment", None))
     return opts
 
 
@@ -479,6 +480,8 @@ def main(argv=None) -> int:
     p.add_argument("--recover-epochs", type=float, default=60.0,
                    help="epoch cap for recover (the time budget normally ends it first)")
     p.add_argument("--recover-hints", default="auto")
+    p.add_argument("--recover-augment", default=None,
+                   help="recover's --recover-augment (default: the pass's flip,crop)")
     p.add_argument("--threads", default="auto",
                    help="torch threads for recover; auto: 2 when the 1-minute load average "
                         "is below 2.5 at the start, else 1 (on a busy 2-core box one thread "
