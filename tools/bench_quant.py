@@ -70,14 +70,6 @@ def _top1(sess, x, y) -> float:
     return 100.0 * float(np.mean(_logits(sess, x).argmax(1) == y))
 
 
-def _weight_bytes(model_bytes: bytes) -> int:
-    import onnx
-    from onnx import numpy_helper
-
-    m = onnx.load_from_string(model_bytes)
-    return sum(numpy_helper.to_array(i).nbytes for i in m.graph.initializer)
-
-
 def _latency(sessions: dict, x: np.ndarray, reps: int, stat=np.median) -> dict:
     """Seconds per run (``stat`` over reps), measured interleaved so load changes hit
     all models alike."""
@@ -143,16 +135,21 @@ def int8_section(shared, reps):
     fp32_model = frontend.load(str(r56)).to_onnx().SerializeToString()
     fp32_pred = _logits(_session(fp32_model), x_test).argmax(1)
     results = {}
-    for method in CALIBRATORS:
-        res = _compress(r56, ["fold_bn", "int8"], {"calibrator": method}, train, test)
+    runs = [(m, {"calibrator": m}) for m in CALIBRATORS]
+    # Reference row: what bias correction (on by default) buys.
+    runs.append(("minmax, no bias corr.", {"calibrator": "minmax", "bias_correction": "off"}))
+    for label, options in runs:
+        res = _compress(r56, ["fold_bn", "int8"], options, train, test)
         rep = res.report
         p = next(p for p in rep["passes"] if p["name"] == "int8")
         acc = rep["accuracy"]
-        results[method] = res
+        results[label] = res
         pred = _logits(_session(res.graph.to_onnx().SerializeToString()), x_test).argmax(1)
-        print(f"{method:<12}{acc['original_top1']:>10.2f}%{acc['final_top1']:>10.2f}%"
+        print(f"{label:<12}{acc['original_top1']:>10.2f}%{acc['final_top1']:>10.2f}%"
               f"{acc['drop']:>7.2f}{100 * np.mean(pred == fp32_pred):>14.2f}%"
               f"{rep['compression_ratio']:>8.2f}x{p['seconds']:>8.1f}")
+    print(f"(one test image = {100 / len(y_test):.3f} pt; 'size Cr' is report.json "
+          "compression_ratio: serialized canonical input model / serialized model.onnx)")
 
     ours = results["minmax"].graph.to_onnx().SerializeToString()
     ort_model, ort_seconds = _ort_quantize_static(fp32_model, calib, "input",
@@ -167,15 +164,13 @@ def int8_section(shared, reps):
           f"vs quantize_static {ort_seconds:.1f} s "
           f"({'faster' if ours_seconds <= ort_seconds else 'SLOWER'}, "
           f"ratio {ort_seconds / ours_seconds:.2f}x)")
-    w32, w8 = _weight_bytes(fp32_model), _weight_bytes(ours)
-    print(f"initializer bytes fp32 {w32:,} -> int8 {w8:,} (weight payload Cr {w32 / w8:.2f}x); "
-          f"file {len(fp32_model):,} -> {len(ours):,} B (file Cr {len(fp32_model) / len(ours):.2f}x: "
-          f"the rest is graph structure, tensor names and shapes)")
+    size_section(r56, fp32_model, ours, ort_model)
     agree = np.mean(fp32_pred == _logits(s_ort, x_test).argmax(1))
     print(f"argmax agreement fp32 vs quantize_static int8 on test_dev: {100 * agree:.2f}%")
+    fused_section({"onnxc int8": ours, "quantize_static": ort_model})
     for bs in (1, 64):
         x = x_test[:bs]
-        n = reps if bs == 64 else 5 * reps
+        n = reps if bs == 64 else 20 * reps
         lat = _latency({"fp32": s_fp32, "onnxc": s_ours, "ort": s_ort}, x, n)
         med = {k: v[0] for k, v in lat.items()}
         best = {k: v[1] for k, v in lat.items()}
@@ -187,6 +182,67 @@ def int8_section(shared, reps):
                  f"ORT {best['fp32'] / best['ort']:.2f}x" if bs > 1 else ""))
     print(f"(machine load average during the run: {os.getloadavg()[0]:.1f} on "
           f"{os.cpu_count()} cores)")
+
+
+def _size_parts(model_bytes: bytes) -> dict:
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load_from_string(model_bytes)
+    parts = {"int8 weight codes": 0, "float32 scales": 0, "int32 biases": 0,
+             "float32 weights/biases": 0, "other constants": 0}
+    for i in m.graph.initializer:
+        a = numpy_helper.to_array(i)
+        if a.dtype == np.int8 and a.ndim > 1:
+            key = "int8 weight codes"
+        elif a.dtype == np.int32:
+            key = "int32 biases"
+        elif a.dtype == np.float32:      # onnxc names every scale <base>_s
+            key = "float32 scales" if i.name.endswith("_s") else "float32 weights/biases"
+        else:
+            key = "other constants"
+        parts[key] += a.nbytes
+    payload = sum(parts.values())
+    parts["names + structure (nodes, initializer headers, value_info)"] = \
+        len(model_bytes) - payload
+    return parts
+
+
+def size_section(model_path, fp32_model: bytes, ours: bytes, ort_model: bytes) -> None:
+    """Where the int8 file's bytes go, and how the size Cr is measured."""
+    disk = os.path.getsize(model_path)
+    print(f"size: input file {disk:,} B on disk, canonical fp32 model {len(fp32_model):,} B "
+          f"(what report.json compares); onnxc int8 model.onnx {len(ours):,} B -> "
+          f"Cr {len(fp32_model) / len(ours):.2f}x (vs file on disk {disk / len(ours):.2f}x); "
+          f"quantize_static {len(ort_model):,} B -> Cr {len(fp32_model) / len(ort_model):.2f}x")
+    p32, p8 = _size_parts(fp32_model), _size_parts(ours)
+    for k in p8:
+        print(f"    {k:<62}{p32[k]:>11,} B -> {p8[k]:>9,} B")
+    codes = p8["int8 weight codes"]
+    print(f"    ceiling: int8 codes alone give {len(fp32_model) / codes:.2f}x; codes + the "
+          f"scales and int32 biases QLinearConv needs give "
+          f"{len(fp32_model) / (codes + p8['float32 scales'] + p8['int32 biases']):.2f}x "
+          f"with zero graph structure (the fp32 graph's own structure is "
+          f"{p32['names + structure (nodes, initializer headers, value_info)']:,} B)")
+
+
+def fused_section(models: dict) -> None:
+    """What ONNX Runtime actually executes: op counts of its optimized graph."""
+    import collections
+
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, mb in models.items():
+            opts = ort.SessionOptions()
+            opts.log_severity_level = 3
+            opts.optimized_model_filepath = os.path.join(tmp, "opt.onnx")
+            ort.InferenceSession(mb, opts, providers=["CPUExecutionProvider"])
+            ops = collections.Counter(n.op_type for n in
+                                      onnx.load(os.path.join(tmp, "opt.onnx")).graph.node)
+            print(f"ORT-optimized graph, {name:<16}: {sum(ops.values())} nodes: "
+                  + ", ".join(f"{k} {v}" for k, v in ops.most_common()))
 
 
 def lowbit_section(shared):
