@@ -98,11 +98,12 @@ class QuantWeight:
             self.kind = "int"
             self.qmin, self.qmax = _QRANGE.get(np.dtype(q.dtype), (-128, 127))
             if (zero_point is None or not np.any(zero_point != 0)) and q.size \
-                    and q.dtype.kind == "i":
-                # Symmetric per-channel codes reach the grid's end in every channel, so
-                # max|q| is the range the quantizer used (e.g. ±63 for reduced-range
-                # int8 on CPUs without VNNI, whose u8×s8 kernels would overflow
-                # beyond it): training stays inside it.
+                    and q.dtype == np.int8:
+                # Symmetric int8 weight codes reach the grid's end (per channel or per
+                # tensor), so max|q| is the range the quantizer used (e.g. ±63 for
+                # reduced-range int8 on CPUs without VNNI, whose u8×s8 kernels would
+                # overflow beyond it): training stays inside it. Not for int32 biases,
+                # whose codes are nowhere near their type's limits.
                 m = int(np.abs(q.astype(np.int64)).max())
                 if m > 0:
                     self.qmin, self.qmax = -m, m
