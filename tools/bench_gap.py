@@ -42,7 +42,7 @@ def _with_flips(data):
     return Dataset(inputs, None, data.source + " + horizontal flips")
 
 
-def bench_fc_model(model_path: pathlib.Path = FC_MODEL) -> None:
+def bench_fc_model(model_path: pathlib.Path = FC_MODEL, fits: str = "all") -> None:
     from conftest import cifar_preprocess
 
     from onnxc import frontend
@@ -62,7 +62,7 @@ def bench_fc_model(model_path: pathlib.Path = FC_MODEL) -> None:
     print(f"FC-head model {model_path.name}: {original.stats(with_bytes=False).params:,} params, "
           f"top-1 {base:.2f}% on test_dev ({len(test)} images)")
     n_full = f"{len(train)} train images + flips"
-    for label, options, data in (
+    runs = (
             ("data-free fit", {}, None),
             ("least-squares, 512 train images", {}, small),
             (f"least-squares, {n_full}, --gap-form auto",
@@ -71,7 +71,10 @@ def bench_fc_model(model_path: pathlib.Path = FC_MODEL) -> None:
             (f"least-squares, {n_full}, --gap-form collapse", {"gap_form": "collapse"},
              full),
             (f"least-squares + KL, {n_full}, --gap-form auto --gap-fit kl",
-             {"gap_form": "auto", "gap_fit": "kl"}, full)):
+             {"gap_form": "auto", "gap_fit": "kl"}, full))
+    if fits == "auto":      # a quick look: the data-free fit and the chosen data fit
+        runs = [r for r in runs if r[2] is None or r[1] == {"gap_form": "auto"}]
+    for label, options, data in runs:
         options = {**options, "gap_samples": len(data) if data is not None else 512}
         start = time.perf_counter()
         result = compress(str(model_path), ["gap"], options=options, calibration=data,
@@ -92,14 +95,16 @@ def bench_fc_model(model_path: pathlib.Path = FC_MODEL) -> None:
         if "held_out" in row:
             best = {}
             for t in row["held_out"]:
-                if t["form"] not in best or t["held_out_logit_rel_error"] < \
-                        best[t["form"]]["held_out_logit_rel_error"]:
-                    best[t["form"]] = t
+                key = t["form"] + (" ReLU-aware" if t["relu_fit"] else "")
+                if key not in best or t["held_out_logit_rel_error"] < \
+                        best[key]["held_out_logit_rel_error"]:
+                    best[key] = t
+            chosen = row["form"] + (" ReLU-aware" if row["relu_fit"] else "")
             print(f"    held-out {row['held_out_samples']} of {row['calibration_samples']} "
-                  f"calibration samples: " + ", ".join(
-                      f"{f} logit rel. error {t['held_out_logit_rel_error']:.3f} "
-                      f"(ridge {t['ridge']:g})" for f, t in best.items())
-                  + f" -> {row['form']}, ridge {row['ridge']:g}")
+                  f"calibration samples, logit rel. error: " + ", ".join(
+                      f"{k} {t['held_out_logit_rel_error']:.3f} (ridge {t['ridge']:g})"
+                      for k, t in best.items())
+                  + f" -> {chosen}, ridge {row['ridge']:g}")
         print(f"    {calib_err}test_dev logit rel. error {rel:.3f} (max rel "
               f"{cmp.max_rel:.3f}), argmax agreement {100 * cmp.top1_agreement:.1f}%; "
               f"{seconds:.1f} s", flush=True)
@@ -142,11 +147,13 @@ def main(argv=None) -> int:
     ap.add_argument("--part", choices=("fc", "zoo", "all"), default="all")
     ap.add_argument("--model", type=pathlib.Path, default=FC_MODEL,
                     help="FC-head model for --part fc (default: the committed one)")
+    ap.add_argument("--fits", choices=("all", "auto"), default="all",
+                    help="auto: only the data-free fit and --gap-form auto on all images")
     ap.add_argument("--randomize", action="store_true",
                     help="give the zoo models seeded random weights first (slower)")
     args = ap.parse_args(argv)
     if args.part in ("fc", "all"):
-        bench_fc_model(args.model)
+        bench_fc_model(args.model, args.fits)
     if args.part in ("zoo", "all"):
         print("light zoo (data-free gap):")
         bench_zoo(args.randomize)
