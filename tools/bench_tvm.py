@@ -113,6 +113,8 @@ def main(argv=None) -> int:
                    help="only fill --tune-db (run it at low priority); no latencies")
     p.add_argument("--from-db", action="store_true",
                    help="tuned = what --tune-db holds (no new tuning), then measure")
+    p.add_argument("--merge-db", default=None, help="comma-separated databases (e.g. "
+                   "filled by parallel --tune-only runs) copied into --tune-db first")
     p.add_argument("--no-prepack", action="store_true",
                    help="tune without cpu_weight_prepack (separate tasks/records)")
     p.add_argument("--build-workers", type=int, default=1, help="tuning build processes")
@@ -136,6 +138,11 @@ def main(argv=None) -> int:
                  "tune_build_workers": args.build_workers}
     if args.tune_only:
         return tune_only(args, db, tune_opts, log)
+    if args.merge_db:
+        from onnxc.backends.tvm.tuning import merge_databases
+
+        srcs = args.merge_db.split(",")
+        print(f"# merged {merge_databases(db, srcs)} tuning records from {', '.join(srcs)}")
     print(f"# {os.path.basename(args.model)} on {platform.processor() or platform.machine()}"
           f", {os.cpu_count()} cores; onnxruntime {onnxruntime.__version__}, "
           f"tvm {tvm.__version__}; tuning db {db}")

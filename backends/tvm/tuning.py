@@ -362,3 +362,27 @@ def tune(mod, target, spec, trials: int, options: dict, log):
     log(f"  tune: done in {stats.seconds:.0f} s: {measured} trials measured, "
         f"{cached}/{len(tasks)} tasks from the database")
     return mod, stats
+
+
+def merge_databases(dst_dir: str, src_dirs: list) -> int:
+    """Copy every tuning record of the ``src_dirs`` databases into ``dst_dir``'s.
+
+    For databases filled separately (other machines, or parallel tuning runs: two
+    processes must not append to one JSON database at once, since each numbers the
+    workloads it appends on its own). Returns the number of records copied.
+    """
+    import tvm.s_tir.meta_schedule as ms
+
+    os.makedirs(dst_dir, exist_ok=True)
+    dst = ms.database.JSONDatabase(work_dir=dst_dir)
+    copied = 0
+    for src_dir in src_dirs:
+        if not os.path.isfile(os.path.join(src_dir, "database_workload.json")):
+            raise UsageError(f"{src_dir} is not a tuning database (no database_workload.json)")
+        src = ms.database.JSONDatabase(work_dir=src_dir)
+        for rec in src.get_all_tuning_records():
+            workload = dst.commit_workload(rec.workload.mod)
+            dst.commit_tuning_record(ms.database.TuningRecord(
+                rec.trace, workload, rec.run_secs, rec.target, rec.args_info))
+            copied += 1
+    return copied
