@@ -1,6 +1,7 @@
 """Quantization benchmark (issue 5): prints every figure the issue's "Must show" lists.
 
     python tools/bench_quant.py [--shared ../shared] [--reps 10] [--skip-lowbit]
+                                [--part all|accuracy|latency]
 
 1. ResNet-56 ``fold_bn,int8`` calibrated on 512 train images, per calibrator: top-1 on
    test_dev vs fp32, size Cr, pass wall time (statistics + calibration + rewrite); then,
@@ -115,7 +116,7 @@ def _ort_quantize_static(model_bytes: bytes, calib: np.ndarray, input_name: str,
             return f.read(), seconds
 
 
-def int8_section(shared, reps):
+def int8_section(shared, reps, accuracy=True, latency=True):
     from onnxc.calibrate.qdq import has_vnni
 
     r56 = shared / "models" / "resnet56_cifar10.onnx"
@@ -135,9 +136,10 @@ def int8_section(shared, reps):
     fp32_model = frontend.load(str(r56)).to_onnx().SerializeToString()
     fp32_pred = _logits(_session(fp32_model), x_test).argmax(1)
     results = {}
-    runs = [(m, {"calibrator": m}) for m in CALIBRATORS]
-    # Reference row: what bias correction (on by default) buys.
-    runs.append(("minmax, no bias corr.", {"calibrator": "minmax", "bias_correction": "off"}))
+    runs = [(m, {"calibrator": m}) for m in (CALIBRATORS if accuracy else ["minmax"])]
+    if accuracy:    # reference row: what bias correction (on by default) buys
+        runs.append(("minmax, no bias corr.", {"calibrator": "minmax",
+                                               "bias_correction": "off"}))
     for label, options in runs:
         res = _compress(r56, ["fold_bn", "int8"], options, train, test)
         rep = res.report
@@ -168,6 +170,9 @@ def int8_section(shared, reps):
     agree = np.mean(fp32_pred == _logits(s_ort, x_test).argmax(1))
     print(f"argmax agreement fp32 vs quantize_static int8 on test_dev: {100 * agree:.2f}%")
     fused_section({"onnxc int8": ours, "quantize_static": ort_model})
+    if not latency:
+        return
+    print(f"(load average before the latency runs: {os.getloadavg()[0]:.1f})")
     for bs in (1, 64):
         x = x_test[:bs]
         n = reps if bs == 64 else 20 * reps
@@ -336,12 +341,19 @@ def main(argv=None) -> int:
     ap.add_argument("--shared", default=str(REPO.parent / "shared"))
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--skip-lowbit", action="store_true")
+    ap.add_argument("--part", choices=("all", "accuracy", "latency"), default="all",
+                    help="accuracy: everything but the latency runs (can run at low priority "
+                         "next to other jobs); latency: only ResNet-56 minmax int8, "
+                         "quantize_static and the latency runs (run it on a quiet machine)")
     args = ap.parse_args(argv)
     shared = pathlib.Path(args.shared)
     if not (shared / "models" / "resnet56_cifar10.onnx").exists():
         print(f"error: shared models not found under {shared}", file=sys.stderr)
         return 2
-    int8_section(shared, args.reps)
+    int8_section(shared, args.reps, accuracy=args.part != "latency",
+                 latency=args.part != "accuracy")
+    if args.part == "latency":
+        return 0
     if not args.skip_lowbit:
         lowbit_section(shared)
     pow2_section(shared)
