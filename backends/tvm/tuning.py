@@ -78,9 +78,8 @@ def check_tracker(host: str, port: int, key: str) -> None:
                            f"{host}:{port} (keys: {', '.join(sorted(names)) or 'none'})")
 
 
-def _runner(spec, options):
-    import tvm.s_tir.meta_schedule as ms
-
+def _runner_checks(spec, options):
+    """Refuse what cannot be measured, before any tuning work: (host, port, key) or None."""
     tracker = options.get("rpc_tracker")
     if not tracker:
         if not spec.runs_here:
@@ -88,12 +87,22 @@ def _runner(spec, options):
                 f"tuning for {spec.preset} measures on the device: give --rpc-tracker "
                 f"HOST:PORT --rpc-key KEY of a TVM RPC tracker with such a device "
                 f"(this machine cannot run {spec.preset} code)")
-        return ms.runner.LocalRunner(timeout_sec=300), "local"
+        return None
     key = options.get("rpc_key")
     if not key:
         raise UsageError("--rpc-tracker needs --rpc-key (the device key servers registered)")
     host, port = parse_tracker(tracker)
     check_tracker(host, port, key)
+    return host, port, key
+
+
+def _runner(spec, options):
+    import tvm.s_tir.meta_schedule as ms
+
+    remote = _runner_checks(spec, options)
+    if remote is None:
+        return ms.runner.LocalRunner(timeout_sec=300), "local"
+    host, port, key = remote
     runner = _bounded_rpc_runner()(
         rpc_config=ms.runner.RPCConfig(tracker_host=host, tracker_port=port,
                                        tracker_key=key, session_timeout_sec=RPC_SESSION_SEC),
@@ -286,8 +295,8 @@ def tune(mod, target, spec, trials: int, options: dict, log):
     if not os.access(db_dir, os.W_OK):
         raise UsageError(f"--tune-db {db_dir} is not writable")
     db_only = bool(options.get("tune_db_only"))
-    runner, runner_name = (None, "none (database only)") if db_only else \
-        _runner(spec, options)
+    if not db_only:
+        _runner_checks(spec, options)          # bad flags / unreachable tracker: fail now
     prepack = options.get("cpu_weight_prepack")
     prepack = spec.device == "cpu" if prepack is None else bool(prepack)
 
@@ -310,42 +319,46 @@ def tune(mod, target, spec, trials: int, options: dict, log):
     per_task = int(options.get("tune_trials_per_task") or
                    max(1, math.ceil(trials / max(1, len(todo)))))
     budget = min(trials, per_task * len(todo))
-    log(f"  tune: {len(tasks)} tasks, {cached} already in {db_dir}, "
-        + (f"{len(todo)} left untuned (database only)" if db_only else
-           f"{len(todo)} to tune with up to {budget} trials ({runner_name})"))
-    measured = 0
-    if todo and not db_only:
-        import_tensor_intrinsics()
-        try:
-            contexts, weights = _tune_contexts(todo, db_dir, int(options.get("seed") or 0))
-        except Exception as exc:
-            raise BackendError(f"MetaSchedule could not set up tuning: "
-                               f"{T._first_line(exc)}") from None
-        progress = _progress_callback(len(contexts), budget, log)
-        callbacks = list(ms.measure_callback.MeasureCallback.create("default")) + [progress]
-        try:
-            ms.tune.tune_tasks(
-                tasks=contexts, task_weights=weights, work_dir=db_dir,
-                max_trials_global=trials, max_trials_per_task=per_task,
-                num_trials_per_iter=min(64, per_task),
-                # Generous timeouts: each build worker re-imports TVM's tensor
-                # intrinsics (tens of seconds on a loaded 2-core machine), and a timeout
-                # counts as a failed candidate, not a slow one.
-                builder=ms.builder.LocalBuilder(max_workers=int(options.get("tune_build_workers")
-                                                                or 1),
-                                                timeout_sec=600,
-                                                initializer=import_tensor_intrinsics),
-                runner=runner,
-                database=db, measure_callbacks=callbacks)
-        except (UsageError, BackendError):
-            raise
-        except Exception as exc:
-            raise BackendError(f"MetaSchedule tuning failed: {T._first_line(exc)}") from None
-        finally:
+    if db_only or not todo:
+        runner, runner_name = None, "none (database only)" if db_only else "none needed"
+    else:
+        runner, runner_name = _runner(spec, options)
+    try:
+        log(f"  tune: {len(tasks)} tasks, {cached} already in {db_dir}, "
+            + (f"{len(todo)} left untuned (database only)" if db_only else
+               f"{len(todo)} to tune with up to {budget} trials ({runner_name})"))
+        measured = 0
+        if todo and not db_only:
+            import_tensor_intrinsics()
+            try:
+                contexts, weights = _tune_contexts(todo, db_dir, int(options.get("seed") or 0))
+            except Exception as exc:
+                raise BackendError(f"MetaSchedule could not set up tuning: "
+                                   f"{T._first_line(exc)}") from None
+            progress = _progress_callback(len(contexts), budget, log)
+            callbacks = list(ms.measure_callback.MeasureCallback.create("default")) + [progress]
+            try:
+                ms.tune.tune_tasks(
+                    tasks=contexts, task_weights=weights, work_dir=db_dir,
+                    max_trials_global=trials, max_trials_per_task=per_task,
+                    num_trials_per_iter=min(64, per_task),
+                    # Generous timeouts: each build worker re-imports TVM's tensor
+                    # intrinsics (tens of seconds on a loaded 2-core machine), and a timeout
+                    # counts as a failed candidate, not a slow one.
+                    builder=ms.builder.LocalBuilder(
+                        max_workers=int(options.get("tune_build_workers") or 1),
+                        timeout_sec=600, initializer=import_tensor_intrinsics),
+                    runner=runner,
+                    database=db, measure_callbacks=callbacks)
+            except (UsageError, BackendError):
+                raise
+            except Exception as exc:
+                raise BackendError(f"MetaSchedule tuning failed: {T._first_line(exc)}") from None
+            measured = progress.done
+    finally:
+        # now, not in a garbage-collector pass (see _shutdown_pool)
+        if runner is not None:
             _shutdown_pool(runner)
-        measured = progress.done
-    if runner is not None:
-        _shutdown_pool(runner)
     with target, tvm.transform.PassContext(opt_level=3):
         mod = relax.transform.MetaScheduleApplyDatabase(db_dir)(mod)
         if prepack:
