@@ -131,16 +131,21 @@ def _fc_svd_run(original, held_out, ref, label, options, calib=None):
     after = fc_params - sum(r["params_before"] - r["params_after"] for r in rows)
     got = _logits(out, held_out)
     cmp = compare_outputs(ref, got)
-    rel = float(np.linalg.norm(got[0] - ref[0]) / max(np.linalg.norm(ref[0]), 1e-30))
+    # float64: the as-shipped constant weights give logits near 1e35, whose float32
+    # squares overflow.
+    a64, b64 = np.asarray(ref[0], np.float64), np.asarray(got[0], np.float64)
+    rel = float(np.linalg.norm(b64 - a64) / max(np.linalg.norm(a64), 1e-300))
     ranks = ", ".join(f"{r['node']} r={r['ranks'][0]}" for r in rows)
     # All-equal logits (the as-shipped constant weights) make argmax a tie: say so
     # rather than print an agreement that means nothing.
     tied = float(np.ptp(ref[0], axis=1).max()) <= 1e-6 * float(np.abs(ref[0]).max())
     agree = ("argmax undefined (all logits equal in the original)" if tied else
              f"argmax agreement {100 * cmp.top1_agreement:.0f}%")
+    scale = float(np.abs(ref[0]).max())
     print(f"  SVD energy 0.9 ({label}): FC params {fc_params:,} -> {after:,} "
           f"({100 * (after / fc_params - 1):+.1f}%) [{ranks}]; logit (pre-softmax) error on "
-          f"4 held-out inputs: rel {rel:.3e}, max rel {cmp.max_rel:.3e}, {agree}; "
+          f"4 held-out inputs (max |logit| {scale:.3g}): rel {rel:.3e}, max rel "
+          f"{cmp.max_rel:.3e}, {agree}; "
           f"{seconds:.0f} s",
           flush=True)
     for r in reports[-1].skipped:
