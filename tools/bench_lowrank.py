@@ -163,6 +163,11 @@ def _spectrum_line(graph) -> str:
     parts = []
     for node in (n for n in graph.nodes if n.op == "Gemm"):
         m = graph.constant(node.inputs[1])
+        # Singular values do not depend on the orientation, but fc_spectrum's Gram path
+        # forms mᵀm: give it the tall orientation so that Gram is min × min (4096², not
+        # VGG's 25088²).
+        if m.shape[0] < m.shape[1]:
+            m = m.T
         # One BLAS thread, as in the pass: on the busy shared machine a multi-threaded
         # eigh of the 4096 × 4096 Gram ran for over 15 minutes without finishing.
         with threadpool_limits(limits=1):
@@ -170,7 +175,7 @@ def _spectrum_line(graph) -> str:
         power = np.cumsum(s ** 2) / np.sum(s ** 2)
         top = power[max(1, int(round(0.3 * len(s)))) - 1]
         r = lm.energy_rank(s, 0.9)
-        parts.append(f"{node.name} ({m.shape[1]}x{m.shape[0]}): top 30% of the singular "
+        parts.append(f"{node.name} ({min(m.shape)}x{max(m.shape)}): top 30% of the singular "
                      f"values hold {100 * top:.1f}% of the energy, energy 0.9 needs rank "
                      f"{r}/{len(s)} ({100 * r / len(s):.0f}%)")
     return "; ".join(parts)
