@@ -175,13 +175,18 @@ def test_vbmf_recovers_the_rank_of_a_noisy_low_rank_matrix():
     assert lm.evbmf_rank(lm.svd(m)[1], m.shape) == 7
 
 
-def test_macs_budget_removes_the_requested_share_of_eligible_macs():
+def two_conv_model():
+    """Conv 16->32 -> Relu -> Conv 32->32, 3x3 on 8x8: two eligible layers for budgets."""
     nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1, 1, 1, 1]),
              helper.make_node("Relu", ["a"], ["b"]),
              helper.make_node("Conv", ["b", "w2"], ["y"], pads=[1, 1, 1, 1])]
-    model = _model(nodes, {"w1": RNG.standard_normal((32, 16, 3, 3)),
-                           "w2": RNG.standard_normal((32, 32, 3, 3))},
-                   ["N", 16, 8, 8], ["N", 32, 8, 8])
+    return _model(nodes, {"w1": RNG.standard_normal((32, 16, 3, 3)),
+                          "w2": RNG.standard_normal((32, 32, 3, 3))},
+                  ["N", 16, 8, 8], ["N", 32, 8, 8])
+
+
+def test_macs_budget_removes_the_requested_share_of_eligible_macs():
+    model = two_conv_model()
     result = run_pass(model, lowrank_flops=0.5)
     extra = result.report["passes"][-1]["extra"]["lowrank"]
     assert extra["eligible_macs_after"] <= 0.5 * extra["eligible_macs"]
@@ -190,12 +195,7 @@ def test_macs_budget_removes_the_requested_share_of_eligible_macs():
 
 
 def test_rank_multiple_rounds_ranks_up_and_the_budget_still_holds():
-    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1, 1, 1, 1]),
-             helper.make_node("Relu", ["a"], ["b"]),
-             helper.make_node("Conv", ["b", "w2"], ["y"], pads=[1, 1, 1, 1])]
-    model = _model(nodes, {"w1": RNG.standard_normal((32, 16, 3, 3)),
-                           "w2": RNG.standard_normal((32, 32, 3, 3))},
-                   ["N", 16, 8, 8], ["N", 32, 8, 8])
+    model = two_conv_model()
     result = run_pass(model, lowrank_flops=0.5, lowrank_multiple=8)
     extra = result.report["passes"][-1]["extra"]["lowrank"]
     assert extra["layers"] and all(r % 8 == 0 for row in extra["layers"]
