@@ -7,7 +7,10 @@ fully connected layers; the first FC alone holds most of the weights (VGG-19: 10
 
 - default: the first FC becomes C → hidden; the later FC layers stay, the last one is
   refitted so the logits match (when there are several);
-- ``--gap-collapse``: the whole FC stack becomes one FC C → classes.
+- ``--gap-collapse``: the whole FC stack becomes one FC C → classes;
+- ``--gap-grid K`` (K > 1): not a global average but the averages of a K×K grid of
+  regions (AveragePool), so the FC reads C·K² values and keeps coarse positions — for
+  heads that lean on where things are in the map, which one average per channel loses.
 
 Fitting: with calibration data (``--calib-data``) the new FC weights are a ridge least-
 squares fit on calibration activations, so the new head's outputs match the old head's
@@ -84,6 +87,8 @@ class Head:
     steps: list
     channels: int
     positions: int             # H·W
+    height: int = 0
+    width: int = 0
 
     @property
     def fcs(self) -> list:
@@ -108,6 +113,9 @@ class GlobalAveragePoolHead(Pass):
                help="hidden (default: keep the FC stack, first FC reads C values), "
                     "collapse (one FC), or auto (needs data: fit both, keep the one with "
                     "the lower logit error on the held-out 20%% of the calibration set)"),
+        Option("--gap-grid", int, 1,
+               help="pool to a K x K grid of regional averages (AveragePool) instead of "
+                    "one global average (K=1, default); H and W must be divisible by K"),
         Option("--gap-samples", int, 512, help="calibration samples for the fit"),
         Option("--gap-data-free", action="store_true",
                help="ignore calibration data: sum the first FC's weights over positions"),
@@ -121,6 +129,13 @@ class GlobalAveragePoolHead(Pass):
         fit = ctx.option("gap_fit", "lstsq")
         if fit not in ("lstsq", "kl"):
             raise UsageError(f"--gap-fit must be lstsq or kl, got {fit!r}")
+        grid = ctx.option("gap_grid", 1)
+        try:
+            ok = int(grid) == float(grid) and int(grid) > 0
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise UsageError(f"--gap-grid must be a positive integer, got {grid!r}")
         samples = ctx.option("gap_samples", 512)
         try:
             ok = int(samples) == float(samples) and int(samples) > 0
@@ -153,6 +168,15 @@ class GlobalAveragePoolHead(Pass):
         if form == "auto" and data_free:
             raise UsageError("gap: --gap-form auto chooses on held-out calibration data "
                              "and needs --calib-data")
+        grid = int(ctx.option("gap_grid", 1))
+        for head in heads:
+            if head.height % grid or head.width % grid:
+                raise UsageError(f"gap: --gap-grid {grid} does not divide the "
+                                 f"{head.height}x{head.width} map '{head.fmap.name}'")
+            if grid * grid >= head.positions:
+                raise UsageError(f"gap: --gap-grid {grid} keeps the whole "
+                                 f"{head.height}x{head.width} map '{head.fmap.name}': "
+                                 f"nothing to pool")
         for head in heads:
             nonlinear = any(s.kind == "act" for s in head.steps)
             if collapse and data_free and nonlinear:
@@ -162,20 +186,22 @@ class GlobalAveragePoolHead(Pass):
         if data_free and not ctx.option("gap_data_free", False):
             ctx.warn("gap: no --calib-data: data-free fit (first FC's weights summed over "
                      "positions); logits will move more than with a data fit")
-        acts = {} if data_free else self._activations(graph, ctx, heads)
+        acts = {} if data_free else self._activations(graph, ctx, heads, grid)
         kl = ctx.option("gap_fit", "lstsq") == "kl"
 
         summaries = []
         for head in heads:
             before = head.params()
             if data_free:
-                steps, fit = self._fit_data_free(head, collapse), None
+                steps, fit = self._fit_data_free(head, collapse, grid), None
             else:
-                steps, fit = self._fit_data(head, acts, form, kl)
-            self._rewrite(graph, head, steps)
+                steps, fit = self._fit_data(head, acts, form, kl, grid)
+            self._rewrite(graph, head, steps, grid)
             after = _fc_params(steps)
             row = {"flatten": head.flatten.name, "channels": head.channels,
-                   "positions": head.positions, "fc_layers_before": len(head.fcs),
+                   "positions": head.positions, "grid": grid,
+                   "pooled_features": head.channels * grid * grid,
+                   "fc_layers_before": len(head.fcs),
                    "fc_layers_after": sum(s.kind == "fc" for s in steps),
                    "head_params_before": before, "head_params_after": after,
                    "fit": "data-free" if data_free else
@@ -184,8 +210,9 @@ class GlobalAveragePoolHead(Pass):
             if fit:
                 row.update(fit)
             summaries.append(row)
+            pool = "GAP" if grid == 1 else f"{grid}x{grid} average pool"
             report.note(f"head at '{head.flatten.name}': {head.channels}x{head.positions} "
-                        f"-> GAP, {row['fc_layers_before']} -> {row['fc_layers_after']} FC, "
+                        f"-> {pool}, {row['fc_layers_before']} -> {row['fc_layers_after']} FC, "
                         f"head params {before:,} -> {after:,} "
                         f"({-100 * (before - after) / max(before, 1):+.1f}%)"
                         + (f", calibration logit rel. error {fit['logit_rel_error']:.3f}"
@@ -226,7 +253,7 @@ class GlobalAveragePoolHead(Pass):
             if steps is None:
                 reasons.append((node.name, f"not a plain classifier head: {why}"))
                 continue
-            heads.append(Head(node, x, steps, c, h * w))
+            heads.append(Head(node, x, steps, c, h * w, h, w))
         return heads, reasons
 
     def _walk(self, graph, tensor, width):
@@ -285,7 +312,7 @@ class GlobalAveragePoolHead(Pass):
         return steps, None
 
     # -- fitting ------------------------------------------------------------------------
-    def _activations(self, graph, ctx, heads) -> dict:
+    def _activations(self, graph, ctx, heads, grid=1) -> dict:
         from ._activations import collect
 
         n = int(ctx.option("gap_samples", 512))
@@ -297,25 +324,29 @@ class GlobalAveragePoolHead(Pass):
             names.append(head.fmap.name)
             names += [s.nodes[-1].outputs[0].name for s in head.fcs]
         acts = collect(graph, names, data)
-        smallest = min(h.channels for h in heads)
+        smallest = min(h.channels for h in heads) * grid * grid
         if n <= smallest:
-            ctx.warn(f"gap: {n} calibration samples for {smallest} channels: the fit is "
-                     f"underdetermined and leans on the ridge term")
+            ctx.warn(f"gap: {n} calibration samples for {smallest} pooled features: the "
+                     f"fit is underdetermined and leans on the ridge term")
         return acts
 
-    def _fit_data_free(self, head, collapse) -> list:
+    def _fit_data_free(self, head, collapse, grid=1) -> list:
         first = head.fcs[0]
-        # m: (C·H·W) × out with rows in (c, position) order, as Flatten lays them out.
-        m = first.m.reshape(head.channels, head.positions, -1).sum(axis=1)   # C × out
+        # m: (C·H·W) × out with rows in (c, y, x) order, as Flatten lays them out; summed
+        # over the positions of each grid region (all of them for GAP): exact when the
+        # map is constant within each region.
+        k = grid
+        m = first.m.reshape(head.channels, k, head.height // k, k, head.width // k, -1) \
+            .sum(axis=(2, 4)).reshape(head.channels * k * k, -1)        # C·k² × out
         new_first = Step("fc", first.nodes, m=m, c=first.c)
         steps = [new_first if s is first else s for s in head.steps]
         if collapse:   # only reached for linear stacks: compose them exactly
             steps = _compose_linear(steps)
         return steps
 
-    def _fit_data(self, head, acts, form, kl=False):
+    def _fit_data(self, head, acts, form, kl=False, grid=1):
         fmap = acts[head.fmap.name].astype(np.float64)          # n × C × H × W
-        g = fmap.reshape(len(fmap), head.channels, -1).mean(axis=2)   # n × C
+        g = _pool(fmap, grid)                                   # n × C·grid²
         fcs = head.fcs
         logits = acts[fcs[-1].nodes[-1].outputs[0].name].reshape(len(g), -1)
         logits = logits.astype(np.float64)                      # n × classes
@@ -408,15 +439,22 @@ class GlobalAveragePoolHead(Pass):
         return steps
 
     # -- rewriting ----------------------------------------------------------------------
-    def _rewrite(self, graph, head, steps) -> None:
+    def _rewrite(self, graph, head, steps, grid=1) -> None:
         out = (head.steps[-1].nodes[-1]).outputs[0]            # the head's graph output
         dtype = head.fmap.dtype or np.float32
         base = head.flatten.name
         pooled = graph.make_variable(base + "_gap", dtype=dtype)
         flat = graph.make_variable(base + "_gap_flat", dtype=dtype)
+        if grid == 1:
+            pool = gs.Node("GlobalAveragePool", graph.unique_name(base + "_gap"),
+                           inputs=[head.fmap], outputs=[pooled])
+        else:
+            region = [head.height // grid, head.width // grid]
+            pool = gs.Node("AveragePool", graph.unique_name(base + "_gap"),
+                           attrs={"kernel_shape": region, "strides": region},
+                           inputs=[head.fmap], outputs=[pooled])
         new_nodes = [
-            gs.Node("GlobalAveragePool", graph.unique_name(base + "_gap"),
-                    inputs=[head.fmap], outputs=[pooled]),
+            pool,
             gs.Node("Flatten", graph.unique_name(base + "_gap_flatten"), attrs={"axis": 1},
                     inputs=[pooled], outputs=[flat]),
         ]
@@ -474,6 +512,14 @@ def _fc_step(graph, node, x, width):
     if m.shape[0] != width:
         return f"{node.op} '{node.name}' expects {m.shape[0]} inputs, gets {width}"
     return Step("fc", [node], m=m, c=c)
+
+
+def _pool(fmap: np.ndarray, grid: int) -> np.ndarray:
+    """n × C × H × W -> n × C·grid² region averages, in the order Flatten gives the
+    pooled n × C × grid × grid map (grid 1: the global average per channel)."""
+    n, c, h, w = fmap.shape
+    return fmap.reshape(n, c, grid, h // grid, grid, w // grid).mean(axis=(3, 5)) \
+        .reshape(n, c * grid * grid)
 
 
 def _fc_params(steps) -> int:

@@ -181,6 +181,39 @@ def test_matmul_plus_add_head_is_recognised():
     assert rel_error(model, result.graph.to_onnx(), constant_maps(16)) <= 1e-5
 
 
+def region_constant_maps(n, grid=2):
+    """Feature maps constant within each cell of a grid × grid partition of the 4×4 map:
+    where the data-free grid fit is exact."""
+    cells = RNG.standard_normal((n, C, grid, grid))
+    return np.repeat(np.repeat(cells, H // grid, 2), W // grid, 3).astype(np.float32)
+
+
+def test_grid_2_pools_regions_and_its_data_free_fit_is_exact_on_region_constant_maps():
+    model = head_model()
+    result = gap(model, gap_grid=2, gap_data_free=True)
+    pool = next(n for n in result.graph.nodes if n.op == "AveragePool")
+    assert list(pool.attrs["kernel_shape"]) == [2, 2] and list(pool.attrs["strides"]) == [2, 2]
+    assert "GlobalAveragePool" not in [n.op for n in result.graph.nodes]
+    gemm = next(n for n in result.graph.nodes if n.op == "Gemm")
+    assert gemm.inputs[1].values.shape == (HIDDEN, C * 4)
+    row = gap_report(result)["extra"]["gap"][0]
+    assert row["grid"] == 2 and row["pooled_features"] == C * 4
+    proto = result.graph.to_onnx()
+    onnx.checker.check_model(proto)
+    assert rel_error(model, proto, region_constant_maps(16)) <= 1e-5
+    # A global average cannot be exact on such maps: the grid keeps what GAP loses.
+    assert rel_error(model, gap(model, gap_data_free=True).graph.to_onnx(),
+                     region_constant_maps(16)) > 1e-2
+
+
+def test_grid_2_data_fit_reproduces_logits_that_global_pooling_cannot():
+    data = Dataset({"x": region_constant_maps(400)}, source="maps")
+    fitted = gap(head_model(), calibration=data, gap_grid=2)
+    pooled = gap(head_model(), calibration=data)
+    err = gap_report(fitted)["extra"]["gap"][0]["logit_rel_error"]
+    assert err < 1e-3 < gap_report(pooled)["extra"]["gap"][0]["logit_rel_error"]
+
+
 # ---- refusals: one clear message, model untouched ------------------------------------------
 
 def test_global_pool_head_is_refused_as_already_global():
@@ -224,6 +257,17 @@ def test_collapse_of_a_nonlinear_head_without_data_is_a_usage_error():
 def test_bad_form_is_a_usage_error(options, message):
     with pytest.raises(UsageError, match=message):
         gap(head_model(), **options)
+
+
+@pytest.mark.parametrize("grid, message", [
+    (0, "--gap-grid must be a positive integer"),
+    ("two", "--gap-grid must be a positive integer"),
+    (3, "--gap-grid 3 does not divide the 4x4 map"),
+    (4, "--gap-grid 4 keeps the whole 4x4 map"),
+])
+def test_bad_grid_is_a_usage_error(grid, message):
+    with pytest.raises(UsageError, match=message):
+        gap(head_model(), gap_grid=grid)
 
 
 def test_bad_sample_count_is_a_usage_error():

@@ -6,7 +6,8 @@
    of train.npz (the pass's default sample count), and on all train images plus their
    horizontal flips: hidden layer kept or collapsed as ``--gap-form auto`` chooses on the
    held-out 20% of the calibration set (both forms printed), and with ``--gap-fit kl``;
-   plus the logit error on the calibration set and on test_dev.
+   plus the logit error on the calibration set and on test_dev. Then the same with
+   ``--gap-grid 2`` (a 2x2 grid of regional averages instead of GAP; not GAP).
 2. Light-zoo VGG-19, AlexNet and ZFNet: ``gap`` (data-free) gives a graph that passes the
    ONNX checker and runs in ONNX Runtime; head params before/after.
 
@@ -71,7 +72,13 @@ def bench_fc_model(model_path: pathlib.Path = FC_MODEL, fits: str = "all") -> No
             (f"least-squares, {n_full}, --gap-form collapse", {"gap_form": "collapse"},
              full),
             (f"least-squares + KL, {n_full}, --gap-form auto --gap-fit kl",
-             {"gap_form": "auto", "gap_fit": "kl"}, full))
+             {"gap_form": "auto", "gap_fit": "kl"}, full),
+            # Not GAP: a 2x2 grid of regional averages (C*4 features) keeps the coarse
+            # positions one global average loses.
+            (f"least-squares, {n_full}, --gap-grid 2 --gap-form collapse",
+             {"gap_grid": 2, "gap_form": "collapse"}, full),
+            (f"least-squares, {n_full}, --gap-grid 2 --gap-form auto",
+             {"gap_grid": 2, "gap_form": "auto"}, full))
     if fits == "auto":      # a quick look: the data-free fit and the chosen data fit
         runs = [r for r in runs if r[2] is None or r[1] == {"gap_form": "auto"}]
     for label, options, data in runs:
