@@ -75,8 +75,12 @@ def bench_fc_model(model_path: pathlib.Path = FC_MODEL, fits: str = "all") -> No
              {"gap_form": "auto", "gap_fit": "kl"}, full),
             # Not GAP: a 2x2 grid of regional averages (C*4 features) keeps the coarse
             # positions one global average loses.
+            ("least-squares, 512 train images, --gap-grid 2 --gap-form collapse",
+             {"gap_grid": 2, "gap_form": "collapse"}, small),
             (f"least-squares, {n_full}, --gap-grid 2 --gap-form collapse",
              {"gap_grid": 2, "gap_form": "collapse"}, full),
+            (f"least-squares + KL, {n_full}, --gap-grid 2 --gap-form collapse --gap-fit kl",
+             {"gap_grid": 2, "gap_form": "collapse", "gap_fit": "kl"}, full),
             (f"least-squares, {n_full}, --gap-grid 2 --gap-form auto",
              {"gap_grid": 2, "gap_form": "auto"}, full))
     if fits == "auto":      # a quick look: the data-free fit and the chosen data fit
