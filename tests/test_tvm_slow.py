@@ -161,3 +161,53 @@ def test_run_arm_qemu_tool_compares_with_x86(tiny_path, arm_sysroot, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "aarch64 (qemu) vs x86" in proc.stdout
 
+
+
+def conv_chain(depth: int = 3, seed: int = 1) -> onnx.ModelProto:
+    """Conv(3→8) then ``depth`` Conv(8→8)+Relu of one shape: after int8 each has its own
+    scales, so structural equality sees distinct kernels where the convs are the same."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    inits, nodes, x = [], [], "x"
+    for i in range(depth + 1):
+        cin = 3 if i == 0 else 8
+        inits += [numpy_helper.from_array((rng.standard_normal((8, cin, 3, 3)) * 0.3)
+                                          .astype(np.float32), f"w{i}"),
+                  numpy_helper.from_array((rng.standard_normal(8) * 0.1)
+                                          .astype(np.float32), f"b{i}")]
+        nodes += [helper.make_node("Conv", [x, f"w{i}", f"b{i}"], [f"c{i}"], pads=[1] * 4),
+                  helper.make_node("Relu", [f"c{i}"], [f"r{i}"])]
+        x = f"r{i}"
+    graph = helper.make_graph(nodes, "chain",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                             [1, 3, 16, 16])],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, None)],
+                              inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
+def test_quantized_graph_tunes_by_anchor_block(tmp_path):
+    """int8 kernels differ only in their baked-in scales: anchor-block equality tunes each
+    conv shape once, the database serves a second compile, and the result stays right."""
+    from onnxc.backends.tvm import compile_model
+    from onnxc.compress import compress
+
+    qdq = compress(conv_chain(), ["int8"], log=lambda m: None).graph.to_onnx()
+    tasks = {}
+    for equality in ("structural", "anchor-block"):
+        opts = {"tune_trials": 64, "tune_trials_per_task": 1, "tune_equality": equality,
+                "tune_db": str(tmp_path / equality)}
+        res = compile_model(qdq, "x86", str(tmp_path / f"{equality}-a"), opts)
+        assert res.tuning.equality == equality and res.tuning.trials > 0
+        tasks[equality] = res.tuning.tasks
+        again = compile_model(qdq, "x86", str(tmp_path / f"{equality}-b"), opts)
+        assert again.tuning.trials == 0 and again.tuning.cached == again.tuning.tasks
+        assert again.verification["max_rel"] < 5e-2
+    assert tasks["anchor-block"] < tasks["structural"]
+    # auto picks anchor-block for the quantized graph
+    auto = compile_model(qdq, "x86", str(tmp_path / "auto"),
+                         {"tune_trials": 1, "tune_db": str(tmp_path / "anchor-block")})
+    assert auto.tuning.equality == "anchor-block" and auto.tuning.trials == 0

@@ -28,6 +28,10 @@ TUNE_OPTIONS = (
            "trial cap per task (default: trials spread evenly over untuned tasks)"),
     Option("--tune-db", str, None, "tuning database directory, reused across runs and "
            "models (default: ~/.cache/onnxc/tvm-tuning or $ONNXC_TUNE_DB)"),
+    Option("--tune-equality", str, "auto", "when two kernels share tuning records: structural "
+           "(identical kernels), anchor-block (same conv/matmul, any fused epilogue), or auto "
+           "(anchor-block for quantized graphs, whose baked-in scales make every kernel "
+           "distinct)", choices=("auto", "structural", "anchor-block")),
     Option("--rpc-tracker", str, None, "measure on remote devices: TVM RPC tracker HOST:PORT"),
     Option("--rpc-key", str, None, "device key the RPC servers registered with the tracker"),
 )

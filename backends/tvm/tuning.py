@@ -37,6 +37,7 @@ class TuningStats:
     runner: str
     trials_in_db: int = 0   # measured records of this module's tasks (all runs so far)
     weight_prepack: bool = False
+    equality: str = "structural"   # MetaSchedule module equality the tasks were keyed by
 
     def as_dict(self) -> dict:
         return dict(vars(self), seconds=round(self.seconds, 2))
@@ -312,8 +313,9 @@ def tune(mod, target, spec, trials: int, options: dict, log):
             relax.pipeline.zero_pipeline(),
             *([relax.transform.AttachAttrLayoutFreeBuffers()] if prepack else []),
         ])(mod)
-    tasks = ms.relax_integration.extract_tasks(mod, target)
-    db = ms.database.JSONDatabase(work_dir=db_dir)
+    equality = _equality(mod, options.get("tune_equality") or "auto")
+    tasks = ms.relax_integration.extract_tasks(mod, target, module_equality=equality)
+    db = ms.database.JSONDatabase(work_dir=db_dir, module_equality=equality)
     todo = [t for t in tasks if not _has_record(db, t, target)]
     cached = len(tasks) - len(todo)
     per_task = int(options.get("tune_trials_per_task") or
@@ -324,7 +326,7 @@ def tune(mod, target, spec, trials: int, options: dict, log):
     else:
         runner, runner_name = _runner(spec, options)
     try:
-        log(f"  tune: {len(tasks)} tasks, {cached} already in {db_dir}, "
+        log(f"  tune: {len(tasks)} tasks ({equality}), {cached} already in {db_dir}, "
             + (f"{len(todo)} left untuned (database only)" if db_only else
                f"{len(todo)} to tune with up to {budget} trials ({runner_name})"))
         measured = 0
@@ -359,8 +361,11 @@ def tune(mod, target, spec, trials: int, options: dict, log):
         # now, not in a garbage-collector pass (see _shutdown_pool)
         if runner is not None:
             _shutdown_pool(runner)
-    with target, tvm.transform.PassContext(opt_level=3):
-        mod = relax.transform.MetaScheduleApplyDatabase(db_dir)(mod)
+    # The database in scope (with its equality) is the one applied; given only a work
+    # dir, the pass would open it with structural equality and miss anchor-block records.
+    apply_db = ms.database.JSONDatabase(work_dir=db_dir, module_equality=equality)
+    with target, apply_db, tvm.transform.PassContext(opt_level=3):
+        mod = relax.transform.MetaScheduleApplyDatabase()(mod)
         if prepack:
             # Tuned schedules that rewrite a weight's layout get a separate preprocess
             # step; the weights are bound constants, so it folds away at compile time.
@@ -369,12 +374,32 @@ def tune(mod, target, spec, trials: int, options: dict, log):
                 relax.transform.LiftTransformParams(),
                 relax.transform.FoldConstant(),
             ])(mod)
-    in_db = _records_for(ms.database.JSONDatabase(work_dir=db_dir), tasks)
+    in_db = _records_for(apply_db, tasks)
     stats = TuningStats(db_dir, len(tasks), cached, 0 if db_only else len(todo), measured,
-                        trials, time.perf_counter() - started, runner_name, in_db, prepack)
+                        trials, time.perf_counter() - started, runner_name, in_db, prepack,
+                        equality)
     log(f"  tune: done in {stats.seconds:.0f} s: {measured} trials measured, "
         f"{cached}/{len(tasks)} tasks from the database")
     return mod, stats
+
+
+def _equality(mod, choice: str) -> str:
+    """MetaSchedule's module equality for this module's tasks.
+
+    A QDQ graph legalizes every QuantizeLinear with its scale and zero point baked in
+    as literals, so each fused conv+requantize kernel is structurally unique: ResNet-56
+    int8 is 61 tasks under structural equality, 12 under anchor-block (tasks with the
+    same conv share one search, and its schedule is replayed on the conv of each
+    kernel). Float graphs keep structural equality: their records stay valid and
+    identical kernels are already shared.
+    """
+    if choice != "auto":
+        return choice
+    from tvm import tirx
+
+    quantized = any(isinstance(func, tirx.PrimFunc) and "quantize" in gv.name_hint
+                    for gv, func in mod.functions.items())
+    return "anchor-block" if quantized else "structural"
 
 
 def merge_databases(dst_dir: str, src_dirs: list) -> int:
