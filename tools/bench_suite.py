@@ -58,7 +58,7 @@ RECOVER_WEIGHTS = {
     "resnet20": {"int8": 0.05, "prune30": 0.15, "prune50": 0.25, "prune50+int8": 0.25,
                  "tucker2": 0.2, "ternary": 0.3, "binary": 0.2},
     "resnet56": {"int8": 0.15, "prune30": 0.4, "prune50": 3.0, "prune50+int8": 2.6,
-                 "tucker2": 0.5, "ternary": 3.0, "binary": 1.2},
+                 "tucker2": 0.5, "ternary": 3.4, "binary": 0.8},
 }
 # Seconds a +recover row costs besides training (loading, the teacher's held-out
 # logits, verification, top-1 of original and result): reserved before splitting.

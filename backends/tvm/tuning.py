@@ -314,6 +314,12 @@ def tune(mod, target, spec, trials: int, options: dict, log):
             *([relax.transform.AttachAttrLayoutFreeBuffers()] if prepack else []),
         ])(mod)
     equality = _equality(mod, options.get("tune_equality") or "auto")
+    if equality != "structural":
+        # Records keyed by another equality live apart: an anchor-block lookup would
+        # otherwise also match structural records of float kernels, whose traces
+        # (fused with other epilogues) MetaSchedule cannot replay on a quantized kernel.
+        db_dir = os.path.join(db_dir, equality)
+        os.makedirs(db_dir, exist_ok=True)
     tasks = ms.relax_integration.extract_tasks(mod, target, module_equality=equality)
     db = ms.database.JSONDatabase(work_dir=db_dir, module_equality=equality)
     todo = [t for t in tasks if not _has_record(db, t, target)]
