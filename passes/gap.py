@@ -129,20 +129,8 @@ class GlobalAveragePoolHead(Pass):
         fit = ctx.option("gap_fit", "lstsq")
         if fit not in ("lstsq", "kl"):
             raise UsageError(f"--gap-fit must be lstsq or kl, got {fit!r}")
-        grid = ctx.option("gap_grid", 1)
-        try:
-            ok = int(grid) == float(grid) and int(grid) > 0
-        except (TypeError, ValueError):
-            ok = False
-        if not ok:
-            raise UsageError(f"--gap-grid must be a positive integer, got {grid!r}")
-        samples = ctx.option("gap_samples", 512)
-        try:
-            ok = int(samples) == float(samples) and int(samples) > 0
-        except (TypeError, ValueError):
-            ok = False
-        if not ok:
-            raise UsageError(f"--gap-samples must be a positive integer, got {samples!r}")
+        _positive_int("--gap-grid", ctx.option("gap_grid", 1))
+        _positive_int("--gap-samples", ctx.option("gap_samples", 512))
 
     @staticmethod
     def _form(ctx) -> str:
@@ -589,3 +577,13 @@ def _compose_linear(steps) -> list:
         else:
             out.append(s)
     return out
+
+
+def _positive_int(flag: str, value) -> None:
+    """One-line usage error unless ``value`` is a positive whole number."""
+    try:
+        ok = int(value) == float(value) and int(value) > 0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise UsageError(f"{flag} must be a positive integer, got {value!r}")

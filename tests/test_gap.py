@@ -277,13 +277,18 @@ def test_bad_sample_count_is_a_usage_error():
 
 # ---- the trained FC-head model (tools/train_fc_model.py) ---------------------------------
 
-def test_trained_fc_model_head_shrinks_90pct_and_the_data_fit_beats_the_data_free_one(
-        cifar_train_path, cifar_test_path):
+def fc_model_data(train_path, test_path):
+    """The trained FC-head model, 512 calibration images and the test_dev set."""
     from onnxc import frontend
 
     graph = frontend.load(str(FC_MODEL))
-    calib = load_npz(str(cifar_train_path), graph, cifar_preprocess(), samples=512)
-    evaluation = load_npz(str(cifar_test_path), graph, cifar_preprocess())
+    return (graph, load_npz(str(train_path), graph, cifar_preprocess(), samples=512),
+            load_npz(str(test_path), graph, cifar_preprocess()))
+
+
+def test_trained_fc_model_head_shrinks_90pct_and_the_data_fit_beats_the_data_free_one(
+        cifar_train_path, cifar_test_path):
+    graph, calib, evaluation = fc_model_data(cifar_train_path, cifar_test_path)
     fitted = gap(str(FC_MODEL), calibration=calib)
     free = gap(str(FC_MODEL), gap_data_free=True)
     row = gap_report(fitted)["extra"]["gap"][0]
@@ -299,11 +304,7 @@ def test_trained_fc_model_head_shrinks_90pct_and_the_data_fit_beats_the_data_fre
 
 def test_trained_fc_model_2x2_grid_collapse_keeps_more_accuracy_than_gap_at_fewer_params(
         cifar_train_path, cifar_test_path):
-    from onnxc import frontend
-
-    graph = frontend.load(str(FC_MODEL))
-    calib = load_npz(str(cifar_train_path), graph, cifar_preprocess(), samples=512)
-    evaluation = load_npz(str(cifar_test_path), graph, cifar_preprocess())
+    graph, calib, evaluation = fc_model_data(cifar_train_path, cifar_test_path)
     pooled = gap(str(FC_MODEL), calibration=calib)
     grid = gap(str(FC_MODEL), calibration=calib, gap_grid=2, gap_form="collapse")
     row = gap_report(grid)["extra"]["gap"][0]

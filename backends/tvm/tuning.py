@@ -367,10 +367,10 @@ def tune(mod, target, spec, trials: int, options: dict, log):
         # now, not in a garbage-collector pass (see _shutdown_pool)
         if runner is not None:
             _shutdown_pool(runner)
-    # The database in scope (with its equality) is the one applied; given only a work
-    # dir, the pass would open it with structural equality and miss anchor-block records.
-    apply_db = ms.database.JSONDatabase(work_dir=db_dir, module_equality=equality)
-    with target, apply_db, tvm.transform.PassContext(opt_level=3):
+    # The database in scope (with its equality, and this run's records) is the one
+    # applied; given only a work dir, the pass would reopen it with structural equality
+    # and miss anchor-block records.
+    with target, db, tvm.transform.PassContext(opt_level=3):
         mod = relax.transform.MetaScheduleApplyDatabase()(mod)
         if prepack:
             # Tuned schedules that rewrite a weight's layout get a separate preprocess
@@ -380,7 +380,7 @@ def tune(mod, target, spec, trials: int, options: dict, log):
                 relax.transform.LiftTransformParams(),
                 relax.transform.FoldConstant(),
             ])(mod)
-    in_db = _records_for(apply_db, tasks)
+    in_db = _records_for(db, tasks)
     stats = TuningStats(db_dir, len(tasks), cached, 0 if db_only else len(todo), measured,
                         trials, time.perf_counter() - started, runner_name, in_db, prepack,
                         equality)
