@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .errors import UsageError, VerificationError
+from .errors import BackendError, ModelError, UsageError, VerificationError
 from .ir import Graph
 
 # ----------------------------------------------------------------------------------------
@@ -215,8 +215,13 @@ class PassManager:
         model = previous = current.to_onnx()   # one export per graph: size, verification
         self.original_stats = stats = current.stats(model_bytes=model.ByteSize())
         # Each graph runs once: a pass's output outputs are the next pass's reference.
-        self.original_outputs = reference = \
-            self.verifier.outputs(model) if self.verifier else None
+        try:
+            self.original_outputs = reference = \
+                self.verifier.outputs(model) if self.verifier else None
+        except BackendError as exc:
+            # Nothing has been rewritten yet: a model ORT cannot run is the input's
+            # fault (weights of the wrong size, bad attributes the checker lets through).
+            raise ModelError(f"the input model does not run: {exc}") from exc
         for p in self.passes:
             report = PassReport(p.name, p.exact, before=stats.as_dict())
             start = time.perf_counter()

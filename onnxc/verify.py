@@ -22,7 +22,8 @@ def _session(model: onnx.ModelProto, threads: int | None = None, optimize: bool 
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    # Fatal only: ORT would print its own copy of every error we turn into one line.
+    opts.log_severity_level = 4
     if not optimize:
         # ORT's own fusions (e.g. Conv+BatchNormalization) would hide our rewrites:
         # exactness checks run the graph op by op as written.

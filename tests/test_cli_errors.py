@@ -92,6 +92,29 @@ def test_graph_failing_the_checker(tmp_path):
     _assert_clean_failure(tmp_path, path, code, err, 3, "checker")
 
 
+def test_model_onnx_runtime_cannot_run(tmp_path, capfd):
+    # The checker accepts a BatchNormalization whose scale has the wrong length; ORT
+    # refuses it at run time. That is the input's fault (exit 3, not a backend
+    # failure), said once: ORT's own error log is silenced.
+    rng = np.random.default_rng(0)
+    params = [numpy_helper.from_array(rng.uniform(0.5, 1.5, n).astype(np.float32), f"p{i}")
+              for i, n in enumerate([3, 4, 4, 4])]
+    node = helper.make_node("BatchNormalization", ["x", "p0", "p1", "p2", "p3"], ["y"],
+                            name="bn")
+    graph = helper.make_graph([node], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                             [1, 4, 3, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 3, 3])],
+                              params)
+    path = tmp_path / "bad_bn.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    before = _digest(path)
+    code, _, err = _compress(tmp_path, path)
+    _assert_clean_failure(tmp_path, path, code, err, 3, "the input model does not run")
+    assert _digest(path) == before
+    assert "onnxruntime" not in capfd.readouterr().err
+
+
 def test_unknown_pass_name(tmp_path):
     path = _tiny_model(tmp_path / "m.onnx")
     code, _, err = run_cli("compress", path, "--passes", "fold_bn,squash", "-o", tmp_path / "out")

@@ -132,3 +132,20 @@ def test_byte_mutated_models_fail_cleanly(seed_model_bytes, flips, cut):
     if cut:
         data = data[: max(1, len(data) * cut // 100)]
     assert _outcome(bytes(data)) in ("ok", "clean error")
+
+
+def test_cli_fuzz_campaign_finds_nothing():
+    """A short run of tools/fuzz.py: random valid and broken models through the whole
+    CLI with random pass lists (see that script for what it checks; long campaigns:
+    `python tools/fuzz.py --minutes 10`)."""
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "tools"))
+    import fuzz
+
+    lines = []
+    failures = fuzz.campaign(cases=30, minutes=None, seed=0, save=None, log=lines.append)
+    assert not failures, "\n".join(lines)
+    assert "30 cases, 0 failed" in lines[-1]

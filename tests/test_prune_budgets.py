@@ -90,6 +90,24 @@ def test_unreachable_params_budget_says_so():
     assert any("budget not reachable" in m for m in logs)
 
 
+def test_unreachable_flops_budget_prunes_as_far_as_allowed():
+    # Found by tools/fuzz.py: two thin convs read the input, only their 5 output
+    # channels can go, and at the highest ratio a group may be cut to the budget is
+    # still short — that path returned a tuple one element short (internal error).
+    n = Net(shape=(1, 2, 16, 16), seed=0)
+    cat = n.op("Concat", [n.conv("x", 2, 4, k=1, name="a"), n.conv("x", 2, 1, name="b")],
+               axis=1)
+    w = n.const(n.w(5, 3, 2, 2), "W")
+    logs = []
+    res = compress(n.model([n.op("ConvTranspose", [cat, w], kernel_shape=[2, 2],
+                                 strides=[2, 2])]),
+                   ["prune"], options={"prune_flops": 0.6}, log=logs.append)
+    macs, _, prune = shares(res)
+    assert 0 < macs < 0.6
+    assert any("budget not reachable" in m for m in logs)
+    assert any("as far as allowed" in note for note in prune["notes"])
+
+
 @pytest.mark.parametrize("args,msg", [
     (["--prune-params", "1.0"], "--prune-params must be in [0, 1)"),
     (["--prune-params", "-0.2"], "--prune-params must be in [0, 1)"),

@@ -146,7 +146,7 @@ class Allocator:
         hi_r = 0.999 if use_global else 0.95
         removed_hi = self.select(hi_r, use_global)
         if self.dg.estimate_macs(removed_hi) > target:
-            return removed_hi, hi_r               # cannot reach: prune as far as allowed
+            return removed_hi, hi_r, False        # cannot reach: prune as far as allowed
         lo, hi = 0.0, hi_r
         for _ in range(30):
             mid = (lo + hi) / 2
