@@ -314,12 +314,16 @@ def load(source, input_shapes: dict | None = None, check: bool = True,
     """Load, check and canonicalise in one call (what ``onnxc compress`` does)."""
     model = load_model(source)
     where = source if isinstance(source, (str, os.PathLike)) else "model"
-    if check:
-        check_model(model, str(where))
     try:
+        if check:
+            check_model(model, str(where))
         return canonicalize(model, input_shapes, notes=notes)
     except OnnxcError:
         raise
+    except UnicodeDecodeError as exc:
+        # Protobuf parses any bytes into a string field; decoding fails on first access.
+        raise ModelError(f"{where}: a name or string field is not valid UTF-8 "
+                         f"(corrupted file?)") from exc
     except Exception as exc:  # passed the checker but breaks shape inference / the IR
         msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
         raise UnsupportedError(f"{where}: cannot canonicalise the model "

@@ -115,6 +115,15 @@ def test_model_onnx_runtime_cannot_run(tmp_path, capfd):
     assert "onnxruntime" not in capfd.readouterr().err
 
 
+def test_name_that_is_not_utf8(tmp_path):
+    # Protobuf parses any bytes in a string field; the checker then fails to decode it.
+    data = _tiny_model(tmp_path / "t.onnx").read_bytes()
+    path = tmp_path / "garbled.onnx"
+    path.write_bytes(data.replace(b"n0", b"\x8b\xff"))
+    code, _, err = _compress(tmp_path, path)
+    _assert_clean_failure(tmp_path, path, code, err, 3, "not valid UTF-8")
+
+
 def test_unknown_pass_name(tmp_path):
     path = _tiny_model(tmp_path / "m.onnx")
     code, _, err = run_cli("compress", path, "--passes", "fold_bn,squash", "-o", tmp_path / "out")

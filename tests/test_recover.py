@@ -312,6 +312,41 @@ def test_graph_with_untrainable_op_is_refused(tmp_path, cifar_train_path):
     assert "cannot train graphs with op(s) TopK" in _error_line(err)
 
 
+def test_static_batch_graph_trains_in_slices_of_its_batch(tmp_path):
+    """A graph whose batch is fixed (here 2, baked into a Reshape as exported models
+    with a static --input-shape have it) trains with a larger --recover-batch: both
+    graphs run in slices of 2. Found by tools/fuzz.py (it was an internal error)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = lambda *shape: numpy_helper.from_array(   # noqa: E731
+        (rng.standard_normal(shape) * 0.3).astype(np.float32), f"w{len(shape)}")
+    nodes = [helper.make_node("Conv", ["x", "w4"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Reshape", ["r", "shape"], ["f"]),
+             helper.make_node("Gemm", ["f", "w2"], ["y"], transB=1)]
+    g = helper.make_graph(
+        nodes, "static", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5])],
+        [w(8, 3, 3, 3), w(5, 8 * 36), numpy_helper.from_array(np.array([2, -1], np.int64),
+                                                             "shape")])
+    path = tmp_path / "static.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), path)
+    data = tmp_path / "d.npz"
+    np.savez(data, images=rng.integers(0, 256, (120, 3, 6, 6)).astype(np.uint8))
+    code, _, err = run_cli("compress", path, "--passes", "ternary,recover", "--keep-float",
+                           "none", "--calib-data", data, "--scale", "0.0039",
+                           "--recover-epochs", "2", "--recover-batch", "8",
+                           "--recover-threads", "1", "-o", tmp_path / "out")
+    assert code == 0, err
+    import json
+
+    rec = json.loads((tmp_path / "out" / "report.json").read_text())["passes"][-1]
+    assert rec["name"] == "recover" and rec["extra"]["steps"] == 2 * (108 // 8)   # 12 held out
+    kd = [e["kd"] for e in rec["extra"]["held_out"]]
+    assert min(kd[1:]) < kd[0]               # training moved the student toward the teacher
+
+
 # ---- end to end through the CLI --------------------------------------------------------
 
 def test_cli_prune_then_recover_keeps_the_pruned_structure(resnet20_path, cifar_train_path,

@@ -5,7 +5,8 @@
 Each case builds a model — a random but valid CNN (convs with strides, groups and
 dilations, BN, residual adds, concats, pools, FC heads, dynamic batch), or a broken one
 (bytes flipped or cut, an initializer missing, a weight of the wrong shape, NaN weights,
-an unknown op) — and runs `onnxc compress` on it in-process through `onnxc.cli.main` with
+an unknown op), sometimes with calibration images (valid, or of the wrong shape, NaN,
+empty, flat, under the wrong key) and the recover pass — and runs `onnxc compress` on it in-process through `onnxc.cli.main` with
 a random pass list and options. What must hold, whatever the input:
 
 - no "internal error" (exit 1) and no exception escaping the CLI;
@@ -216,15 +217,45 @@ class Case:
     seconds: float = 0.0
 
 
-def random_argv(rng: np.random.Generator) -> list:
+def random_data(rng: np.random.Generator, path: pathlib.Path, c: int, h: int, w: int) -> bool:
+    """Write calibration images for a C×H×W input (or, sometimes, broken ones); returns
+    whether the data is valid."""
+    n = int(rng.integers(4, 41))
+    images = rng.integers(0, 256, (n, c, h, w)).astype(np.uint8)
+    labels = rng.integers(0, 2, n).astype(np.int64)
+    how = rng.choice(["ok"] * 6 + ["shape", "nan", "empty", "flat", "key"])
+    arrays = {"images": images, "labels": labels}
+    if how == "shape":
+        arrays["images"] = images[:, :, : max(1, h - 1)]
+    elif how == "nan":
+        bad = images.astype(np.float32)
+        bad.flat[int(rng.integers(bad.size))] = np.nan
+        arrays["images"] = bad
+    elif how == "empty":
+        arrays = {"images": images[:0], "labels": labels[:0]}
+    elif how == "flat":
+        arrays["images"] = images.reshape(-1)
+    elif how == "key":
+        arrays = {"pictures": images}
+    np.savez(path, **arrays)
+    return how == "ok" or (how == "shape" and h == 1)
+
+
+def random_argv(rng: np.random.Generator, data: pathlib.Path | None) -> list:
     passes = ["fold_bn"] if rng.random() < 0.6 else []
     passes += [p for p in LOSSY if rng.random() < 0.25]
     if rng.random() < 0.5:
         passes.append(str(rng.choice(QUANT)))
+    if data is not None and rng.random() < 0.3:
+        passes.append("recover")
     if not passes:
         passes = ["cleanup"]
     argv = ["--passes", ",".join(passes), "--calib-samples", str(int(rng.integers(1, 9))),
             "--seed", str(int(rng.integers(1000)))]
+    if data is not None:
+        argv += ["--calib-data", str(data), "--scale", "0.00392156862745098"]
+        if rng.random() < 0.3:
+            argv += ["--eval-data", str(data)]
     if "prune" in passes:
         argv += str(rng.choice(["--prune-flops 0.3", "--prune-flops 0.5", "--prune-ratio 0.5",
                                 "--prune-params 0.4 --prune-criterion fpgm",
@@ -235,6 +266,8 @@ def random_argv(rng: np.random.Generator) -> list:
                                 "--lowrank-rank 2 --lowrank-force"])).split()
     if "int8" in passes and rng.random() < 0.5:
         argv += ["--calibrator", str(rng.choice(["percentile", "entropy", "mse"]))]
+    if "recover" in passes:
+        argv += ["--recover-epochs", "0.5", "--recover-batch", "4", "--recover-threads", "1"]
     if rng.random() < 0.3:
         argv += ["--input-shape", f"x:{int(rng.integers(1, 4))},{{c}},{{h}},{{w}}"]
     return argv
@@ -262,9 +295,13 @@ def run_case(index: int, rng: np.random.Generator, work: pathlib.Path) -> Case:
     src = work / f"case{index}.onnx"
     src.write_bytes(data)
     digest = hashlib.sha256(data).hexdigest()
+    npz = None
+    if rng.random() < 0.4:
+        npz = work / f"case{index}.npz"
+        valid = random_data(rng, npz, c, h, w) and valid
     out = work / f"out{index}"
     argv = ["compress", str(src), "-o", str(out)] + [
-        a.format(c=c, h=h, w=w) for a in random_argv(rng)]
+        a.format(c=c, h=h, w=w) for a in random_argv(rng, npz)]
     case = Case(index, valid, argv)
     err = io.StringIO()
     old = signal.signal(signal.SIGALRM, _alarm)
@@ -356,7 +393,10 @@ def campaign(cases: int | None, minutes: float | None, seed: int, save: str | No
                     (dest / f"seed{seed}_case{i}.txt").write_text(
                         f"{case.problem}\nonnxc {' '.join(case.argv)}\n\n{case.stderr}")
             shutil.rmtree(work / f"out{i}", ignore_errors=True)
-            (work / f"case{i}.onnx").unlink()
+            for leftover in work.glob(f"case{i}.*"):
+                if save and case.problem and leftover.suffix == ".npz":
+                    shutil.copy(leftover, pathlib.Path(save) / f"seed{seed}_case{i}.npz")
+                leftover.unlink()
             i += 1
     total = sum(counts.values())
     summary = ", ".join(f"{kind} exit {rc}: {n}" for (kind, rc), n in sorted(

@@ -119,10 +119,34 @@ class Teacher:
         self.session = _session(model, threads)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.out_names = [model.graph.output[0].name] + self.taps
+        first = self.session.get_inputs()[0].shape
+        # A static batch (e.g. fixed by --input-shape for a TVM target): both graphs
+        # then run in slices of exactly that many samples.
+        self.fixed_batch = first[0] if first and isinstance(first[0], int) else None
 
     def __call__(self, feeds: dict):
-        outs = self.session.run(self.out_names, feeds)
+        (name, x), = feeds.items()
+        outs = in_slices(lambda part: self.session.run(self.out_names, {name: part}),
+                         x, self.fixed_batch, np.concatenate)
         return outs[0], outs[1:]
+
+
+def in_slices(fn, x, size, concat):
+    """``fn(x)`` for a graph whose batch is fixed at ``size``: runs it on slices of
+    ``size`` rows (the last padded by repeating its final row) and joins the results,
+    trimmed to ``len(x)``. Rows never mix (BN runs on its running statistics), so the
+    padding changes nothing. ``fn`` returns a list of arrays/tensors, batch first."""
+    n = len(x)
+    if not size or n == size:
+        return fn(x)
+    parts = []
+    for start in range(0, n, size):
+        part = x[start:start + size]
+        if len(part) < size:
+            pad = [part[-1:]] * (size - len(part))
+            part = concat([part] + pad)
+        parts.append(fn(part))
+    return [concat([p[i] for p in parts])[:n] for i in range(len(parts[0]))]
 
 
 # ----------------------------------------------------------------------------------------
@@ -179,6 +203,7 @@ class _HeldOut:
     def __init__(self, student, teacher, name, x, temperature):
         self.student, self.x, self.t = student, x, temperature
         self.name = name
+        self.fixed_batch = teacher.fixed_batch
         self.logits = np.concatenate([teacher({name: x[i:i + 128]})[0].reshape(
             len(x[i:i + 128]), -1) for i in range(0, len(x), 128)])
 
@@ -189,13 +214,23 @@ class _HeldOut:
         with torch.no_grad():
             for i in range(0, len(self.x), 128):
                 xb = torch.from_numpy(np.ascontiguousarray(self.x[i:i + 128]))
-                outs.append(self.student(xb)[0].reshape(len(xb), -1))
+                logits = in_slices(lambda part: self.student(part)[:1], xb,
+                                   self.fixed_batch, torch.cat)[0]
+                outs.append(logits.reshape(len(xb), -1))
         self.student.train(was_training)
         s = torch.cat(outs)
         t = torch.from_numpy(self.logits)
         kd = F.kl_div(F.log_softmax(s / self.t, 1), F.log_softmax(t / self.t, 1),
                       reduction="batchmean", log_target=True) * self.t ** 2
         return float(kd), float((s.argmax(1) == t.argmax(1)).float().mean())
+
+
+def _student_outputs(student, x, taps) -> list:
+    """[first output, *tapped tensors] of the student."""
+    if not taps:
+        return [student(x)[0]]
+    outs, feats = student(x, taps=taps)
+    return [outs[0], *feats]
 
 
 def distill(student: TorchGraph, teacher: Teacher, inputs: dict, labels, cfg: DistillConfig,
@@ -278,8 +313,9 @@ def distill(student: TorchGraph, teacher: Teacher, inputs: dict, labels, cfg: Di
             if xt.dim() == 4:
                 # NHWC activations: oneDNN convolutions ran ~13% faster per step here.
                 xt = xt.contiguous(memory_format=torch.channels_last)
-            outs, s_feats = student(xt, taps=taps) if taps else (student(xt), [])
-            s_logits = outs[0].reshape(len(x), -1)
+            s_out = in_slices(lambda part: _student_outputs(student, part, taps), xt,
+                              teacher.fixed_batch, torch.cat)
+            s_logits, s_feats = s_out[0].reshape(len(x), -1), s_out[1:]
             t = torch.from_numpy(t_logits).reshape(len(x), -1)
             kd = F.kl_div(F.log_softmax(s_logits / temperature, 1),
                           F.log_softmax(t / temperature, 1), reduction="batchmean",
