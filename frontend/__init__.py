@@ -293,7 +293,25 @@ def canonicalize(model: onnx.ModelProto, input_shapes: dict | None = None,
         notes.append(f"{moved} Constant node(s) turned into initializers")
     graph.refresh()
     _check_symbolic(graph)
+    _check_finite_weights(graph)
     return graph
+
+
+# Ops whose constant inputs are learned parameters: NaN/Inf there is a broken model
+# (every pass that reads weights — SVD, criteria, calibration — would fail on it).
+# Other constants may hold ±inf on purpose (masks, Clip bounds) and are left alone.
+WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "PRelu")
+
+
+def _check_finite_weights(graph: Graph) -> None:
+    for node in graph.nodes:
+        if node.op not in WEIGHT_OPS:
+            continue
+        for tensor in node.inputs[1:]:
+            value = Graph.constant(tensor) if tensor is not None else None
+            if value is not None and value.dtype.kind == "f" and not np.isfinite(value).all():
+                raise ModelError(f"weight '{tensor.name}' of {node.op} '{node.name}' holds "
+                                 f"NaN or Inf")
 
 
 def _check_symbolic(graph: Graph) -> None:

@@ -124,6 +124,21 @@ def test_name_that_is_not_utf8(tmp_path):
     _assert_clean_failure(tmp_path, path, code, err, 3, "not valid UTF-8")
 
 
+def test_nan_weight(tmp_path):
+    # Would reach SVD / criteria / calibration as NaN; refused when loading instead.
+    w = np.ones((2, 4), np.float32)
+    w[1, 2] = np.nan
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w"], ["y"], name="fc", transB=1)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+        [numpy_helper.from_array(w, "w")])
+    path = tmp_path / "nan.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    code, _, err = run_cli("compress", path, "--passes", "lowrank", "-o", tmp_path / "out")
+    _assert_clean_failure(tmp_path, path, code, err, 3, "weight 'w' of Gemm 'fc' holds NaN")
+
+
 def test_unknown_pass_name(tmp_path):
     path = _tiny_model(tmp_path / "m.onnx")
     code, _, err = run_cli("compress", path, "--passes", "fold_bn,squash", "-o", tmp_path / "out")

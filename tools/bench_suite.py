@@ -264,6 +264,7 @@ def run_config(model: str, model_path, config: str, criterion: str, train, test,
                           "seconds": ex["train_seconds"], "hints": len(ex["hints"]),
                           "stopped_by_time": ex["stopped_by_time"],
                           "kept_epoch": ex.get("kept_epoch"),
+                          "augment": ex["config"]["augment"],
                           "last_epoch": ex["loss_log"][-1] if ex["loss_log"] else None}
     compressed = res.graph.to_onnx()
     if recovering and not args.measure_recover_latency and "sr_bs1" in ref:
@@ -358,6 +359,7 @@ def write_markdown(results: dict, path: pathlib.Path, plots: list, command: str)
             rec = r.get("recover")
             rec_s = (f"{rec['epochs']} ep, {rec['seconds']:.0f} s"
                      + (", hints" if rec["hints"] else "")
+                     + (", mixup" if "mixup" in rec.get("augment", ()) else "")
                      + (", input weights kept" if rec.get("kept_epoch") == 0 else "")) \
                 if rec else ""
             tvm = f"{r['tvm_x86_ms']:.2f}" if r.get("tvm_x86_ms") else \

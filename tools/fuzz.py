@@ -220,7 +220,7 @@ class Case:
 def random_data(rng: np.random.Generator, path: pathlib.Path, c: int, h: int, w: int) -> bool:
     """Write calibration images for a C×H×W input (or, sometimes, broken ones); returns
     whether the data is valid."""
-    n = int(rng.integers(4, 41))
+    n = int(rng.integers(8, 41))                 # --calib-samples asks for at most 8
     images = rng.integers(0, 256, (n, c, h, w)).astype(np.uint8)
     labels = rng.integers(0, 2, n).astype(np.int64)
     how = rng.choice(["ok"] * 6 + ["shape", "nan", "empty", "flat", "key"])
