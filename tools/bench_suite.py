@@ -332,11 +332,11 @@ def write_markdown(results: dict, path: pathlib.Path, plots: list, command: str)
              "types or shapes, so the compute is identical.",
              "- +recover: the `recover` pass (distillation from the original, "
              "fake-quant/STE for quantized graphs) with the epochs and seconds shown: the "
-             "suite runs every base row first, then splits what is left of its "
-             f"{results['meta'].get('budget_minutes', '?')}-minute budget among the "
-             "+recover rows by fixed weights (most to the ResNet-56 rows issue 8 asks "
-             f"about); torch threads: {results['meta'].get('recover_threads', '?')}. "
-             "See docs/recover.md.", ""]
+             "suite runs every base row first, then splits what is left of the run's "
+             "budget (`--budget-minutes` of the command above that made the row) among "
+             "the +recover rows by fixed weights (most to the ResNet-56 rows issue 8 "
+             f"asks about); torch threads: {results['meta'].get('recover_threads', '?')}; "
+             "augmentation flip+crop unless the row says mixup. See docs/recover.md.", ""]
     for model in results["models"]:
         rows = [r for r in results["rows"] if r["model"] == model]
         if not rows:
