@@ -52,22 +52,36 @@ class Runner:
         self.fixed_batch = first[0] if first and isinstance(first[0], int) else None
 
     def run(self, feeds: dict, batch_size: int = 64) -> list[np.ndarray]:
-        n = len(next(iter(feeds.values())))
-        step = self.fixed_batch or batch_size
-        chunks = []
-        for start in range(0, n, step):
-            part = {k: v[start:start + step] for k, v in feeds.items() if k in self.input_names}
-            got = len(next(iter(part.values())))
-            if self.fixed_batch and got < self.fixed_batch:   # pad the last static batch
-                part = {k: np.concatenate([v, np.repeat(v[-1:], self.fixed_batch - got, 0)])
-                        for k, v in part.items()}
+        names = [k for k in feeds if k in self.input_names]
+
+        def run_slice(*parts):
             try:
-                outs = self.session.run(None, part)
+                return self.session.run(None, dict(zip(names, parts)))
             except Exception as exc:
                 raise BackendError(f"ONNX Runtime failed to run the model: "
                                    f"{str(exc).strip().splitlines()[0][:300]}") from exc
-            chunks.append([o[:got] for o in outs])
-        return [np.concatenate([c[i] for c in chunks]) for i in range(len(self.output_names))]
+
+        return in_slices(run_slice, [feeds[k] for k in names],
+                         self.fixed_batch or batch_size, pad=bool(self.fixed_batch))
+
+
+def in_slices(fn, inputs: list, size: int | None, pad: bool = True,
+              concat=np.concatenate) -> list:
+    """``fn(*inputs)`` run on slices of ``size`` rows and joined (batch first), for graphs
+    whose batch is fixed (``pad``: the last slice is padded by repeating its final row,
+    and the results trimmed) or too large for one run. Rows never mix (BN runs on its
+    running statistics), so padding changes nothing. ``fn`` returns a list of
+    arrays/tensors; ``concat`` joins them (np.concatenate or torch.cat)."""
+    n = len(inputs[0])
+    if not size or n == size or (n < size and not pad):
+        return fn(*inputs)
+    parts = []
+    for start in range(0, n, size):
+        part = [x[start:start + size] for x in inputs]
+        if pad and len(part[0]) < size:
+            part = [concat([x] + [x[-1:]] * (size - len(x))) for x in part]
+        parts.append(fn(*part))
+    return [concat([p[i] for p in parts])[:n] for i in range(len(parts[0]))]
 
 
 @dataclass
