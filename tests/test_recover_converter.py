@@ -88,7 +88,9 @@ def test_ort_qdq_int8_resnet_matches_onnxruntime(resnet20_path):
     # Reference semantics: ORT running the QDQ graph as written (no fusion into int8
     # kernels). Compare the integer activations of the first layers: float accumulation
     # order differs between torch and ORT convolutions, so a value exactly on a rounding
-    # boundary may land one step off — rare early, then it cascades through depth.
+    # boundary may land one step off — rare early, then it cascades through depth. A
+    # residual Add sums two such inputs, so its output can be two steps off (seen on an
+    # AVX-512 machine, whose ORT float kernels accumulate in another order than AVX2's).
     taps = [n.outputs[0].name for n in graph.nodes if n.op == "QuantizeLinear"][:6]
     model = graph.to_onnx()
     model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in taps)
@@ -102,7 +104,7 @@ def test_ort_qdq_int8_resnet_matches_onnxruntime(resnet20_path):
         (logits,), got = TorchGraph(graph)(torch.from_numpy(x), taps=taps)
     for name, r, g in zip(taps, ref[1:], got):
         diff = np.abs(r.astype(np.float32) - g.numpy())
-        assert diff.max() <= 1 and np.mean(diff > 0) < 1e-3, name
+        assert diff.max() <= 2 and np.mean(diff > 0) < 1e-3, name
     assert np.mean(logits.numpy().argmax(1) == ref[0].argmax(1)) >= 0.75
 
 

@@ -76,6 +76,13 @@ def test_tuning_database_is_reused_without_new_trials(tiny_path, tmp_path):
     assert second.tuning.trials == 0 and second.tuning.tuned == 0
     assert second.tuning.cached == second.tuning.tasks == first.tuning.tasks
     assert second.verification["max_rel"] < 1e-4
+    # --tune-refine spends the budget again on the cached tasks; their records add up.
+    third = compile_model(str(tiny_path), "x86", str(tmp_path / "c"),
+                          dict(opts, tune_refine=True))
+    assert third.tuning.cached == third.tuning.tuned == first.tuning.tasks
+    assert third.tuning.trials > 0
+    assert third.tuning.trials_in_db > first.tuning.trials_in_db
+    assert third.verification["max_rel"] < 1e-4
 
 
 @pytest.fixture

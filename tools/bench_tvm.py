@@ -10,12 +10,17 @@ of that graph, calibrated on CIFAR-10 train images when ../shared has them) and 
 size it prints the median latency of ONNX Runtime, TVM untuned and TVM tuned with
 --trials MetaSchedule trials, then compiles the tuned configuration a second time
 against the now-warm database and prints that wall time and its new trials (0 when
-the database served every task). Every latency is measured in this run.
+the database served every task). Every latency is measured in this run, and so is
+the machine's reference rate: numpy's SGEMM (OpenBLAS, all cores) on 2048² matrices.
+Each latency is also shown as an effective rate, 2·MACs / latency, against it.
 
 Tuning takes far longer than measuring, so on a shared machine the two can be split:
 
     nice -n 19 python tools/bench_tvm.py --tune-only --trials-per-task 64 --tune-db DIR
     flock /tmp/onnxc-cpu.lock python tools/bench_tvm.py --from-db --tune-db DIR
+
+A later `--tune-only --refine` run adds trials to the tasks the database already has
+(the search starts from their best records) instead of skipping them.
 
 The first fills the database at low priority (no latencies: they would be disturbed);
 the second only compiles and measures: "tuned" applies the database as it is (tasks
@@ -49,6 +54,27 @@ def ort_latency(model: onnx.ModelProto, x: np.ndarray, repeat: int) -> float:
                                            "dtype": "float32"}], [],
                    lambda feeds: sess.run(None, feeds))
     return benchmark(art, {name: x}, warmup=3, repeat=repeat)["median_ms"]
+
+
+def sgemm_gflops(n: int = 2048, repeat: int = 10) -> float:
+    """numpy's SGEMM rate: what a vendor BLAS gets out of this machine's cores."""
+    a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
+    b = a.T.copy()
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeat))
+    return 2 * n ** 3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def graph_macs(model: onnx.ModelProto) -> int:
+    from onnxc.ir import Graph
+
+    return Graph.from_onnx(model).stats(with_bytes=False).macs
 
 
 def fp32_graph(model_path: str, batch: int) -> onnx.ModelProto:
@@ -117,6 +143,9 @@ def main(argv=None) -> int:
                    "filled by parallel --tune-only runs) copied into --tune-db first")
     p.add_argument("--no-prepack", action="store_true",
                    help="tune without cpu_weight_prepack (separate tasks/records)")
+    p.add_argument("--refine", action="store_true",
+                   help="with --tune-only: tune the tasks the database has too (more trials "
+                        "for them, starting from their best records)")
     p.add_argument("--build-workers", type=int, default=1, help="tuning build processes")
     p.add_argument("--repeat", type=int, default=20)
     p.add_argument("--verbose", action="store_true", help="show tuning progress")
@@ -136,8 +165,10 @@ def main(argv=None) -> int:
     tune_opts = {"cpu_weight_prepack": not args.no_prepack,
                  "tune_trials_per_task": args.trials_per_task,
                  "tune_build_workers": args.build_workers}
+    if args.refine and not args.tune_only:
+        p.error("--refine goes with --tune-only (measuring runs never tune)")
     if args.tune_only:
-        return tune_only(args, db, tune_opts, log)
+        return tune_only(args, db, dict(tune_opts, tune_refine=args.refine), log)
     if args.merge_db:
         from onnxc.backends.tvm.tuning import merge_databases
 
@@ -154,8 +185,12 @@ def main(argv=None) -> int:
         print(f"# median latency in ms; tuned = MetaSchedule, {args.trials} trials per model"
               + (f", at most {args.trials_per_task} per task" if args.trials_per_task else ""))
     print(f"# cpu_weight_prepack {not args.no_prepack}; load before: {load()}")
+    peak = sgemm_gflops()
+    print(f"# reference: numpy SGEMM 2048x2048 {peak:.0f} GFLOPS; GF/s columns are "
+          f"2*MACs/latency (ORT, TVM tuned) and % of that reference", flush=True)
     header = (f"{'model':<6} {'bs':>3} {'ORT':>9} {'TVM untuned':>12} {'TVM tuned':>10} "
-              f"{'tuned/ORT':>9} {'trials':>6} {'tasks':>5} {'tune s':>7} {'max rel err':>11}")
+              f"{'tuned/ORT':>9} {'trials':>6} {'tasks':>5} {'tune s':>7} {'max rel err':>11} "
+              f"{'ORT GF/s':>12} {'tuned GF/s':>12}")
     print(header)
     print("-" * len(header), flush=True)
     warm = []
@@ -175,13 +210,16 @@ def main(argv=None) -> int:
                 tuned = None
             t = tuned["tuning"] if tuned else None
             err = max(f["verification"]["max_rel"] for f in (untuned, tuned) if f)
+            flop = 2 * graph_macs(fp32) / 1e6          # MFLOP per batch; ms -> GFLOPS
+            rate = (lambda ms: f"{flop / ms:>5.0f} ({100 * flop / ms / peak:>3.0f}%)")
             trials = t and (f"{t['trials_in_db']}" if args.from_db else f"{t['trials']}")
             tasks = t and (f"{t['cached']}/{t['tasks']}" if args.from_db else f"{t['tasks']}")
             print(f"{variant:<6} {batch:>3} {ort_ms:>9.2f} {untuned['median_ms']:>12.2f} "
                   + (f"{tuned['median_ms']:>10.2f} {tuned['median_ms'] / ort_ms:>8.2f}x "
                      f"{trials:>6} {tasks:>5} {t['seconds']:>7.0f}"
                      if tuned else f"{'-':>10} {'-':>9} {'-':>6} {'-':>5} {'-':>7}")
-                  + f" {err:>11.2e}", flush=True)
+                  + f" {err:>11.2e} {rate(ort_ms):>12} "
+                  + (f"{rate(tuned['median_ms']):>12}" if tuned else f"{'-':>12}"), flush=True)
             if tuned and args.from_db and t["cached"] < t["tasks"]:
                 # the normal path would tune the missing tasks here, inside the measuring run
                 warm.append((variant, batch, f"skipped: the database has only "

@@ -28,6 +28,9 @@ TUNE_OPTIONS = (
            "trial cap per task (default: trials spread evenly over untuned tasks)"),
     Option("--tune-db", str, None, "tuning database directory, reused across runs and "
            "models (default: ~/.cache/onnxc/tvm-tuning or $ONNXC_TUNE_DB)"),
+    Option("--tune-refine", bool, False, "tune tasks the database already has too, starting "
+           "the search from their best records (adds --tune-trials to earlier runs' instead "
+           "of skipping those tasks)", action="store_true"),
     Option("--tune-equality", str, "auto", "when two kernels share tuning records: structural "
            "(identical kernels), anchor-block (same conv/matmul, any fused epilogue), or auto "
            "(anchor-block for quantized graphs, whose baked-in scales make every kernel "

@@ -4,7 +4,10 @@ The database directory (default ``~/.cache/onnxc/tvm-tuning``) is one MetaSchedu
 JSON database shared by every run and model. Before tuning, the module's tasks are
 extracted and every task that already has a tuning record for this target is
 skipped, so a second compile of the same workloads runs no trials (MetaSchedule on
-its own would spend the whole budget again). Measurements run locally or, with
+its own would spend the whole budget again). ``--tune-refine`` tunes those tasks
+too: MetaSchedule's evolutionary search seeds its population from the best records
+the database holds for a workload, so a refine run continues the earlier search
+instead of starting over. Measurements run locally or, with
 ``--rpc-tracker host:port --rpc-key KEY``, on devices behind a TVM RPC tracker.
 """
 
@@ -322,8 +325,9 @@ def tune(mod, target, spec, trials: int, options: dict, log):
         os.makedirs(db_dir, exist_ok=True)
     tasks = ms.relax_integration.extract_tasks(mod, target, module_equality=equality)
     db = ms.database.JSONDatabase(work_dir=db_dir, module_equality=equality)
-    todo = [t for t in tasks if not _has_record(db, t, target)]
-    cached = len(tasks) - len(todo)
+    missing = [t for t in tasks if not _has_record(db, t, target)]
+    cached = len(tasks) - len(missing)
+    todo = list(tasks) if options.get("tune_refine") else missing
     per_task = int(options.get("tune_trials_per_task") or
                    max(1, math.ceil(trials / max(1, len(todo)))))
     budget = min(trials, per_task * len(todo))
@@ -333,8 +337,10 @@ def tune(mod, target, spec, trials: int, options: dict, log):
         runner, runner_name = _runner(spec, options)
     try:
         log(f"  tune: {len(tasks)} tasks ({equality}), {cached} already in {db_dir}, "
-            + (f"{len(todo)} left untuned (database only)" if db_only else
-               f"{len(todo)} to tune with up to {budget} trials ({runner_name})"))
+            + (f"{len(missing)} left untuned (database only)" if db_only else
+               f"{len(todo)} to tune with up to {budget} trials ({runner_name})"
+               + (", refining the cached ones" if cached and len(todo) > len(missing)
+                  else "")))
         measured = 0
         if todo and not db_only:
             import_tensor_intrinsics()
