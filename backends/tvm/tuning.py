@@ -199,6 +199,35 @@ def _progress_callback(total_tasks: int, budget: int, log):
     return Progress()
 
 
+def _round_starts(total_tasks: int, log):
+    """A logging handler announcing each round MetaSchedule starts.
+
+    The measure callback above hears of a round only when the scheduler joins its
+    results, and the gradient-based scheduler joins nothing until it has started a
+    round on every task: without this, a 14-task model shows no progress for its first
+    quarter of an hour. The scheduler logs "TaskScheduler picks Task #k: "name"" when
+    it starts a round; this turns that into a progress line.
+    """
+    import logging
+    import re
+
+    picks = re.compile(r'picks Task #(\d+): "([^"]*)"')
+
+    class RoundStarts(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.INFO)
+            self.rounds = 0
+
+        def emit(self, record):
+            found = picks.search(record.getMessage())
+            if found:
+                self.rounds += 1
+                log(f"  tune: round {self.rounds}: task {int(found.group(1)) + 1}/"
+                    f"{total_tasks} {found.group(2)[:40]} (building, measuring)")
+
+    return RoundStarts()
+
+
 def _fast_stack(context: int = 1):
     """``inspect.stack()`` without source lookup: frames with their code's file name."""
     import inspect
@@ -351,6 +380,9 @@ def tune(mod, target, spec, trials: int, options: dict, log):
                                    f"{T._first_line(exc)}") from None
             progress = _progress_callback(len(contexts), budget, log)
             callbacks = list(ms.measure_callback.MeasureCallback.create("default")) + [progress]
+            ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
+            starts = _round_starts(len(contexts), log)
+            ms_logger.addHandler(starts)
             try:
                 ms.tune.tune_tasks(
                     tasks=contexts, task_weights=weights, work_dir=db_dir,
@@ -368,6 +400,8 @@ def tune(mod, target, spec, trials: int, options: dict, log):
                 raise
             except Exception as exc:
                 raise BackendError(f"MetaSchedule tuning failed: {T._first_line(exc)}") from None
+            finally:
+                ms_logger.removeHandler(starts)
             measured = progress.done
     finally:
         # now, not in a garbage-collector pass (see _shutdown_pool)
