@@ -47,10 +47,11 @@ def subset(ds, idx):
                    f"{ds.source}[{len(idx)} of {len(ds)}]")
 
 
-def trained_on(n: int) -> int:
-    """Samples recover trains on out of ``n``: it holds min(256, n/10) out to pick the
-    best epoch (passes/recover/distill.py)."""
-    return n - (min(256, n // 10) if n >= 100 else 0)
+def steps_per_epoch(n: int, batch: int = 32) -> int:
+    """Optimizer steps recover takes per epoch over ``n`` samples: it holds
+    min(256, n/10) out to pick the best epoch and drops the ragged last batch
+    (passes/recover/distill.py)."""
+    return max(1, (n - (min(256, n // 10) if n >= 100 else 0)) // batch)
 
 
 def fit_line(xs, ys):
@@ -102,8 +103,8 @@ def main(argv=None) -> int:
     order = np.random.default_rng(args.seed).permutation(len(train))
 
     print(f"# {model_path.name}: original top-1 {original:.2f}%, pruned (-50% FLOPs, "
-          f"{args.criterion}, no training) {pruned:.2f}%; recover: {args.epochs:g} full-set "
-          f"epochs of steps each, augment {args.augment}, hints {args.hints}, "
+          f"{args.criterion}, no training) {pruned:.2f}%; recover: the steps of {args.epochs:g} "
+          f"epochs over all images for each subset, augment {args.augment}, hints {args.hints}, "
           f"{args.threads} torch threads, seed {args.seed}; load {os.getloadavg()[0]:.2f}")
     header = (f"{'images':>6} {'share':>6} {'epochs':>7} {'steps':>6} {'train s':>8} "
               f"{'top-1 %':>8} {'drop pt':>8} {'held-out agree':>14}")
@@ -113,7 +114,7 @@ def main(argv=None) -> int:
     for frac in fractions:
         n = max(64, int(round(frac * len(train))))
         data = subset(train, np.sort(order[:n]))
-        epochs = args.epochs * trained_on(len(train)) / trained_on(n)
+        epochs = args.epochs * steps_per_epoch(len(train)) / steps_per_epoch(n)
         log(f"recover on {n} images, {epochs:.2f} epochs")
         res = compress(model, ["recover"],
                        options={"recover_epochs": epochs, "recover_teacher": str(model_path),

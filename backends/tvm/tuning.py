@@ -425,7 +425,9 @@ def tune(mod, target, spec, trials: int, options: dict, log):
                         trials, time.perf_counter() - started, runner_name, in_db, prepack,
                         equality)
     log(f"  tune: done in {stats.seconds:.0f} s: {measured} trials measured, "
-        f"{cached}/{len(tasks)} tasks from the database")
+        + (f"{cached}/{len(tasks)} tasks had records before (refined)"
+           if stats.tuned > len(tasks) - cached else
+           f"{cached}/{len(tasks)} tasks from the database"))
     return mod, stats
 
 
