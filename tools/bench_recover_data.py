@@ -68,11 +68,11 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=float, default=6.0,
                    help="training length, in passes over the FULL training set (same "
                         "number of steps for every fraction)")
-    p.add_argument("--augment", default="flip,crop,mixup")
-    p.add_argument("--hints", default="auto")
-    p.add_argument("--criterion", default="thinet")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--augment", default="flip,crop,mixup", help="--recover-augment")
+    p.add_argument("--hints", default="auto", help="--recover-hints")
+    p.add_argument("--criterion", default="thinet", help="--prune-criterion")
+    p.add_argument("--threads", type=int, default=2, help="--recover-threads")
+    p.add_argument("--seed", type=int, default=0, help="subsets, pruning and training")
     args = p.parse_args(argv)
 
     model_path = SHARED / "models" / f"{args.model}_cifar10.onnx"
