@@ -356,7 +356,8 @@ def tune(mod, target, spec, trials: int, options: dict, log):
     db = ms.database.JSONDatabase(work_dir=db_dir, module_equality=equality)
     missing = [t for t in tasks if not _has_record(db, t, target)]
     cached = len(tasks) - len(missing)
-    todo = list(tasks) if options.get("tune_refine") else missing
+    refine = bool(options.get("tune_refine")) and cached > 0
+    todo = list(tasks) if refine else missing
     per_task = int(options.get("tune_trials_per_task") or
                    max(1, math.ceil(trials / max(1, len(todo)))))
     budget = min(trials, per_task * len(todo))
@@ -368,8 +369,7 @@ def tune(mod, target, spec, trials: int, options: dict, log):
         log(f"  tune: {len(tasks)} tasks ({equality}), {cached} already in {db_dir}, "
             + (f"{len(missing)} left untuned (database only)" if db_only else
                f"{len(todo)} to tune with up to {budget} trials ({runner_name})"
-               + (", refining the cached ones" if cached and len(todo) > len(missing)
-                  else "")))
+               + (", refining the cached ones" if refine else "")))
         measured = 0
         if todo and not db_only:
             import_tensor_intrinsics()
@@ -426,7 +426,7 @@ def tune(mod, target, spec, trials: int, options: dict, log):
                         equality)
     log(f"  tune: done in {stats.seconds:.0f} s: {measured} trials measured, "
         + (f"{cached}/{len(tasks)} tasks had records before (refined)"
-           if stats.tuned > len(tasks) - cached else
+           if refine and not db_only else
            f"{cached}/{len(tasks)} tasks from the database"))
     return mod, stats
 
