@@ -80,10 +80,11 @@ class Model:
     origin: str            # where it comes from (package, version, path or constructor)
     inputs: dict
     build: dict = field(default_factory=dict)
+    file: str = ""         # where the .onnx is (default: MODELS_DIR/NAME.onnx)
 
     @property
     def path(self) -> str:
-        return os.path.join(MODELS_DIR, self.name + ".onnx")
+        return self.file or os.path.join(MODELS_DIR, self.name + ".onnx")
 
 
 def _img(n=224, c=3, name="input"):
@@ -507,29 +508,32 @@ def _dynamic_inputs(path: str) -> dict:
 def _names_in_model(path: str) -> set:
     import onnx
     m = onnx.load(path, load_external_data=False)
-    names = set()
-    for g in [m.graph]:
-        for n in g.node:
-            if n.name:
-                names.add(n.name)
-            names.add(n.op_type)
-            names.update(o for o in n.output if o)
+    names = {v.name for v in list(m.graph.input) + list(m.graph.output)}
+    for n in m.graph.node:
+        if n.name:
+            names.add(n.name)
+        names.add(n.op_type)
+        names.update(o for o in n.output if o)
     return names
 
 
 def run_one(model: Model, ps: PassSet, workdir: str, timeout: float,
-            ref_outputs=None, input_data: bool = False) -> dict:
-    """One ``onnxc compress`` run and the independent check of its artifact."""
+            ref_outputs=None, input_data: bool = False, static_shapes: bool = False,
+            cli: list | None = None) -> dict:
+    """One ``onnxc compress`` run and the independent check of its artifact.
+
+    Dynamic input dims are fixed with ``--input-shape`` (to the corpus input shapes) for
+    targets other than onnx, or for every target with ``static_shapes``."""
     import numpy as np
     import onnx
     res = {"model": model.name, "set": ps.label, "status": "", "seconds": 0.0, "rel": None,
            "cosine": None, "reason": "", "skipped": 0, "notes": []}
     out_dir = os.path.join(workdir, f"{model.name}-{ps.label}")
     shutil.rmtree(out_dir, ignore_errors=True)
-    cmd = onnxc_cli() + ["compress", model.path, "--passes", ps.passes, "--target", ps.target,
+    cmd = (cli or onnxc_cli()) + ["compress", model.path, "--passes", ps.passes, "--target", ps.target,
                          "-o", out_dir, "--quiet"]
     dynamic = _dynamic_inputs(model.path)
-    if ps.target != "onnx":
+    if ps.target != "onnx" or static_shapes:
         for name, (shape, _, _) in model.inputs.items():
             if dynamic.get(name):
                 cmd += ["--input-shape", f"{name}:{','.join(str(d) for d in shape)}"]
@@ -612,7 +616,7 @@ def run_one(model: Model, ps: PassSet, workdir: str, timeout: float,
 
 
 def run_corpus(models: list, sets: list, timeout: float, x86_timeout: float,
-               log=print, results_path: str | None = None) -> list:
+               log=print, results_path: str | None = None, static_shapes: bool = False) -> list:
     input_data = _cli_supports("--input-data")
     rows = []
     with tempfile.TemporaryDirectory(prefix="onnxc-corpus-") as work:
@@ -630,7 +634,8 @@ def run_corpus(models: list, sets: list, timeout: float, x86_timeout: float,
                 limit = x86_timeout if ps.target != "onnx" else timeout
                 r = run_one(model, ps, work, limit, ref_outputs=ref,
                             input_data=input_data and any(
-                                k != "normal" for _, _, k in model.inputs.values()))
+                                k != "normal" for _, _, k in model.inputs.values()),
+                            static_shapes=static_shapes)
                 rows.append(r)
                 log(_row_line(r))
                 if results_path:
@@ -741,6 +746,9 @@ def main(argv=None) -> int:
     p.add_argument("--x86-timeout", type=float, default=600, help="seconds per x86 run")
     p.add_argument("--doc", help="write the table into this markdown file (between markers)")
     p.add_argument("--results", help="append one JSON line per run to this file")
+    p.add_argument("--static-shapes", action="store_true",
+                   help="pass --input-shape for dynamic inputs on every target, not only "
+                        "where the target needs static shapes")
     p.add_argument("--export-one", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.export_one:
@@ -764,7 +772,8 @@ def main(argv=None) -> int:
     if len(sets) != len(labels):
         p.error(f"unknown pass set in {args.sets!r}")
     start = time.time()
-    rows = run_corpus(chosen, sets, args.timeout, args.x86_timeout, results_path=args.results)
+    rows = run_corpus(chosen, sets, args.timeout, args.x86_timeout, results_path=args.results,
+                      static_shapes=args.static_shapes)
     print()
     for line in summary(rows):
         print(line)
