@@ -436,20 +436,41 @@ def make_inputs(spec: dict, seed: int = 0) -> dict:
     return feeds
 
 
-def _ort_run(path: str, feeds: dict):
+SAMPLES = 4
+
+
+def sample_inputs(model: Model) -> list:
+    """The seeded inputs every run is checked on (one feed dict per sample, batch 1)."""
+    return [make_inputs(model.inputs, seed) for seed in range(SAMPLES)]
+
+
+def _ort_run(path: str, samples: list) -> list:
+    """Per sample, the list of outputs of the model at ``path`` in ONNX Runtime."""
     import onnxruntime as ort
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
     so.log_severity_level = 3
     sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
     names = [i.name for i in sess.get_inputs()]
-    return sess.run(None, {n: feeds[n] for n in names})
+    return [sess.run(None, {n: feeds[n] for n in names}) for feeds in samples]
+
+
+def _stack(per_sample: list) -> list:
+    """Per output, the samples' values stacked on a new axis 0."""
+    import numpy as np
+    return [np.stack([np.asarray(s[i], np.float64) for s in per_sample])
+            for i in range(len(per_sample[0]))]
 
 
 def rel_error(ref: list, out: list) -> float:
+    """Max |a-b| / max |a| over outputs, for lists (per sample) of output lists."""
     import numpy as np
     worst = 0.0
-    for a, b in zip(ref, out):
+    if any(len(r) != len(o) for r, o in zip(ref, out)) or len(ref) != len(out):
+        return float("inf")
+    if any(np.shape(a) != np.shape(b) for r, o in zip(ref, out) for a, b in zip(r, o)):
+        return float("inf")
+    for a, b in zip(_stack(ref), _stack(out)):
         a = np.asarray(a, np.float64)
         b = np.asarray(b, np.float64)
         if a.shape != b.shape:
@@ -461,15 +482,21 @@ def rel_error(ref: list, out: list) -> float:
     return worst
 
 
-def cosine(ref: list, out: list) -> float:
-    """Smallest per-output cosine similarity (float outputs only)."""
+def cosine(ref: list, out: list, centered: bool = False) -> float:
+    """Smallest per-output cosine similarity over all samples (lists per sample of output
+    lists). ``centered`` first subtracts the reference outputs' mean over the samples from
+    both: what is left is the part of the outputs that depends on the input, and a
+    network with random weights often has little else (its raw cosine is ~1 whatever a
+    pass does)."""
     import numpy as np
     worst = 1.0
-    for a, b in zip(ref, out):
-        a = np.asarray(a, np.float64).ravel()
-        b = np.asarray(b, np.float64).ravel()
-        if a.shape != b.shape:
-            return float("nan")
+    if any(np.shape(a) != np.shape(b) for r, o in zip(ref, out) for a, b in zip(r, o)):
+        return float("nan")
+    for a, b in zip(_stack(ref), _stack(out)):
+        if centered:
+            mean = a.mean(axis=0, keepdims=True)
+            a, b = a - mean, b - mean
+        a, b = a.ravel(), b.ravel()
         na, nb = np.linalg.norm(a), np.linalg.norm(b)
         if na == 0 and nb == 0:
             continue
@@ -537,7 +564,8 @@ def run_one(model: Model, ps: PassSet, workdir: str, timeout: float,
         for name, (shape, _, _) in model.inputs.items():
             if dynamic.get(name):
                 cmd += ["--input-shape", f"{name}:{','.join(str(d) for d in shape)}"]
-    feeds = make_inputs(model.inputs)
+    samples = sample_inputs(model)
+    feeds = samples[0]
     if input_data:
         for name, value in feeds.items():
             f = os.path.join(workdir, f"{model.name}.{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.npy")
@@ -582,14 +610,15 @@ def run_one(model: Model, ps: PassSet, workdir: str, timeout: float,
         res.update(status="wrong", reason=f"checker: {str(exc).splitlines()[0][:200]}")
         return res
     try:
-        out = _ort_run(artifact, feeds)
+        out = _ort_run(artifact, samples)
     except Exception as exc:  # noqa: BLE001 - any ORT complaint is a finding
         res.update(status="wrong", reason=f"ORT: {str(exc).splitlines()[0][:200]}")
         return res
-    ref = ref_outputs if ref_outputs is not None else _ort_run(model.path, feeds)
+    ref = ref_outputs if ref_outputs is not None else _ort_run(model.path, samples)
     rel = rel_error(ref, out)
     res["rel"] = rel
     res["cosine"] = cosine(ref, out)
+    res["ccos"] = cosine(ref, out, centered=True)
     try:
         with open(os.path.join(out_dir, "report.json")) as f:
             report = json.load(f)
@@ -601,7 +630,7 @@ def run_one(model: Model, ps: PassSet, workdir: str, timeout: float,
         if verif and "max_rel" in verif:
             res["tvm_rel"] = verif["max_rel"]
         dyn_in = {k for k, v in dynamic.items() if v}
-        if dyn_in and ps.target == "onnx":
+        if dyn_in and ps.target == "onnx" and not static_shapes:
             kept = _dynamic_inputs(artifact)
             lost = sorted(k for k in dyn_in if not kept.get(k, True))
             if lost:
@@ -624,7 +653,7 @@ def run_corpus(models: list, sets: list, timeout: float, x86_timeout: float,
     input_data = _cli_supports("--input-data")
     commit = onnxc_head()
     rows = []
-    refs = {}
+    refs, input_cos = {}, {}
     phases = [[s for s in sets if s.target == "onnx"], [s for s in sets if s.target != "onnx"]]
     with tempfile.TemporaryDirectory(prefix="onnxc-corpus-") as work:
         for phase in phases:
@@ -637,7 +666,11 @@ def run_corpus(models: list, sets: list, timeout: float, x86_timeout: float,
                     continue
                 if model.name not in refs:
                     try:
-                        refs[model.name] = _ort_run(model.path, make_inputs(model.inputs))
+                        ref = refs[model.name] = _ort_run(model.path, sample_inputs(model))
+                        # How much the outputs move between two unrelated inputs: with
+                        # random weights some networks barely react to their input, and a
+                        # lossy pass's raw cosine means little when this one is ~1 too.
+                        input_cos[model.name] = cosine(ref[:1], ref[1:2])
                     except Exception as exc:  # noqa: BLE001 - the corpus entry is broken
                         log(f"{model.name}: the original does not run in ORT on the corpus "
                             f"inputs: {str(exc).splitlines()[0]}")
@@ -651,6 +684,7 @@ def run_corpus(models: list, sets: list, timeout: float, x86_timeout: float,
                                     k != "normal" for _, _, k in model.inputs.values()),
                                 static_shapes=static_shapes)
                     r["commit"] = commit
+                    r["input_cos"] = input_cos.get(model.name)
                     rows.append(r)
                     log(_row_line(r))
                     if results_path:
@@ -675,10 +709,12 @@ def load_results(path: str) -> list:
 def _row_line(r: dict) -> str:
     fig = ""
     if r["status"] == "ok":
-        fig = f"rel {r['rel']:.1e}" if _is_exact(r["set"]) else f"cos {r['cosine']:.4f}"
+        fig = f"rel {r['rel']:.1e}" if _is_exact(r["set"]) else \
+            f"cos {r['cosine']:.4f} ccos {r.get('ccos', float('nan')):.3f}"
     extra = f" [{r['reason']}]" if r["reason"] else ""
     notes = f" ({'; '.join(r['notes'])})" if r.get("notes") else ""
-    return f"{r['model']:<32} {r['set']:<8} {r['status']:<8} {fig:<14} {r['seconds']:6.1f}s{extra}{notes}"
+    return (f"{r['model']:<32} {r['set']:<8} {r['status']:<8} {fig:<24} "
+            f"{r['seconds']:6.1f}s{extra}{notes}")
 
 
 def _is_exact(label: str) -> bool:
@@ -687,7 +723,7 @@ def _is_exact(label: str) -> bool:
 
 def cell(r: dict) -> str:
     if r["status"] == "ok":
-        fig = f"{r['rel']:.0e}" if _is_exact(r["set"]) else f"cos {r['cosine']:.3f}"
+        fig = f"{r['rel']:.0e}" if _is_exact(r["set"]) else f"ccos {r.get('ccos', float('nan')):.3f}"
         return f"ok {fig}, {r['seconds']:.0f}s"
     return f"**{r['status']}**, {r['seconds']:.0f}s"
 
@@ -720,13 +756,17 @@ def markdown(rows: list, models: list, sets: list, header: str = "") -> str:
     by = {(r["model"], r["set"]): r for r in rows}
     origin = {m.name: m.origin for m in models}
     lines = [header] if header else []
-    lines += ["| model | " + " | ".join(s.label for s in sets) + " | source |",
-              "|---|" + "---|" * len(sets) + "---|"]
+    lines += ["| model | " + " | ".join(s.label for s in sets) + " | cos(2 inputs) | source |",
+              "|---|" + "---|" * len(sets) + "---|---|"]
     for m in models:
         if not any((m.name, s.label) in by for s in sets):
             continue
         cells = [cell(by[(m.name, s.label)]) if (m.name, s.label) in by else "-" for s in sets]
-        lines.append(f"| {m.name} | " + " | ".join(cells) + f" | {origin[m.name]} |")
+        base = next((by[(m.name, s.label)].get("input_cos") for s in sets
+                     if (m.name, s.label) in by and by[(m.name, s.label)].get("input_cos")
+                     is not None), None)
+        base = f"{base:.3f}" if base is not None else "-"
+        lines.append(f"| {m.name} | " + " | ".join(cells) + f" | {base} | {origin[m.name]} |")
     lines += ["", "```"] + summary(rows) + ["```", ""]
     problems = [r for r in rows if r["status"] != "ok"]
     if problems:
@@ -748,8 +788,10 @@ BEGIN, END = "<!-- corpus table: begin -->", "<!-- corpus table: end -->"
 
 
 def write_doc(path: str, text: str) -> None:
-    with open(path) as f:
-        doc = f.read()
+    doc = ""
+    if os.path.exists(path):
+        with open(path) as f:
+            doc = f.read()
     if BEGIN in doc and END in doc:
         doc = doc[:doc.index(BEGIN) + len(BEGIN)] + "\n" + text + "\n" + doc[doc.index(END):]
     else:
