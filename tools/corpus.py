@@ -532,6 +532,14 @@ def _dynamic_inputs(path: str) -> dict:
     return out
 
 
+def _declared_dims(path: str) -> dict:
+    """name -> declared dims of each graph input (None where not a fixed number)."""
+    import onnx
+    m = onnx.load(path, load_external_data=False)
+    return {i.name: [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+                     for d in i.type.tensor_type.shape.dim] for i in m.graph.input}
+
+
 def _names_in_model(path: str) -> set:
     import onnx
     m = onnx.load(path, load_external_data=False)
@@ -567,9 +575,18 @@ def run_one(model: Model, ps: PassSet, workdir: str, timeout: float,
     samples = sample_inputs(model)
     feeds = samples[0]
     if input_data:
+        # onnxc --input-data: values as they are, the samples along each input's batch
+        # axis (its first unknown dim that is 1 here); an input without one (a scalar
+        # sample rate, a fully static input) is one value for every sample.
+        declared = _declared_dims(model.path)
         for name, value in feeds.items():
+            dims = declared.get(name, [])
+            axis = next((i for i, (d, n) in enumerate(zip(dims, value.shape))
+                         if d is None and n == 1), None)
+            if axis is not None:
+                value = np.concatenate([s[name] for s in samples], axis=axis)
             f = os.path.join(workdir, f"{model.name}.{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.npy")
-            np.save(f, value[None] if value.ndim else value)
+            np.save(f, value)
             cmd += ["--input-data", f"{name}={f}"]
     res["command"] = " ".join(cmd[1:])
     start = time.perf_counter()
