@@ -102,7 +102,12 @@ class LowBitPass(Pass):
         raise NotImplementedError
 
     def run(self, graph, ctx, report):
+        qdq.require_qdq_opset(graph, self.name)
+        if not qdq.per_channel_ok(graph):
+            report.note(f"opset {graph.opset}: per-channel α applied by a Mul after a "
+                        f"per-tensor DequantizeLinear (no axis before opset 13)")
         qdq.name_nodes(graph)
+        qdq.report_vendor_nodes(graph, report, self.name)
         weighted = qdq.weighted_layers(graph)
         keep = qdq.resolve_keep(ctx.option("keep_float"), weighted, "first,last")
         candidates = [n.name for n in weighted if n.name not in keep]

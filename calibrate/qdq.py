@@ -99,7 +99,22 @@ def weight_dq(graph, base: str, codes: np.ndarray, scale: np.ndarray,
     """Float output of ``DequantizeLinear(codes, scale[, 0], axis)``, node added to the graph.
     ``zero_point=False`` leaves out the all-zero zero point (the ONNX default)."""
     out = graph.make_variable(base + "_dq", dtype=np.float32, shape=list(codes.shape))
-    attrs = {"axis": int(axis)} if axis is not None and scale.ndim == 1 else {}
+    per_channel = axis is not None and scale.ndim == 1
+    if per_channel and not per_channel_ok(graph):
+        # Below opset 13 DequantizeLinear has no axis: codes · 1.0, then · scale[axis].
+        codes_f = graph.make_variable(base + "_dq1", dtype=np.float32,
+                                      shape=list(codes.shape))
+        inputs = [_const(graph, base + "_q", codes),
+                  _const(graph, base + "_one", np.array(1.0, np.float32))]
+        if zero_point:
+            inputs.append(_const(graph, base + "_z", np.array(0, codes.dtype)))
+        graph.gs.nodes.append(gs.Node("DequantizeLinear", codes_f.name, inputs=inputs,
+                                      outputs=[codes_f]))
+        graph.gs.nodes.append(gs.Node(
+            "Mul", out.name, outputs=[out],
+            inputs=[codes_f, _const(graph, base + "_s", _expand(scale, codes.ndim, axis))]))
+        return out
+    attrs = {"axis": int(axis)} if per_channel else {}
     inputs = [_const(graph, base + "_q", codes), _const(graph, base + "_s", scale)]
     if zero_point:
         inputs.append(_const(graph, base + "_z", np.zeros(scale.shape, codes.dtype)))
@@ -110,13 +125,35 @@ def weight_dq(graph, base: str, codes: np.ndarray, scale: np.ndarray,
 
 def bias_dq(graph, base: str, bias: np.ndarray, x_scale: float,
             w_scale: np.ndarray) -> gs.Variable | None:
-    """int32 bias through DequantizeLinear with scale s_x·s_w; None if it would overflow."""
-    scale = (np.float32(x_scale) * np.broadcast_to(w_scale, bias.shape)).astype(np.float32)
-    codes = np.round(bias.astype(np.float64) / scale.astype(np.float64))
+    """int32 bias through DequantizeLinear with scale s_x·s_w (per channel, or one scalar
+    when ``w_scale`` is a scalar); None if it would overflow."""
+    scale = (np.float32(x_scale) * np.asarray(w_scale, np.float32)).astype(np.float32)
+    codes = np.round(bias.astype(np.float64) / np.broadcast_to(scale, bias.shape))
     if np.any(np.abs(codes) > 2**31 - 1):
         return None
     # No zero point: int32 zeros would cost 4 bytes per channel, ORT fuses without it.
-    return weight_dq(graph, base, codes.astype(np.int32), scale, 0, zero_point=False)
+    return weight_dq(graph, base, codes.astype(np.int32), scale,
+                     0 if scale.ndim else None, zero_point=False)
+
+
+# QuantizeLinear/DequantizeLinear exist from opset 10; their ``axis`` (per-channel scales)
+# from opset 13. The frontend upgrades older models to 13; these guard models it could not.
+QDQ_OPSET, AXIS_OPSET = 10, 13
+
+
+def per_channel_ok(graph) -> bool:
+    """True if DequantizeLinear takes per-channel scales (``axis``) in this graph's opset."""
+    return graph.opset >= AXIS_OPSET
+
+
+def require_qdq_opset(graph, pass_name: str) -> None:
+    """One-line refusal for graphs whose opset has no QuantizeLinear/DequantizeLinear."""
+    from onnxc.errors import UnsupportedError
+
+    if graph.opset < QDQ_OPSET:
+        raise UnsupportedError(f"{pass_name}: the model's opset {graph.opset} has no "
+                               f"QuantizeLinear/DequantizeLinear (opset {QDQ_OPSET}+) and "
+                               f"could not be upgraded (see the frontend notes)")
 
 
 def insert_qdq(graph, tensor: gs.Variable, scale: float, zero_point: int, dtype,
@@ -193,7 +230,21 @@ def weight_axis(graph, node) -> int | None | bool:
 def weighted_layers(graph) -> list:
     """Conv/Gemm/MatMul nodes with a constant float weight, in topological order."""
     return [n for n in graph.nodes if n.op in ("Conv", "Gemm", "MatMul")
-            and weight_axis(graph, n) is not False]
+            and is_standard(n) and weight_axis(graph, n) is not False]
+
+
+def is_standard(node) -> bool:
+    """True for ops of the default ONNX domain (the only ones the passes rewrite)."""
+    return node.domain in (None, "", "ai.onnx")
+
+
+def report_vendor_nodes(graph, report, pass_name: str) -> None:
+    """Vendor-domain nodes (ORT contrib ops such as com.microsoft FusedConv) run as they
+    are; the pass says it left them alone."""
+    for node in graph.nodes:
+        if not is_standard(node):
+            report.skip(node.name, f"{node.domain} op {node.op} is not understood by "
+                                   f"{pass_name}: left in float as is")
 
 
 def resolve_keep(spec: str | None, layers: list, default: str) -> set:

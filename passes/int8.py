@@ -28,7 +28,7 @@ import numpy as np
 from onnxc.calibrate import qdq
 from onnxc.calibrate.calibrators import CALIBRATORS, Scheme, clip_range
 from onnxc.calibrate.stats import collect
-from onnxc.errors import UsageError
+from onnxc.errors import UnsupportedError, UsageError
 from onnxc.pipeline import Option, Pass, register_pass
 
 MAX_CALIB = 512
@@ -58,6 +58,8 @@ def _activation_inputs(graph, node) -> list:
 
 def _quantizable(graph, node) -> str | None:
     """None if ``node`` can be quantized, else the reason it cannot."""
+    if not qdq.is_standard(node):
+        return f"{node.domain} op {node.op} is not understood by int8: left in float as is"
     if node.op in ("Conv", "Gemm") and qdq.weight_axis(graph, node) is False:
         return "weight is not a constant float tensor (or Gemm has transA)"
     if node.op == "Gemm" and (float(node.attrs.get("alpha", 1.0)) != 1.0
@@ -117,7 +119,8 @@ class Plan:
         # Second walk, in topological order: data-movement ops (and Relu with zero
         # point 0) share their input's parameters so the runtime drops their Q/DQ.
         for node in graph.nodes:
-            moves = node.op in MOVE_OPS or (node.op == "Relu" and signed)
+            moves = qdq.is_standard(node) and (node.op in MOVE_OPS
+                                               or (node.op == "Relu" and signed))
             if not moves or not node.inputs or node.inputs[0].name not in self.params_from:
                 continue
             if not _zero_pad(graph, node) or any(o.outputs or graph.is_graph_output(o)
@@ -186,10 +189,16 @@ class Int8(Pass):
         method = ctx.option("calibrator", "minmax")
         percentile = float(ctx.option("percentile", 99.99))
         per_channel = ctx.option("weight_granularity", "channel") == "channel"
+        qdq.require_qdq_opset(graph, self.name)
+        if per_channel and not qdq.per_channel_ok(graph):
+            per_channel = False
+            report.note(f"opset {graph.opset} (the upgrade to 13 failed, see the frontend "
+                        f"notes): DequantizeLinear has no axis there, weights per-tensor")
         qdq.name_nodes(graph)
         weighted = qdq.weighted_layers(graph)
         keep = qdq.resolve_keep(ctx.option("keep_float"), weighted, "none")
-        candidates = {n.name for n in graph.nodes if n.op in COMPUTE_OPS} - keep
+        candidates = {n.name for n in graph.nodes if n.op in COMPUTE_OPS
+                      or not qdq.is_standard(n)} - keep
         full = Plan(graph, candidates, scheme.signed)
 
         data = calibration_set(ctx, graph)
@@ -258,10 +267,15 @@ class Int8(Pass):
         """MatMul/Gemm → DynamicQuantizeLinear + MatMulInteger + Cast + Mul (+ Add bias):
         the pattern ONNX Runtime fuses into DynamicQuantizeMatMul / MatMulIntegerToFloat."""
         _, reduce = self._config(ctx)
+        if graph.opset < 11:
+            raise UnsupportedError(f"int8 dynamic: the model's opset {graph.opset} has no "
+                                   f"DynamicQuantizeLinear (opset 11+) and could not be "
+                                   f"upgraded (see the frontend notes)")
         qdq.name_nodes(graph)
         weighted = qdq.weighted_layers(graph)
         keep = qdq.resolve_keep(ctx.option("keep_float"), weighted, "none")
         done = []
+        qdq.report_vendor_nodes(graph, report, "int8")
         for node in weighted:
             if node.name in keep:
                 report.skip(node.name, "kept in float (--keep-float)")
@@ -369,8 +383,10 @@ def apply_plan(graph, plan: Plan, params: dict, scheme: Scheme, reduce: bool,
                     b = b + weight_error_bias(node, w, qdq.dequantize(codes, w_scale, axis),
                                               mean_x)
                 x_scale = qparams[node.inputs[0].name][0]
+                # Per-tensor weights keep a scalar bias scale (opset < 13 has no axis).
                 bq = qdq.bias_dq(graph, f"b{layer}", b.astype(np.float32), x_scale,
-                                 np.broadcast_to(w_scale, (n_out,)).astype(np.float32))
+                                 np.broadcast_to(w_scale, (n_out,)).astype(np.float32)
+                                 if per_channel else np.float32(w_scale))
                 if bq is not None:
                     node.inputs[2] = bq
         layer += 1
