@@ -108,7 +108,14 @@ class LowBitPass(Pass):
                         f"per-tensor DequantizeLinear (no axis before opset 13)")
         qdq.name_nodes(graph)
         qdq.report_vendor_nodes(graph, report, self.name)
+        prequantized = qdq.report_prequantized(graph, report)
         weighted = qdq.weighted_layers(graph)
+        if not weighted and prequantized:
+            from onnxc.errors import UnsupportedError
+
+            raise UnsupportedError(f"{self.name}: every weighted layer is already quantized "
+                                   f"({prequantized} integer or DequantizeLinear-weight "
+                                   f"layer(s)); re-quantizing would round twice")
         keep = qdq.resolve_keep(ctx.option("keep_float"), weighted, "first,last")
         candidates = [n.name for n in weighted if n.name not in keep]
         fallback = []

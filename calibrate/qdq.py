@@ -277,3 +277,49 @@ def name_nodes(graph) -> None:
         if not node.name:
             node.name = graph.unique_name(f"{node.op}_{node.outputs[0].name}"
                                           if node.outputs else node.op)
+
+
+# ---- models that are already quantized ----------------------------------------------
+
+# Integer kernels (ONNX and ORT contrib): their layers are quantized already.
+INTEGER_OPS = {"ConvInteger", "MatMulInteger", "DynamicQuantizeLinear", "QGemm",
+               "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QAttention",
+               "DynamicQuantizeLSTM", "QuantizeLinear", "DequantizeLinear"}
+
+
+def is_integer_op(node) -> bool:
+    return node.op in INTEGER_OPS or node.op.startswith("QLinear")
+
+
+def already_quantized(graph, tensor) -> bool:
+    """True if ``tensor`` is the float view of quantized data (a DequantizeLinear output)
+    or is quantized by a reader (QuantizeLinear / DynamicQuantizeLinear): a second Q/DQ
+    on it would round twice."""
+    producer = graph.producer(tensor)
+    if producer is not None and producer.op == "DequantizeLinear":
+        return True
+    return any(r.op in ("QuantizeLinear", "DynamicQuantizeLinear") for r in tensor.outputs)
+
+
+def prequantized_reason(graph, node) -> str | None:
+    """Why ``node`` is left alone as an already-quantized layer, or None."""
+    if is_integer_op(node) and node.op not in ("QuantizeLinear", "DequantizeLinear"):
+        return f"already quantized ({node.op})"
+    if node.op in ("Conv", "ConvTranspose", "Gemm", "MatMul") and len(node.inputs) > 1:
+        w = node.inputs[1]
+        producer = graph.producer(w)
+        if producer is not None and producer.op == "DequantizeLinear" \
+                and graph.constant(producer.inputs[0]) is not None:
+            return "already quantized (weight comes through DequantizeLinear)"
+    return None
+
+
+def report_prequantized(graph, report) -> int:
+    """Report every already-quantized layer as skipped; returns how many."""
+    count = 0
+    for node in graph.nodes:
+        reason = prequantized_reason(graph, node)
+        if reason:
+            report.skip(node.name, reason)
+            count += 1
+    return count

@@ -78,6 +78,9 @@ def _quantizable(graph, node) -> str | None:
     """None if ``node`` can be quantized, else the reason it cannot."""
     if not qdq.is_standard(node):
         return f"{node.domain} op {node.op} is not understood by int8: left in float as is"
+    pre = qdq.prequantized_reason(graph, node)
+    if pre:
+        return pre
     if node.op in ("Conv", "Gemm") and qdq.weight_axis(graph, node) is False:
         return "weight is not a constant float tensor (or Gemm has transA)"
     if node.op == "Gemm" and (float(node.attrs.get("alpha", 1.0)) != 1.0
@@ -90,6 +93,8 @@ def _quantizable(graph, node) -> str | None:
         return "inputs are not float activations"
     if not node.outputs or not _is_float_var(graph, node.outputs[0]):
         return "output is not float"
+    if all(qdq.already_quantized(graph, t) for t in acts + [node.outputs[0]]):
+        return "already quantized (inputs and output through Q/DQ)"
     return None
 
 
@@ -122,9 +127,12 @@ class Plan:
                 continue
             self.layers.add(node.name)
             for t in _activation_inputs(graph, node):
-                self.params_from.setdefault(t.name, t.name)
+                if not qdq.already_quantized(graph, t):     # never round twice
+                    self.params_from.setdefault(t.name, t.name)
             out = node.outputs[0]
             readers = list(out.outputs)
+            if qdq.already_quantized(graph, out):
+                continue
             if len(readers) == 1 and readers[0].op == "Relu" and not graph.is_graph_output(out):
                 relu = readers[0]
                 self.fused_relu[out.name] = relu.name
@@ -146,6 +154,8 @@ class Plan:
                 continue
             if node.outputs[0].name in self.params_from and node.op == "Relu":
                 continue     # a fused Relu already carries its own parameters
+            if qdq.already_quantized(graph, node.outputs[0]):
+                continue     # its reader quantizes it already: never round twice
             self.params_from[node.outputs[0].name] = self.params_from[node.inputs[0].name]
 
     def stat_tensors(self) -> list:
@@ -255,6 +265,9 @@ class Int8(Pass):
                                       lambda kept: build(candidates - set(kept))[0],
                                       float(ctx.option("max_drop")), "float")
         result, plan = build(candidates - set(fallback))
+        for node in graph.nodes:
+            if node.name not in candidates and qdq.prequantized_reason(graph, node):
+                report.skip(node.name, qdq.prequantized_reason(graph, node))
         dynamic = []
         if ctx.option("int8_act_matmul", "static") == "dynamic":
             nodes = {n.name: n for n in result.nodes}
@@ -313,6 +326,7 @@ class Int8(Pass):
         keep = qdq.resolve_keep(ctx.option("keep_float"), weighted, "none")
         done = []
         qdq.report_vendor_nodes(graph, report, "int8")
+        qdq.report_prequantized(graph, report)
         for node in weighted:
             if node.name in keep:
                 report.skip(node.name, "kept in float (--keep-float)")
@@ -324,6 +338,9 @@ class Int8(Pass):
             w = graph.constant(node.inputs[1])
             if reason or w.ndim != 2 or not _is_float_var(graph, node.inputs[0]):
                 report.skip(node.name, reason or "needs a 2-D weight and a float input")
+                continue
+            if qdq.already_quantized(graph, node.inputs[0]):
+                report.skip(node.name, "input already quantized (through Q/DQ): kept")
                 continue
             if node.op == "Gemm" and node.attrs.get("transB", 0):
                 w = w.T                                        # MatMulInteger wants K × N
@@ -384,9 +401,11 @@ def dynamic_matmul(graph, node, w, bias, qmax: int) -> None:
 
 
 def _act_matmul(graph, node) -> bool:
-    """A MatMul of two float activations (no constant operand), e.g. attention QK^T."""
+    """A MatMul of two float activations (no constant operand), e.g. attention QK^T,
+    neither of them quantized already."""
     return node.op == "MatMul" and qdq.is_standard(node) and len(node.inputs) == 2 \
-        and all(_is_float_var(graph, t) for t in node.inputs) \
+        and all(_is_float_var(graph, t) and not qdq.already_quantized(graph, t)
+                for t in node.inputs) \
         and bool(node.outputs) and _is_float_var(graph, node.outputs[0])
 
 
