@@ -327,6 +327,10 @@ class Int8(Pass):
         done = []
         qdq.report_vendor_nodes(graph, report, "int8")
         qdq.report_prequantized(graph, report)
+        # Decided before any rewrite: our own DynamicQuantizeLinear must not count.
+        quantized_input = {n.name for n in weighted
+                           if qdq.already_quantized(graph, n.inputs[0])}
+        act = [n for n in graph.nodes if _act_matmul(graph, n) and n.name not in keep]
         for node in weighted:
             if node.name in keep:
                 report.skip(node.name, "kept in float (--keep-float)")
@@ -339,7 +343,7 @@ class Int8(Pass):
             if reason or w.ndim != 2 or not _is_float_var(graph, node.inputs[0]):
                 report.skip(node.name, reason or "needs a 2-D weight and a float input")
                 continue
-            if qdq.already_quantized(graph, node.inputs[0]):
+            if node.name in quantized_input:
                 report.skip(node.name, "input already quantized (through Q/DQ): kept")
                 continue
             if node.op == "Gemm" and node.attrs.get("transB", 0):
@@ -349,7 +353,6 @@ class Int8(Pass):
             dynamic_matmul(graph, node, w, bias, qdq.weight_qmax(reduce))
             done.append(node.name)
         # Without calibration there is no static choice for two activations either.
-        act = [n for n in graph.nodes if _act_matmul(graph, n) and n.name not in keep]
         for node in act:
             dynamic_act_matmul(graph, node)
         report.changed = len(done) + len(act)
