@@ -16,6 +16,9 @@ class Backend:
     name: str = ""
     summary: str = ""
     options: tuple = ()
+    # Compilers (TVM, VTA) need every dim but the batch fixed (--input-shape); a
+    # runtime target keeps the input model's symbolic dims in its artifact.
+    static_shapes: bool = True
 
     def validate(self, ctx) -> None:
         """Check options/toolchain before any pass runs."""

@@ -396,8 +396,10 @@ def _constants_to_initializers(graph: Graph) -> int:
 
 
 def canonicalize(model: onnx.ModelProto, input_shapes: dict | None = None,
-                 fold: bool = True, notes: list | None = None) -> Graph:
-    """Model -> canonical IR graph. ``notes`` collects what was changed or skipped."""
+                 fold: bool = True, notes: list | None = None,
+                 static_shapes: bool = True) -> Graph:
+    """Model -> canonical IR graph. ``notes`` collects what was changed or skipped.
+    ``static_shapes=False`` (a runtime target) keeps symbolic dims beyond the batch."""
     notes = notes if notes is not None else []
     work = onnx.ModelProto()
     work.CopyFrom(model)
@@ -416,7 +418,13 @@ def canonicalize(model: onnx.ModelProto, input_shapes: dict | None = None,
     if moved:
         notes.append(f"{moved} Constant node(s) turned into initializers")
     graph.refresh()
-    _check_symbolic(graph)
+    if static_shapes:
+        _check_symbolic(graph)
+    else:
+        kept = [f"{t.name}{list(t.shape)}" for t in graph.gs.inputs
+                if any(not isinstance(d, (int, np.integer)) for d in (t.shape or [])[1:])]
+        if kept:
+            notes.append(f"symbolic dims kept (the target runs them): {', '.join(kept)}")
     _check_finite_weights(graph)
     return graph
 
@@ -452,8 +460,10 @@ def _check_symbolic(graph: Graph) -> None:
 
 
 def load(source, input_shapes: dict | None = None, check: bool = True,
-         notes: list | None = None) -> Graph:
-    """Load, check and canonicalise in one call (what ``onnxc compress`` does)."""
+         notes: list | None = None, static_shapes: bool = True) -> Graph:
+    """Load, check and canonicalise in one call (what ``onnxc compress`` does).
+    ``static_shapes``: the target compiles for fixed shapes, so only the batch dim may
+    stay symbolic (else --input-shape is asked for)."""
     model = load_model(source)
     where = source if isinstance(source, (str, os.PathLike)) else "model"
     notes = notes if notes is not None else []
@@ -463,7 +473,7 @@ def load(source, input_shapes: dict | None = None, check: bool = True,
             notes.append("type annotations repaired: " + ", ".join(fixes))
         if check:
             check_model(model, str(where))
-        return canonicalize(model, input_shapes, notes=notes)
+        return canonicalize(model, input_shapes, notes=notes, static_shapes=static_shapes)
     except OnnxcError:
         raise
     except UnicodeDecodeError as exc:

@@ -31,9 +31,11 @@ class _Builder:
         return name
 
 
-def _encoder_block(b: _Builder, x: str, tokens: int, dim: int, heads: int, hidden: int,
+def _encoder_block(b: _Builder, x: str, tokens, dim: int, heads: int, hidden: int,
                    p: str = "blk") -> str:
-    """x [B, T, C] -> [B, T, C]; pre-norm attention + MLP with residuals."""
+    """x [B, T, C] -> [B, T, C]; pre-norm attention + MLP with residuals. ``tokens`` None:
+    the Reshapes copy T from their input (0), so T may stay symbolic."""
+    tokens = 0 if tokens is None else tokens
     d = dim // heads
     ones, zeros = np.ones(dim, np.float32), np.zeros(dim, np.float32)
     ln1 = b.node("LayerNormalization", [x, b.const(f"{p}.ln1.g", ones),
@@ -68,13 +70,15 @@ def _encoder_block(b: _Builder, x: str, tokens: int, dim: int, heads: int, hidde
     return b.node("Add", [x, h], f"{p}.res2")
 
 
-def encoder(seed: int = 0, tokens: int = 16, dim: int = 64, heads: int = 4,
+def encoder(seed: int = 0, tokens: int | str = 16, dim: int = 64, heads: int = 4,
             hidden: int = 128, blocks: int = 1) -> onnx.ModelProto:
-    """BERT-like encoder on embeddings: input ``x`` [B, T, C] -> ``y`` [B, T, C]."""
+    """BERT-like encoder on embeddings: input ``x`` [B, T, C] -> ``y`` [B, T, C]; a string
+    ``tokens`` (e.g. "T") makes the sequence length symbolic."""
     b = _Builder(seed)
     h = "x"
     for i in range(blocks):
-        h = _encoder_block(b, h, tokens, dim, heads, hidden, p=f"blk{i}")
+        h = _encoder_block(b, h, tokens if isinstance(tokens, int) else None, dim, heads,
+                           hidden, p=f"blk{i}")
     b.nodes.append(helper.make_node("Identity", [h], ["y"], "out"))
     graph = helper.make_graph(
         b.nodes, "encoder",
