@@ -37,6 +37,13 @@ def _ort_quantized(tmp_path, kind):
     if kind == "dynamic_matmul":
         onnx.save(encoder(), src)
         quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"])
+    elif kind == "qoperator_matmul":
+        model = encoder()
+        for vi in (model.graph.input[0], model.graph.output[0]):
+            vi.type.tensor_type.shape.dim[0].dim_value = 2
+        onnx.save(model, src)
+        quantize_static(src, dst, _Random([2, 16, 64]), quant_format=QuantFormat.QOperator,
+                        op_types_to_quantize=["MatMul"], per_channel=True)
     elif kind == "dynamic_conv":
         onnx.save(_cnn(), src)
         quantize_dynamic(src, dst, op_types_to_quantize=["Conv"])
@@ -49,7 +56,10 @@ def _ort_quantized(tmp_path, kind):
 
 
 KINDS = {"qdq": "weight comes through DequantizeLinear", "qoperator": "QLinearConv",
-         "dynamic_conv": "ConvInteger", "dynamic_matmul": "MatMulInteger"}
+         "dynamic_conv": "ConvInteger", "dynamic_matmul": "MatMulInteger",
+         "qoperator_matmul": "QLinearMatMul"}
+# Encoders whose every weighted MatMul is quantized: nothing left for ternary / binary.
+ALL_WEIGHTS_QUANTIZED = ("dynamic_matmul", "qoperator_matmul")
 
 
 @pytest.fixture(scope="module", params=sorted(KINDS))
@@ -91,7 +101,7 @@ def test_int8_leaves_quantized_layers_alone_and_quantizes_the_rest(prequantized)
 @pytest.mark.parametrize("name", ["ternary", "binary"])
 def test_low_bit_skips_quantized_layers_and_reports_them(prequantized, name):
     kind, model = prequantized
-    if kind == "dynamic_matmul":
+    if kind in ALL_WEIGHTS_QUANTIZED:
         with pytest.raises(UnsupportedError, match="already quantized"):
             compress(model, [name], options={"keep_float": "none"}, log=lambda m: None)
         return
