@@ -72,6 +72,20 @@ def test_version_converter_failure_is_retried_after_repairing_the_annotations():
     assert any("it succeeded" in n for n in notes), notes
 
 
+def test_input_shape_on_an_opset12_model_still_upgrades():
+    """--input-shape used to clear the graph output's shape; with a tail ONNX shape
+    inference cannot follow, the converted model then failed the checker and the
+    upgrade was skipped. Now the output keeps its rank."""
+    model = residual_cnn(opset=12)
+    model.graph.node[-1].output[0] = "logits"
+    model.graph.node.append(helper.make_node("Gelu", ["logits"], ["y"], "gelu",
+                                             domain="com.microsoft"))
+    model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    notes = []
+    graph = frontend.load(model, input_shapes={"x": [2, 3, 8, 8]}, notes=notes)
+    assert graph.opset == 13, notes
+
+
 @pytest.fixture
 def upgrade_impossible(monkeypatch):
     def refuse(model, opset, notes):
