@@ -90,6 +90,54 @@ def ort_kernels() -> set:
 
 
 _ORT_KERNELS = None
+_ORT_SCHEMAS = None
+
+
+def ort_schemas() -> dict:
+    """(domain, op_type) -> ONNX Runtime's schema, for ops beyond the standard domains."""
+    global _ORT_SCHEMAS
+    if _ORT_SCHEMAS is None:
+        from onnxruntime.capi import onnxruntime_pybind11_state as ort_c
+
+        _ORT_SCHEMAS = {(s.domain, s.name): s for s in ort_c.get_all_operator_schema()
+                        if s.domain not in STANDARD_DOMAINS}
+    return _ORT_SCHEMAS
+
+
+def _type_vendor_outputs(graph: Graph) -> int:
+    """Give outputs of vendor ops (ONNX shape inference does not know them) the element
+    type their ONNX Runtime schema implies: the type bound to the same type variable on
+    an input (FusedConv, Gelu: T -> T), or a fixed one. Without a type, every tensor
+    downstream stays untyped and passes cannot tell float activations. Returns how many
+    tensors got a type."""
+    typed = 0
+    for node in graph.nodes:
+        if node.domain in (None, "", "ai.onnx"):
+            continue
+        schema = ort_schemas().get((node.domain, node.op))
+        if schema is None or not schema.outputs:
+            continue
+        bound = {}
+        for k, tensor in enumerate(node.inputs):
+            formal = schema.inputs[min(k, len(schema.inputs) - 1)] if schema.inputs else None
+            if formal is not None and tensor is not None and tensor.dtype is not None:
+                bound.setdefault(formal.typeStr, tensor.dtype)
+        for k, tensor in enumerate(node.outputs):
+            formal = schema.outputs[min(k, len(schema.outputs) - 1)]
+            if tensor.dtype is None:
+                dtype = bound.get(formal.typeStr) or _fixed_dtype(formal.typeStr)
+                if dtype is not None:
+                    tensor.dtype = dtype
+                    typed += 1
+    return typed
+
+
+def _fixed_dtype(type_str: str):
+    """'tensor(float)' -> np.float32; a type variable ('T') -> None."""
+    if not (type_str.startswith("tensor(") and type_str.endswith(")")):
+        return None
+    enum = getattr(onnx.TensorProto, type_str[7:-1].upper(), None)
+    return onnx.helper.tensor_dtype_to_np_dtype(enum) if enum else None
 
 
 def ort_runnable(model: onnx.ModelProto, node: onnx.NodeProto) -> bool:
@@ -418,6 +466,10 @@ def canonicalize(model: onnx.ModelProto, input_shapes: dict | None = None,
     if moved:
         notes.append(f"{moved} Constant node(s) turned into initializers")
     graph.refresh()
+    for _ in range(len(graph.nodes)):        # each round types what the last one unlocked
+        if not _type_vendor_outputs(graph):
+            break
+        graph.refresh()
     if static_shapes:
         _check_symbolic(graph)
     else:
