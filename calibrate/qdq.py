@@ -242,7 +242,7 @@ def report_vendor_nodes(graph, report, pass_name: str) -> None:
     """Vendor-domain nodes (ORT contrib ops such as com.microsoft FusedConv) run as they
     are; the pass says it left them alone."""
     for node in graph.nodes:
-        if not is_standard(node):
+        if not is_standard(node) and prequantized_reason(graph, node) is None:
             report.skip(node.name, f"{node.domain} op {node.op} is not understood by "
                                    f"{pass_name}: left in float as is")
 

@@ -76,11 +76,11 @@ def _activation_inputs(graph, node) -> list:
 
 def _quantizable(graph, node) -> str | None:
     """None if ``node`` can be quantized, else the reason it cannot."""
-    if not qdq.is_standard(node):
-        return f"{node.domain} op {node.op} is not understood by int8: left in float as is"
     pre = qdq.prequantized_reason(graph, node)
     if pre:
         return pre
+    if not qdq.is_standard(node):
+        return f"{node.domain} op {node.op} is not understood by int8: left in float as is"
     if node.op in ("Conv", "Gemm") and qdq.weight_axis(graph, node) is False:
         return "weight is not a constant float tensor (or Gemm has transA)"
     if node.op == "Gemm" and (float(node.attrs.get("alpha", 1.0)) != 1.0
@@ -284,6 +284,10 @@ class Int8(Pass):
         for name in sorted(keep):
             report.skip(name, "kept in float (--keep-float)")
         report.changed = len(plan.layers) + len(dynamic)
+        already = sum("already quantized" in s["reason"] for s in report.skipped)
+        if not report.changed and already:
+            report.note(f"nothing left to quantize: {already} layer(s) already quantized, "
+                        f"the rest cannot be (see skipped)")
         wq = [n for n in weighted if n.name in plan.layers]
         report.note(f"{len(plan.layers)} nodes quantized ({len(wq)} with int8 weights), "
                     f"{len(plan.params_from)} activation tensors, calibrator {method}, "
