@@ -122,8 +122,10 @@ class Plan:
             if node.name not in layers:
                 continue
             reason = _quantizable(graph, node)
+            if reason and not any(t.dtype is not None and np.dtype(t.dtype) != np.float32
+                                  for t in node.outputs):
+                self.skipped[node.name] = reason     # shape arithmetic is not news
             if reason:
-                self.skipped[node.name] = reason
                 continue
             self.layers.add(node.name)
             for t in _activation_inputs(graph, node):
