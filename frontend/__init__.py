@@ -558,14 +558,23 @@ def from_torch(module, example_inputs, input_names=None, output_names=None,
     dynamic_axes = ({n: {0: "N"} for n in list(input_names) + list(output_names)}
                     if dynamic_batch else None)
     module = module.eval()
+    # nn.TransformerEncoder(Layer) in eval mode takes a fused "fast path"
+    # (aten::_transformer_encoder_layer_fwd) that has no ONNX export; the regular path
+    # computes the same thing from exportable ops.
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "model.onnx")
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            training = (torch.onnx.TrainingMode.PRESERVE if keep_batchnorm
-                        else torch.onnx.TrainingMode.EVAL)
-            torch.onnx.export(module, tuple(example_inputs), path, dynamo=False,
-                              input_names=list(input_names), output_names=list(output_names),
-                              dynamic_axes=dynamic_axes, opset_version=opset,
-                              training=training)
+        try:
+            torch.backends.mha.set_fastpath_enabled(False)
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                training = (torch.onnx.TrainingMode.PRESERVE if keep_batchnorm
+                            else torch.onnx.TrainingMode.EVAL)
+                torch.onnx.export(module, tuple(example_inputs), path, dynamo=False,
+                                  input_names=list(input_names),
+                                  output_names=list(output_names),
+                                  dynamic_axes=dynamic_axes, opset_version=opset,
+                                  training=training)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fastpath)
         return onnx.load(path)
