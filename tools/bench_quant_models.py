@@ -9,7 +9,8 @@
    fallback). For comparison ``onnxruntime.quantization.quantize_static`` per-channel on
    the plain opset-12 model.
 2. Transformers (built with onnx.helper: a 2-block BERT-like encoder on [B, T, C]
-   embeddings, and a ViT-like classifier on 32x32 images): int8 output cosine vs fp32 on
+   embeddings, and a ViT-like classifier on 32x32 images; and torch.nn.TransformerEncoder,
+   2 layers, exported with torch.onnx): int8 output cosine vs fp32 on
    random inputs (seed unlike the calibration's), random calibration, for static QDQ,
    ``--int8-act-matmul dynamic`` and ``--int8-mode dynamic``; also on inputs 3x the
    calibrated scale.
@@ -113,8 +114,18 @@ def transformer_section() -> None:
     from onnxc.compress import compress
     from transformer_nets import cosine, encoder, vit
 
+    import torch
+
+    from onnxc import frontend
+
     print("== transformer int8: output cosine vs fp32 (random inputs, random calibration) ==")
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True)
+    torch_encoder = frontend.from_torch(
+        torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False),
+        torch.randn(2, 16, 64), input_names=["x"])
     cases = [("encoder 2 blocks [B,16,64]", encoder(blocks=2), (8, 16, 64)),
+             ("torch TransformerEncoder x2", torch_encoder, (8, 16, 64)),
              ("ViT-like 32x32, 16 patches", vit(), (8, 3, 32, 32))]
     modes = [("static QDQ", {}), ("--int8-act-matmul dynamic", {"int8_act_matmul": "dynamic"}),
              ("--int8-mode dynamic", {"int8_mode": "dynamic"})]
