@@ -255,19 +255,21 @@ _FLAGS: dict = {}      # flag or key -> (Option, owner)
 
 
 def declare(owner: str, options: tuple) -> None:
-    """Record ``owner``'s options; a flag or key another declaration uses is an error."""
-    seen = set()
+    """Record ``owner``'s options; a flag or key another declaration uses is an error
+    (and then nothing of ``owner`` is recorded)."""
+    seen = {}
     for opt in options:
         for name in opt.flags + opt.keys:
-            if name in seen:
+            if name in seen and seen[name] is not opt:
                 raise RuntimeError(f"{owner}: option {name} declared twice")
-            seen.add(name)
+            seen[name] = opt
             other = _FLAGS.get(name)
             if other is not None and (other[0] is None or (other[0] is not opt
                                                             and other[0] != opt)):
                 raise RuntimeError(f"option {name} of {owner} is already declared by "
                                    f"{other[1]}")
-            _FLAGS.setdefault(name, (opt, owner))
+    for name, opt in seen.items():
+        _FLAGS.setdefault(name, (opt, owner))
 
 
 def reserve(owner: str, flags) -> None:

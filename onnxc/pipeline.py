@@ -188,8 +188,11 @@ class PassWith(Requirement):
                 return flags[dest] if values[0] else f"no {flags[dest]}"
             return f"{flags[dest]} {'/'.join(map(str, values))}"
         want = ", ".join(shown(d, allowed) for d, allowed in bad)
-        got = ", ".join(shown(d, (p.config[d],)) for d, _ in bad)
-        return (f"{_kind(owner)} '{owner.name}' needs {self.name} with {want}, not {got}"
+        # A missing switch says it all; a wrong choice names what was given.
+        got = ", ".join(shown(d, (p.config[d],)) for d, allowed in bad
+                        if not all(isinstance(v, bool) for v in allowed))
+        return (f"{_kind(owner)} '{owner.name}' needs {self.name} with {want}"
+                + (f" (given: {got})" if got else "")
                 + (f": {self.hint}" if self.hint else ""))
 
 
@@ -199,7 +202,8 @@ def _kind(owner) -> str:
 
 def check_requirements(plan: Plan) -> None:
     """Every pass's and the backend's requirements, before any pass runs."""
-    owners = list(plan.passes) + ([plan.backend] if plan.backend is not None else [])
+    # The backend first: its errors come before the passes' warnings.
+    owners = ([plan.backend] if plan.backend is not None else []) + list(plan.passes)
     for owner in owners:
         for req in owner.requires:
             problem = req.check(plan, owner)
