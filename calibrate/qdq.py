@@ -242,7 +242,8 @@ def report_vendor_nodes(graph, report, pass_name: str) -> None:
     """Vendor-domain nodes (ORT contrib ops such as com.microsoft FusedConv) run as they
     are; the pass says it left them alone."""
     for node in graph.nodes:
-        if not is_standard(node) and prequantized_reason(graph, node) is None:
+        if not is_standard(node) and prequantized_reason(graph, node) is None \
+                and node.op not in QDQ_OPS:
             report.skip(node.name, f"{node.domain} op {node.op} is not understood by "
                                    f"{pass_name}: left in float as is")
 
@@ -285,6 +286,10 @@ def name_nodes(graph) -> None:
 INTEGER_OPS = {"ConvInteger", "MatMulInteger", "DynamicQuantizeLinear", "QGemm",
                "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QAttention",
                "DynamicQuantizeLSTM", "QuantizeLinear", "DequantizeLinear"}
+
+
+# Quantization plumbing in any domain (ORT writes com.microsoft Q/DQ for 16-bit types).
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
 
 def is_integer_op(node) -> bool:

@@ -239,7 +239,7 @@ class Int8(Pass):
         weighted = qdq.weighted_layers(graph)
         keep = qdq.resolve_keep(cfg.keep_float, weighted, "none")
         candidates = {n.name for n in graph.nodes if n.op in COMPUTE_OPS
-                      or not qdq.is_standard(n)} - keep
+                      or (not qdq.is_standard(n) and n.op not in qdq.QDQ_OPS)} - keep
         act_matmuls = [n for n in graph.nodes if _act_matmul(graph, n)]
         if cfg.int8_act_matmul == "dynamic":
             candidates -= {n.name for n in act_matmuls}

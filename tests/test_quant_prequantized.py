@@ -6,8 +6,8 @@ rest — never rounding a tensor twice — or refuse in one line when nothing is
 import numpy as np
 import onnx
 import pytest
-from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, quantize_dynamic,
-                                      quantize_static)
+from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
+                                      quantize_dynamic, quantize_static)
 
 from onnxc.compress import compress
 from onnxc.errors import UnsupportedError
@@ -47,6 +47,12 @@ def _ort_quantized(tmp_path, kind):
     elif kind == "dynamic_conv":
         onnx.save(_cnn(), src)
         quantize_dynamic(src, dst, op_types_to_quantize=["Conv"])
+    elif kind == "qdq_16bit_contrib":          # 16-bit QDQ: com.microsoft Q/DQ nodes
+        onnx.save(_cnn(), src)
+        quantize_static(src, dst, _Random([1, 3, 8, 8]), quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=["Conv"], per_channel=True,
+                        activation_type=QuantType.QUInt16, weight_type=QuantType.QInt16,
+                        extra_options={"UseQDQContribOps": True})
     else:
         onnx.save(_cnn(), src)
         fmt = QuantFormat.QDQ if kind == "qdq" else QuantFormat.QOperator
@@ -57,7 +63,8 @@ def _ort_quantized(tmp_path, kind):
 
 KINDS = {"qdq": "weight comes through DequantizeLinear", "qoperator": "QLinearConv",
          "dynamic_conv": "ConvInteger", "dynamic_matmul": "MatMulInteger",
-         "qoperator_matmul": "QLinearMatMul"}
+         "qoperator_matmul": "QLinearMatMul",
+         "qdq_16bit_contrib": "weight comes through DequantizeLinear"}
 # Encoders whose every weighted MatMul is quantized: nothing left for ternary / binary.
 ALL_WEIGHTS_QUANTIZED = ("dynamic_matmul", "qoperator_matmul")
 
@@ -109,3 +116,4 @@ def test_low_bit_skips_quantized_layers_and_reports_them(prequantized, name):
     report = result.report["passes"][-1]
     assert len(report["extra"]["layers"]) == 1 and report["extra"]["layers"][0].startswith("fc")
     assert any(KINDS[kind] in s["reason"] for s in report["skipped"])
+    assert not any("not understood" in s["reason"] for s in report["skipped"])  # Q/DQ plumbing
