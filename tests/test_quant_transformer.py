@@ -90,3 +90,10 @@ def test_vit_like_int8_output_cosine_is_at_least_099():
     q, result, cos = _int8_cosine(vit(), (4, 3, 32, 32))
     assert cos >= 0.99
     assert result.report["passes"][-1]["changed"] >= 10
+
+
+def test_onnxruntime_runs_every_encoder_matmul_on_integer_kernels(static, tmp_path):
+    from quant_helpers import ort_optimized_ops
+
+    optimized = ort_optimized_ops(static[0], tmp_path)
+    assert "MatMul" not in optimized and optimized.count("QLinearMatMul") == 8
