@@ -241,7 +241,12 @@ class Int8(Pass):
         candidates = {n.name for n in graph.nodes if n.op in COMPUTE_OPS
                       or (not qdq.is_standard(n) and n.op not in qdq.QDQ_OPS)} - keep
         act_matmuls = [n for n in graph.nodes if _act_matmul(graph, n)]
-        if cfg.int8_act_matmul == "dynamic":
+        act_dynamic = cfg.int8_act_matmul == "dynamic" and bool(act_matmuls)
+        if act_dynamic and graph.opset < 11:
+            act_dynamic = False
+            report.note(f"opset {graph.opset} has no DynamicQuantizeLinear (opset 11+): "
+                        f"activation x activation MatMuls quantized statically")
+        if act_dynamic:
             candidates -= {n.name for n in act_matmuls}
         full = Plan(graph, candidates, scheme.signed)
 
@@ -278,7 +283,7 @@ class Int8(Pass):
             if node.name not in candidates and qdq.prequantized_reason(graph, node):
                 report.skip(node.name, qdq.prequantized_reason(graph, node))
         dynamic = []
-        if cfg.int8_act_matmul == "dynamic":
+        if act_dynamic:
             nodes = {n.name: n for n in result.nodes}
             for node in act_matmuls:
                 if node.name not in keep:
