@@ -170,6 +170,17 @@ def check_model(model: onnx.ModelProto, where: str = "model") -> None:
         raise ModelError(f"{where}: fails the ONNX checker: {first}") from exc
 
 
+def _check_input_shapes_declared(model: onnx.ModelProto) -> None:
+    """A graph input without a shape (ONNX Runtime runs it; the checker does not) needs
+    its dims from the user: say so instead of the checker's generic message."""
+    inits = {t.name for t in model.graph.initializer}
+    for vi in model.graph.input:
+        if vi.name not in inits and vi.type.HasField("tensor_type") \
+                and not vi.type.tensor_type.HasField("shape"):
+            raise UsageError(f"input '{vi.name}' declares no shape; give it with "
+                             f"--input-shape {vi.name}:D1,D2,...")
+
+
 def parse_input_shapes(specs) -> dict:
     """``['x:1,3,224,224', 'y:1,10']`` -> {'x': [1,3,224,224], 'y': [1,10]}."""
     shapes = {}
@@ -523,6 +534,9 @@ def load(source, input_shapes: dict | None = None, check: bool = True,
         fixes = repair_value_info(model)      # load_model's copy: the input is untouched
         if fixes:
             notes.append("type annotations repaired: " + ", ".join(fixes))
+        if input_shapes:                      # may give a shapeless input its shape
+            fix_input_shapes(model, input_shapes)
+        _check_input_shapes_declared(model)
         if check:
             check_model(model, str(where))
         return canonicalize(model, input_shapes, notes=notes, static_shapes=static_shapes)

@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxc import frontend
 from onnxc.compress import compress
-from onnxc.errors import UnsupportedError
+from onnxc.errors import UnsupportedError, UsageError
 
 from quant_helpers import dataset, residual_cnn
 
@@ -178,3 +178,12 @@ def test_op_onnx_runtime_cannot_run_is_refused_naming_node_and_domain():
         frontend.load(model)
     msg = str(err.value)
     assert "'gelu'" in msg and "'com.example'" in msg and "\n" not in msg
+
+
+def test_input_without_a_shape_asks_for_input_shape_and_runs_with_it():
+    model = residual_cnn()
+    model.graph.input[0].type.tensor_type.ClearField("shape")
+    with pytest.raises(UsageError, match="--input-shape x:"):
+        frontend.load(model)
+    graph = frontend.load(model, input_shapes={"x": [2, 3, 8, 8]})
+    assert list(graph.gs.inputs[0].shape) == [2, 3, 8, 8]
