@@ -2,7 +2,9 @@
 
 A backend is one file with a ``Backend`` subclass decorated by
 ``@register_backend``; import it below. ``build`` writes into a temporary
-directory that the artifact writer renames into place only on success.
+directory that the artifact writer renames into place only on success;
+``artifact_marker`` and ``load_artifact`` say how ``onnxc run`` finds and opens what
+it wrote (:mod:`onnxc.backends.artifact`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,14 @@ class Backend:
     name: str = ""
     summary: str = ""
     options: tuple = ()
+    # A file (relative to the artifact directory) only this backend's artifacts hold;
+    # None: its artifacts are plain ``model.onnx`` ones (see backends/artifact.py).
+    artifact_marker: str | None = None
+
+    @classmethod
+    def load_artifact(cls, path: str):
+        """Open an artifact directory this backend wrote (``onnxc run`` / ``bench``)."""
+        raise NotImplementedError
 
     def validate(self, ctx) -> None:
         """Check options/toolchain before any pass runs."""

@@ -102,7 +102,7 @@ class LowBitPass(Pass):
         raise NotImplementedError
 
     def run(self, graph, ctx, report):
-        qdq.name_nodes(graph)
+        graph.name_nodes()
         weighted = qdq.weighted_layers(graph)
         keep = qdq.resolve_keep(ctx.option("keep_float"), weighted, "first,last")
         candidates = [n.name for n in weighted if n.name not in keep]

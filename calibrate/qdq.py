@@ -218,11 +218,3 @@ def resolve_keep(spec: str | None, layers: list, default: str) -> set:
             raise UsageError(f"--keep-float: '{item}' is neither first/last/none nor a "
                              f"quantizable layer name (e.g. {', '.join(names[:3])})")
     return keep
-
-
-def name_nodes(graph) -> None:
-    """Give unnamed nodes stable unique names: plans and reports refer to nodes by name."""
-    for node in graph.nodes:
-        if not node.name:
-            node.name = graph.unique_name(f"{node.op}_{node.outputs[0].name}"
-                                          if node.outputs else node.op)

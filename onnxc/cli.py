@@ -12,7 +12,8 @@ import json
 import os
 import sys
 
-from .errors import OnnxcError, UsageError
+from .dataflags import add_data_args, data_loaders
+from .errors import OnnxcError, UsageError, first_line
 
 EXAMPLES = """examples:
   onnxc compress model.onnx --passes fold_bn --target onnx -o out/
@@ -23,21 +24,6 @@ EXAMPLES = """examples:
   onnxc verify original.onnx out/model.onnx --eval-data test.npz
   onnxc passes
 """
-
-
-def _add_data_args(p, calib: bool = True) -> None:
-    g = p.add_argument_group("data (npz with 'images' [N×C×H×W] and optional 'labels')")
-    if calib:
-        g.add_argument("--calib-data", help="calibration / recovery samples (.npz/.npy)")
-        g.add_argument("--calib-samples", type=int, default=None,
-                       help="use the first N calibration samples (default: all, max 512)")
-    g.add_argument("--eval-data", help="labelled samples: top-1 before/after is reported")
-    g.add_argument("--eval-samples", type=int, default=None, help="use the first N")
-    g.add_argument("--scale", default=None, help="multiply raw values first (e.g. 1/255)")
-    g.add_argument("--mean", default=None, help="per-channel mean, e.g. 0.485,0.456,0.406")
-    g.add_argument("--std", default=None, help="per-channel std, e.g. 0.229,0.224,0.225")
-    g.add_argument("--layout", default="NCHW", choices=("NCHW", "NHWC"),
-                   help="layout of stored images (converted to NCHW)")
 
 
 def _add_option(group, opt, seen: set) -> None:
@@ -84,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-accuracy-drop", type=float, default=None,
                    help="exit 5 if top-1 drops more than this many points (needs --eval-data)")
     c.add_argument("--quiet", action="store_true", help="only print the summary")
-    _add_data_args(c)
+    add_data_args(c)
     seen: set = set()
     for cls in passes.values():
         if cls.options:
@@ -111,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--tolerance", type=float, default=None,
                    help="exit 5 if max relative error exceeds this")
     v.add_argument("--seed", type=int, default=0)
-    _add_data_args(v, calib=False)
+    add_data_args(v, calib=False)
 
     sub.add_parser("passes", help="list passes and targets")
     _add_extra_commands(sub)
@@ -127,30 +113,6 @@ def _add_extra_commands(sub) -> None:
 
 
 # ----------------------------------------------------------------------------------------
-
-
-def data_loaders(args):
-    """(calibration_loader, evaluation_loader) from the data flags."""
-    from onnxc.calibrate.readers import Preprocess, load_npz
-
-    pre = Preprocess.from_strings(args.scale, args.mean, args.std, args.layout)
-    calib = eval_ = None
-    if getattr(args, "calib_data", None):
-        path, n = args.calib_data, args.calib_samples
-
-        def calib(graph):
-            return load_npz(path, graph, pre, samples=n)
-    elif getattr(args, "calib_samples", None) is not None and args.calib_samples <= 0:
-        raise UsageError("--calib-samples must be positive")
-    if args.eval_data:
-        epath, en = args.eval_data, args.eval_samples
-
-        def eval_(graph):
-            ds = load_npz(epath, graph, pre, samples=en)
-            if ds.labels is None:
-                raise UsageError(f"--eval-data {epath} has no 'labels' array")
-            return ds
-    return calib, eval_
 
 
 def cmd_compress(args) -> int:
@@ -241,16 +203,18 @@ def cmd_verify(args) -> int:
     from onnxc import frontend
     from onnxc.calibrate.readers import random_dataset
     from onnxc.errors import VerificationError
-    from onnxc.verify import Runner, compare_outputs
+    from onnxc.execution import Runner
+    from onnxc.verify import compare_outputs
 
     shapes = frontend.parse_input_shapes(args.input_shape)
     a = frontend.load(args.reference, shapes)
     b = frontend.load(args.candidate, shapes)
-    _, eval_ = data_loaders(args)
-    ds = eval_(a) if eval_ else random_dataset(a, args.samples, seed=args.seed)
+    given, eval_ = data_loaders(args)
+    ds = eval_(a) if eval_ else given(a) if given else \
+        random_dataset(a, args.samples, seed=args.seed)
     ref = Runner(a).run(ds.inputs)
     out = Runner(b).run(ds.inputs)
-    cmp = compare_outputs(ref, out)
+    cmp = compare_outputs(ref, out, len(ds))
     print(f"samples {cmp.samples} ({'random' if ds.synthetic else ds.source})")
     print(f"max abs error {cmp.max_abs:.3e}  max rel error {cmp.max_rel:.3e}  "
           f"mean abs error {cmp.mean_abs:.3e}")
@@ -321,7 +285,7 @@ def main(argv=None) -> int:
     except Exception as exc:  # a bug: still one line unless --debug
         if debug:
             raise
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        msg = first_line(exc) if str(exc).strip() else ""
         print(f"onnxc: internal error: {type(exc).__name__}: {msg} "
               f"(rerun with --debug for a traceback)", file=sys.stderr)
         return 1

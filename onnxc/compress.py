@@ -95,7 +95,8 @@ def compress(model, passes, target: str = "onnx", out_dir: str | None = None,
     final, reports = manager.run(graph, ctx)
     original_stats, final_stats = manager.original_stats, manager.final_stats
     verifier = manager.verifier
-    overall = compare_outputs(manager.original_outputs, manager.final_outputs)
+    overall = compare_outputs(manager.original_outputs, manager.final_outputs,
+                              len(manager.verifier.dataset))
     accuracy = None
     if evaluation is not None and evaluation.labels is not None:
         before = top1(ctx.original, evaluation)

@@ -186,7 +186,7 @@ class Int8(Pass):
         method = ctx.option("calibrator", "minmax")
         percentile = float(ctx.option("percentile", 99.99))
         per_channel = ctx.option("weight_granularity", "channel") == "channel"
-        qdq.name_nodes(graph)
+        graph.name_nodes()
         weighted = qdq.weighted_layers(graph)
         keep = qdq.resolve_keep(ctx.option("keep_float"), weighted, "none")
         candidates = {n.name for n in graph.nodes if n.op in COMPUTE_OPS} - keep
@@ -258,7 +258,7 @@ class Int8(Pass):
         """MatMul/Gemm → DynamicQuantizeLinear + MatMulInteger + Cast + Mul (+ Add bias):
         the pattern ONNX Runtime fuses into DynamicQuantizeMatMul / MatMulIntegerToFloat."""
         _, reduce = self._config(ctx)
-        qdq.name_nodes(graph)
+        graph.name_nodes()
         weighted = qdq.weighted_layers(graph)
         keep = qdq.resolve_keep(ctx.option("keep_float"), weighted, "none")
         done = []

@@ -29,7 +29,7 @@ def _configure_bench(sub) -> None:
 
 
 def cmd_run(args) -> int:
-    from .runtime import load_artifact, read_inputs
+    from onnxc.backends.artifact import load_artifact, read_inputs
 
     art = load_artifact(args.artifact)
     outputs = art.run(read_inputs(args.input, art))
@@ -51,7 +51,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .runtime import benchmark, load_artifact, read_inputs
+    from onnxc.backends.artifact import benchmark, load_artifact, read_inputs
 
     art = load_artifact(args.artifact)
     feeds = read_inputs(args.input, art) if args.input else None

@@ -14,7 +14,7 @@ from onnxc.errors import DataError, OutputError, UsageError
 
 
 def _configure(sub) -> None:
-    from onnxc.cli import _add_data_args
+    from onnxc.dataflags import add_data_args
 
     p = sub.add_parser("vta-sim", help="run a --target vta artifact in the VTA simulator")
     p.add_argument("artifact", help="artifact directory written by onnxc compress --target vta")
@@ -25,7 +25,7 @@ def _configure(sub) -> None:
     p.add_argument("--schedule", default="load-first",
                    help="module interleaving of the functional run: load-first, "
                         "compute-first, store-first or an integer seed (random)")
-    _add_data_args(p, calib=False)
+    add_data_args(p, calib=False)
 
 
 def cmd_vta_sim(args) -> int:
@@ -53,19 +53,19 @@ def cmd_vta_sim(args) -> int:
         except (OSError, ValueError) as exc:
             raise DataError(f"cannot read {args.input}: {exc}") from None
         feeds = {name: x}
-    elif args.eval_data:
+    elif args.eval_data or args.input_data:
         from onnxc import frontend
-        from onnxc.cli import data_loaders
+        from onnxc.dataflags import data_loaders
 
-        _, eval_ = data_loaders(args)
-        ds = eval_(frontend.load(f"{args.artifact}/model.onnx"))
+        given, eval_ = data_loaders(args)
+        ds = (eval_ or given)(frontend.load(f"{args.artifact}/model.onnx"))
         feeds, labels = ds.inputs, ds.labels
     else:
-        raise UsageError("give --input x.npy or --eval-data data.npz")
+        raise UsageError("give --input x.npy, --input-data or --eval-data data.npz")
     outs = art.run(feeds, schedule=schedule)
     print(layer_table(art))
     if labels is not None:
-        from onnxc.verify import Runner
+        from onnxc.execution import Runner
 
         ref = Runner(art.qdq_model()).run(feeds)[0]
         pred = outs[0].reshape(len(outs[0]), -1).argmax(1)

@@ -46,13 +46,6 @@ def _fraction(ctx, dest, flag):
     return v
 
 
-def name_nodes(graph) -> None:
-    """Groups, skips and reports refer to layers by name: give unnamed nodes one."""
-    for node in graph.nodes:
-        if not node.name:
-            node.name = graph.unique_name(f"{node.op}_{node.outputs[0].name}")
-
-
 def prunable_groups(dg, skip_patterns, report=None, residual=True):
     """Groups that may be pruned: not blocked, not skipped. Reports the others."""
     matched = {p: 0 for p in skip_patterns}
@@ -161,7 +154,7 @@ class Prune(Pass):
         multiple = None if multiple is None else int(multiple)
         samples = int(ctx.option("prune_samples", 256))
 
-        name_nodes(graph)
+        graph.name_nodes()
         dg = DependencyGraph(graph)
         groups = prunable_groups(dg, skip, report,
                                  residual=bool(ctx.option("prune_residual", False)))

@@ -20,7 +20,7 @@ import numpy as np
 
 from onnxc.errors import UsageError
 
-from .activations import stream
+from onnxc.passes._activations import stream
 
 
 def filters(src) -> np.ndarray:

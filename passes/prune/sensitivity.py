@@ -37,9 +37,9 @@ def configure(sub) -> None:
     p.add_argument("--json", default=None, help="write curves for --prune-sensitivity")
     p.add_argument("--input-shape", action="append", metavar="NAME:D1,D2,...")
     p.add_argument("--seed", type=int, default=0)
-    from onnxc.cli import _add_data_args
+    from onnxc.dataflags import add_data_args
 
-    _add_data_args(p)
+    add_data_args(p)
 
 
 def parse_ratios(text: str) -> list:
@@ -54,7 +54,7 @@ def parse_ratios(text: str) -> list:
 
 def measure(graph, groups, dg, scores, ratios, dataset, log=None) -> list:
     """[{group, sources, channels, macs_share, error{ratio}, top1{ratio}}] per group."""
-    from onnxc.verify import Runner
+    from onnxc.execution import Runner
 
     from .allocate import Allocator
 
@@ -172,10 +172,10 @@ def plot(rows, ratios, path) -> None:
 def handler(args) -> int:
     from onnxc import frontend
     from onnxc.calibrate.readers import random_dataset
-    from onnxc.cli import data_loaders
+    from onnxc.dataflags import data_loaders
     from onnxc.pipeline import Context, PassManager, resolve_passes
 
-    from . import name_nodes, prunable_groups
+    from . import prunable_groups
     from .criteria import scores as criterion_scores
     from .groups import DependencyGraph
 
@@ -193,7 +193,7 @@ def handler(args) -> int:
     log = (lambda m: print(m, file=sys.stderr))
     ctx = Context({}, seed=args.seed, calibration=ds, log=log)
     graph, _ = PassManager(resolve_passes(passes), verify=False).run(graph, ctx)
-    name_nodes(graph)
+    graph.name_nodes()
     dg = DependencyGraph(graph)
     groups = prunable_groups(dg, [], None, residual=args.residual)
     if not groups:
