@@ -17,11 +17,11 @@ from dataclasses import dataclass
 
 import onnx
 
-from . import __version__
 from .errors import OutputError, VerificationError
 from .ir import Graph
 from .pipeline import Context, PassManager, resolve_passes
 from .verify import compare_outputs, top1
+from .version import __version__
 
 REPORT_SCHEMA_VERSION = 1
 
