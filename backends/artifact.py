@@ -123,6 +123,19 @@ def read_inputs(specs: list, artifact) -> dict:
     return feeds
 
 
+def save_outputs(path: str, names: list, outputs: list) -> None:
+    """``--output``: the first output as .npy, or every output by name as .npz."""
+    from onnxc.errors import OutputError
+
+    try:
+        if path.endswith(".npz"):
+            np.savez(path, **dict(zip(names, outputs)))
+        else:
+            np.save(path, outputs[0])
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror}") from None
+
+
 def benchmark(artifact, feeds: dict | None = None, warmup: int = 5,
               repeat: int = 30, min_seconds: float = 0.0) -> dict:
     """Latency of one inference in ms: median, mean, min, p90 over ``repeat`` runs."""

@@ -96,6 +96,13 @@ class Dataset:
                    None if self.labels is None else self.labels[start:stop])
 
 
+def _check_samples(samples: int, available: int, path: str) -> None:
+    if samples <= 0:
+        raise DataError(f"sample count must be positive, got {samples}")
+    if samples > available:
+        raise DataError(f"{path}: asked for {samples} samples but it holds {available}")
+
+
 def _expected_inputs(graph) -> list:
     """[(name, shape)] of real graph inputs; shape entries may be symbolic."""
     return [(t.name, list(t.shape or [])) for t in graph.gs.inputs]
@@ -168,10 +175,7 @@ def load_npz(path: str, graph, preprocess: Preprocess | None = None,
     if labels is not None and len(labels) != len(raw):
         raise DataError(f"{path}: {len(raw)} samples but {len(labels)} labels")
     if samples is not None:
-        if samples <= 0:
-            raise DataError(f"sample count must be positive, got {samples}")
-        if samples > len(raw):
-            raise DataError(f"{path}: asked for {samples} samples but it holds {len(raw)}")
+        _check_samples(samples, len(raw), path)
         raw = raw[:samples]
         labels = None if labels is None else labels[:samples]
     x = (preprocess or Preprocess()).apply(raw)
@@ -309,9 +313,8 @@ def load_input_data(specs: list, graph, samples: int | None = None,
             raise DataError(f"{source}: {len(ds)} samples but {len(labels)} labels")
         ds.labels = labels
     if samples is not None:
-        if samples <= 0:
-            raise DataError(f"sample count must be positive, got {samples}")
-        ds = ds.take(min(samples, len(ds)))
+        _check_samples(samples, len(ds), source)
+        ds = ds.take(samples)
     return ds
 
 
@@ -337,10 +340,7 @@ def load_image_folder(path: str, graph, preprocess: Preprocess | None = None,
     if not files:
         raise DataError(f"{path}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
     if samples is not None:
-        if samples <= 0:
-            raise DataError(f"sample count must be positive, got {samples}")
-        if samples > len(files):
-            raise DataError(f"{path}: asked for {samples} samples but it holds {len(files)}")
+        _check_samples(samples, len(files), path)
         files = files[:samples]
     classes = sorted({os.path.relpath(os.path.dirname(f), path) for f in files})
     labelled = len(classes) > 1 or classes != ["."]
