@@ -85,22 +85,6 @@ class BatchLayout:
     dim: str | None = None
     fixed: int | None = None
 
-    @property
-    def batched(self) -> list:
-        return [name for name, axis in self.axes.items() if axis is not None]
-
-    def size(self, feeds: dict) -> int | None:
-        """Samples in ``feeds`` along the batch axes (None: no batched input given);
-        batched inputs that disagree are an error."""
-        from .errors import DataError
-
-        sizes = {name: np.shape(feeds[name])[self.axes[name]] for name in self.batched
-                 if name in feeds and np.ndim(feeds[name]) > self.axes[name]}
-        if len(set(sizes.values())) > 1:
-            raise DataError("inputs have different sample counts along their batch axes: "
-                            + ", ".join(f"{k} {v}" for k, v in sizes.items()))
-        return next(iter(sizes.values()), None)
-
 
 def batch_layout(inputs) -> BatchLayout:
     """Batch layout of ``inputs``: [(name, shape)] with dims ints, symbolic names (str) or

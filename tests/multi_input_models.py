@@ -70,3 +70,29 @@ def token_embedding(vocab: int = 3) -> onnx.ModelProto:
                                            "emb"),
                    numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32),
                                            "wo")])
+
+
+def batch_first_gru_with_rate(hidden: int = 16, features: int = 8,
+                              steps: int = 4) -> onnx.ModelProto:
+    """A voice-activity-style model: x[N, T, F] (batch first), state[2, N, H] and an int64
+    scalar sample rate ``sr`` scaling the output by sr / 16000."""
+    rng = np.random.default_rng(0)
+    h = hidden
+    inits = [numpy_helper.from_array((rng.standard_normal(s) * 0.3).astype(np.float32), n)
+             for n, s in (("W", (2, 3 * h, features)), ("R", (2, 3 * h, h)),
+                          ("Wo", (h, 1)))]
+    inits.append(numpy_helper.from_array(np.float32(16000), "rate0"))
+    nodes = [helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0, 2]),
+             helper.make_node("GRU", ["xt", "W", "R", "", "", "state"], ["Y", "Y_h"],
+                              hidden_size=h, direction="bidirectional"),
+             helper.make_node("MatMul", ["Y_h", "Wo"], ["m"]),
+             helper.make_node("Cast", ["sr"], ["srf"], to=TensorProto.FLOAT),
+             helper.make_node("Div", ["srf", "rate0"], ["k"]),
+             helper.make_node("Mul", ["m", "k"], ["prob"])]
+    return _model(nodes,
+                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", steps, features]),
+                   helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "N", h]),
+                   helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
+                  [helper.make_tensor_value_info("prob", TensorProto.FLOAT, [2, "N", 1]),
+                   helper.make_tensor_value_info("Y_h", TensorProto.FLOAT, [2, "N", h])],
+                  inits)

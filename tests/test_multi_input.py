@@ -10,8 +10,8 @@ import onnx
 import pytest
 
 from conftest import run_cli
-from multi_input_models import (expand_shape_input, gru_with_state, matmul_two_inputs,
-                                prelu_slope_input, token_embedding)
+from multi_input_models import (batch_first_gru_with_rate, expand_shape_input, gru_with_state,
+                                matmul_two_inputs, prelu_slope_input, token_embedding)
 from onnxc import frontend
 from onnxc.calibrate.readers import load_input_data, random_dataset
 from onnxc.execution import Runner
@@ -56,7 +56,7 @@ def test_recurrent_model_with_state_input_compresses_with_input_data(saved, tmp_
 
 
 @pytest.mark.parametrize("make", [prelu_slope_input, expand_shape_input, gru_with_state,
-                                  matmul_two_inputs])
+                                  matmul_two_inputs, batch_first_gru_with_rate])
 def test_multi_input_model_runs_on_synthetic_inputs(saved, tmp_path, make):
     report = _compress(saved(make()), tmp_path / "out", "fold_bn")
     assert report["verification"]["data"] == "synthetic"
@@ -74,6 +74,13 @@ def test_recurrent_state_is_synthesised_as_zeros_along_its_batch_axis(saved):
     ds = random_dataset(frontend.load(str(saved(gru_with_state()))), 7)
     assert ds.inputs["x"].shape == (5, 7, 8)
     assert ds.inputs["state"].shape == (2, 7, 16) and not ds.inputs["state"].any()
+
+
+def test_batch_first_input_and_state_share_the_batch_and_a_scalar_rate_is_16k(saved):
+    ds = random_dataset(frontend.load(str(saved(batch_first_gru_with_rate()))), 3)
+    assert ds.axes == {"x": 0, "state": 1, "sr": None}
+    assert ds.inputs["x"].shape == (3, 4, 8) and ds.inputs["state"].shape == (2, 3, 16)
+    assert ds.inputs["sr"].shape == () and int(ds.inputs["sr"]) == 16000
 
 
 def test_synthetic_token_ids_stay_below_the_vocabulary_size(saved):
