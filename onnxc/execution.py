@@ -165,7 +165,7 @@ def in_slices(fn, inputs: list, size: int | None, pad: bool = True,
     if not batched:
         return fn(*inputs)
     n = inputs[batched[0]].shape[axes[batched[0]]]
-    if not size or n == size or (n < size and not pad):
+    if not size or n in (0, size) or (n < size and not pad):
         return fn(*inputs)
     parts = [fn(*part) for _, _, part in slices(inputs, axes, size, pad, concat)]
     out_axes = [0] * len(parts[0]) if out_axes is None else out_axes

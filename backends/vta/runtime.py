@@ -25,7 +25,6 @@ from .partition import DOMAIN, OP
 from .qlayer import QLayer
 
 
-
 def save_layer(prog: Program, vta_dir: str, idx: int) -> dict:
     """Write one compiled layer; returns its program.json entry."""
     layer, cfg = prog.layer, prog.cfg
