@@ -25,6 +25,7 @@ def _configure_bench(sub) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
+@register_command("run", _configure_run)
 def cmd_run(args) -> int:
     from onnxc.backends.artifact import load_artifact, read_inputs, save_outputs
 
@@ -41,6 +42,7 @@ def cmd_run(args) -> int:
     return 0
 
 
+@register_command("bench", _configure_bench)
 def cmd_bench(args) -> int:
     from onnxc.backends.artifact import benchmark, load_artifact, read_inputs
 
@@ -57,6 +59,3 @@ def cmd_bench(args) -> int:
           f"{figures['warmup']} warm-up)")
     return 0
 
-
-register_command("run", _configure_run, cmd_run)
-register_command("bench", _configure_bench, cmd_bench)
