@@ -93,7 +93,9 @@ def batch_layout(inputs) -> BatchLayout:
     1. A symbolic name shared by several inputs is the batch (the one most inputs share;
        on a tie the one nearest the front); each input's first axis with it is its batch
        axis, inputs without it have none.
-    2. Else inputs whose first dim is symbolic are batched on axis 0, the others not.
+    2. Else inputs whose first dim is symbolic are batched on axis 0, the others not;
+       a single input whose only symbolic dim stands elsewhere (``x[T, N, F]``) is
+       batched there.
     3. Else (all static): a single input has a fixed batch of its first dim; several
        inputs have no batch at all (each run gets them whole).
     """
@@ -113,7 +115,13 @@ def batch_layout(inputs) -> BatchLayout:
         dim = names.pop() if len(names) == 1 and isinstance(next(iter(names)), str) else None
         return BatchLayout({name: leading.get(name) for name, _ in inputs}, dim)
     if len(inputs) == 1 and inputs[0][1]:
-        return BatchLayout({inputs[0][0]: 0}, None, int(inputs[0][1][0]))
+        (name, shape), = inputs
+        symbolic = [axis for axis, d in enumerate(shape) if not _is_static(d)]
+        if len(symbolic) == 1:
+            d = shape[symbolic[0]]
+            return BatchLayout({name: symbolic[0]}, d if isinstance(d, str) else None)
+        if not symbolic:
+            return BatchLayout({name: 0}, None, int(shape[0]))
     return BatchLayout({name: None for name, _ in inputs})
 
 

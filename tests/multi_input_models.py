@@ -20,20 +20,21 @@ def matmul_two_inputs() -> onnx.ModelProto:
                   [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [2, 4])])
 
 
-def gru_with_state(hidden: int = 16, features: int = 8, steps: int = 5) -> onnx.ModelProto:
-    """Bidirectional GRU over x[T, N, F] from state[2, N, H], then a MatMul head:
-    the batch N is axis 1 of both inputs and of both outputs."""
+def gru_with_state(hidden: int = 16, features: int = 8, steps: int = 5,
+                   state: bool = True) -> onnx.ModelProto:
+    """Bidirectional GRU over x[T, N, F] from state[2, N, H] (or zeros without
+    ``state``), then a MatMul head: the batch N is axis 1 of the inputs and outputs."""
     rng = np.random.default_rng(0)
     h = hidden
     inits = [numpy_helper.from_array((rng.standard_normal(s) * 0.3).astype(np.float32), n)
              for n, s in (("W", (2, 3 * h, features)), ("R", (2, 3 * h, h)),
                           ("Bias", (2, 6 * h)), ("Wo", (h, 4)))]
-    nodes = [helper.make_node("GRU", ["x", "W", "R", "Bias", "", "state"], ["Y", "Y_h"],
-                              hidden_size=h, direction="bidirectional"),
+    nodes = [helper.make_node("GRU", ["x", "W", "R", "Bias", "", "state" if state else ""],
+                              ["Y", "Y_h"], hidden_size=h, direction="bidirectional"),
              helper.make_node("MatMul", ["Y_h", "Wo"], ["out"])]
-    return _model(nodes,
-                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [steps, "N", features]),
-                   helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "N", h])],
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [steps, "N", features]),
+              helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "N", h])]
+    return _model(nodes, inputs if state else inputs[:1],
                   [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, "N", 4]),
                    helper.make_tensor_value_info("Y_h", TensorProto.FLOAT, [2, "N", h])],
                   inits)

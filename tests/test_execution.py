@@ -40,6 +40,11 @@ def test_leading_symbolic_dim_of_one_input_is_its_batch_only():
     assert layout.axes == {"x": 0, "slope": None} and layout.fixed is None
 
 
+def test_the_only_symbolic_dim_of_a_single_input_is_its_batch():
+    layout = batch_layout([("x", [5, "N", 8])])
+    assert layout.axes == {"x": 1} and layout.dim == "N" and layout.fixed is None
+
+
 def test_single_static_input_has_a_fixed_batch_and_several_have_none():
     assert batch_layout([("x", [4, 3])]).fixed == 4
     assert batch_layout([("a", [2, 3]), ("b", [3, 4])]).axes == {"a": None, "b": None}

@@ -63,6 +63,12 @@ def test_multi_input_model_runs_on_synthetic_inputs(saved, tmp_path, make):
     assert report["error"]["max_rel"] == 0.0
 
 
+def test_single_input_batched_on_axis_1_compresses_without_input_shape(saved, tmp_path):
+    report = _compress(saved(gru_with_state(state=False)), tmp_path / "out", "fold_bn,int8")
+    assert report["verification"]["samples"] == 16
+    assert report["error"]["max_rel"] < 0.05
+
+
 def test_input_without_the_batch_dim_is_one_value_for_every_sample(saved):
     graph = frontend.load(str(saved(prelu_slope_input())))
     ds = random_dataset(graph, 5)
