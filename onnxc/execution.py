@@ -5,7 +5,8 @@
 - :func:`batch_layout` — which axis of each model input is the batch. Only a symbolic
   dim shared by inputs is a batch (``x[N,T,F]`` and ``state[2,N,H]`` share ``N``); an
   input without it (a PReLU slope, an ``Expand`` shape, ``B`` of ``A[2,3]·B[3,4]``) is
-  passed whole to every run. A single input with a static first dim has a fixed batch.
+  passed whole to every run. A single input is batched on its only symbolic dim, or has
+  a fixed batch of its static first dim.
 - :func:`slices` / :func:`in_slices` — cut inputs along their batch axes into runs of a
   fixed size, padding the last one by repeating its final sample (numpy or torch).
 - :class:`Runner` — a session over a graph or ModelProto: ``run`` joins the outputs of
