@@ -21,6 +21,9 @@ class Backend:
     name: str = ""
     summary: str = ""
     options: tuple = ()
+    # Compilers (TVM, VTA) need every dim but the batch fixed (--input-shape); a
+    # runtime target keeps the input model's symbolic dims in its artifact.
+    static_shapes: bool = True
     requires: tuple = ()
     # A file (relative to the artifact directory) only this backend's artifacts hold;
     # None: its artifacts are plain ``model.onnx`` ones (see backends/artifact.py).

@@ -14,6 +14,7 @@ from . import Backend, register_backend
 @register_backend
 class OnnxRuntimeBackend(Backend):
     name = "onnx"
+    static_shapes = False        # ONNX Runtime runs symbolic dims: the artifact keeps them
     summary = "ONNX model for ONNX Runtime (model.onnx + report.json)"
 
     def build(self, graph, ctx, out_dir, report):

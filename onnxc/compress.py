@@ -105,7 +105,8 @@ def compress(model, passes, target: str = "onnx", out_dir: str | None = None,
     input_hash = _sha256(model)
 
     notes: list = []
-    graph = frontend.load(model, input_shapes=input_shapes, notes=notes)
+    graph = frontend.load(model, input_shapes=input_shapes, notes=notes,
+                          static_shapes=backend.static_shapes)
     if calibration is None and calibration_loader is not None:
         calibration = calibration_loader(graph)
     if evaluation is None and evaluation_loader is not None:
