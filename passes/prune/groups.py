@@ -103,6 +103,8 @@ class DependencyGraph:
         self.mac_nodes: list[MacNode] = []
         self.grouped: list = []        # [(in slots (G, C_in/G), out slots (G, C_out/G))]
         self.rules: dict = {}          # id(node) -> rule instance (for the rewrite)
+        self._fixed_mark = np.zeros(0, bool)   # slots fixed so far (during the walk)
+        self._probes: dict = {}        # probe batch -> {tensor name: concrete shape}
 
         graph.gs.toposort()
         for tensor in graph.gs.inputs:
@@ -136,7 +138,52 @@ class DependencyGraph:
 
     def fix(self, slots: np.ndarray, reason: str) -> None:
         if len(slots):
-            self.fixed.append((np.asarray(slots, np.int64), reason))
+            slots = np.asarray(slots, np.int64)
+            self.fixed.append((slots, reason))
+            if len(self._fixed_mark) < self.count:
+                self._fixed_mark = np.concatenate(
+                    [self._fixed_mark, np.zeros(self.count - len(self._fixed_mark), bool)])
+            self._fixed_mark[slots] = True
+
+    def all_fixed(self, slots: np.ndarray) -> bool:
+        """True when every slot is already fixed (so whatever it is coupled to later stays
+        whole too): e.g. the token axis of a transformer's residual stream."""
+        slots = np.asarray(slots, np.int64)
+        return bool(len(slots)) and bool(np.all(slots < len(self._fixed_mark))) \
+            and bool(self._fixed_mark[slots].all())
+
+    def probe_shape(self, tensor, value: int):
+        """Concrete shape of ``tensor`` when every symbolic dim of the graph inputs is
+        ``value`` (ONNX shape inference with data propagation, so Reshape targets
+        computed from Shape subgraphs resolve). None if it does not resolve.
+
+        Reshape rules read shapes at batch 1: an axis that merges the batch with heads
+        (torch's ``[T, B*H, Dh]``) then shows its per-sample size, which is what its
+        slots describe; a second probe tells batch-dependent target entries apart."""
+        if value not in self._probes:
+            import onnx
+
+            shapes = {}
+            try:
+                model = self.graph._skeleton()
+                for inp in model.graph.input[:len(self.graph.gs.inputs)]:
+                    for d in inp.type.tensor_type.shape.dim:
+                        if not d.HasField("dim_value"):
+                            d.dim_value = value
+                model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+                for vi in list(model.graph.value_info) + list(model.graph.output) \
+                        + list(model.graph.input):
+                    tt = vi.type.tensor_type
+                    if tt.HasField("shape") and all(d.HasField("dim_value")
+                                                    for d in tt.shape.dim):
+                        shapes[vi.name] = tuple(int(d.dim_value) for d in tt.shape.dim)
+            except Exception:   # inference fails on some graphs: shapes stay unresolved
+                pass
+            self._probes[value] = shapes
+        name = getattr(tensor, "name", None)
+        if isinstance(tensor, gs.Constant):
+            return tuple(int(d) for d in tensor.values.shape)
+        return self._probes[value].get(name)
 
     def info_of(self, tensor) -> TensorInfo | None:
         """Channel info of a variable tensor (None for constants / unknown shapes)."""
