@@ -103,6 +103,7 @@ class DependencyGraph:
         self.mac_nodes: list[MacNode] = []
         self.grouped: list = []        # [(in slots (G, C_in/G), out slots (G, C_out/G))]
         self.rules: dict = {}          # id(node) -> rule instance (for the rewrite)
+        self.attention: list = []      # head slots coupled by activation×activation MatMuls
         self._fixed_mark = np.zeros(0, bool)   # slots fixed so far (during the walk)
         self._probes: dict = {}        # probe batch -> {tensor name: concrete shape}
 
@@ -272,11 +273,16 @@ class DependencyGraph:
             grp = self.groups[self.class_group[cl[0]]]
             if s.node.name not in grp.sources:
                 grp.sources.append(s.node.name)
+        # Separate q, k and v projections share each head's class through the attention
+        # MatMuls, not through a residual sum: that alone does not make a group residual.
+        heads = np.zeros(k, bool)
+        for slots in self.attention:
+            heads[self.label[slots]] = True
         for g in self.groups:
             reasons = [self.fixed_reason[int(c)] for c in g.classes
                        if int(c) in self.fixed_reason]
             g.blocked = reasons[0] if reasons else None
-            g.residual = bool((n_src[g.classes] > 1).any())
+            g.residual = bool(((n_src[g.classes] > 1) & ~heads[g.classes]).any())
 
         # Subgroups: classes of a group found in exactly the same set of tensors.
         signature: dict[int, list] = {}

@@ -467,6 +467,7 @@ class MatMul(Rule):
                 return "inputs are tracked on different axes"
             dg.union(info.slots, ref)
         dg.set_info(node.outputs[0], axis, ref)
+        dg.attention.append(ref)
         dg.mac_nodes.append(MacNode(node, _node_macs(node), None, ref))
         return None
 
