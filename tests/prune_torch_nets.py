@@ -190,15 +190,17 @@ class C2f(nn.Module):
     """YOLOv8's C2f: 1x1 conv, Split into two channel ranges, bottlenecks on the
     second, Concat of every range, 1x1 conv."""
 
-    def __init__(self, cin, cout, n=1):
+    def __init__(self, cin, cout, n=1, split=False):
         super().__init__()
-        self.c = cout // 2
+        self.c, self.split = cout // 2, split
         self.cv1 = ConvAct(cin, 2 * self.c)
         self.m = nn.ModuleList(Bottleneck(self.c) for _ in range(n))
         self.cv2 = ConvAct((2 + n) * self.c, cout)
 
     def forward(self, x):
-        y = list(self.cv1(x).chunk(2, 1))
+        # chunk exports as two Slices, split((c, c)) as one Split (YOLOv8 has both).
+        y = list(self.cv1(x).split((self.c, self.c), 1) if self.split
+                 else self.cv1(x).chunk(2, 1))
         for m in self.m:
             y.append(m(y[-1]))
         return self.cv2(torch.cat(y, 1))
@@ -208,14 +210,14 @@ class Detector(nn.Module):
     """Backbone with C2f blocks, an upsampling neck (Resize + Concat) and two detect
     heads (boxes + classes per scale, HardSwish in the heads): two graph outputs."""
 
-    def __init__(self, classes=5):
+    def __init__(self, classes=5, split=True):
         super().__init__()
         torch.manual_seed(0)
         self.stem = ConvAct(3, 16, 3, 2)
-        self.s1 = nn.Sequential(ConvAct(16, 32, 3, 2), C2f(32, 32))
-        self.s2 = nn.Sequential(ConvAct(32, 64, 3, 2), C2f(64, 64))
+        self.s1 = nn.Sequential(ConvAct(16, 32, 3, 2), C2f(32, 32, split=split))
+        self.s2 = nn.Sequential(ConvAct(32, 64, 3, 2), C2f(64, 64, split=split))
         self.up = nn.Upsample(scale_factor=2, mode="nearest")
-        self.neck = C2f(64 + 32, 32)
+        self.neck = C2f(64 + 32, 32, split=split)
         self.heads = nn.ModuleList(
             nn.Sequential(ConvAct(c, 32, 3, act="hswish"), nn.Conv2d(32, 4 + classes, 1))
             for c in (32, 64))
