@@ -79,7 +79,7 @@ class Attention(nn.Module):
     def __init__(self, d, heads, qkv="gather", qk_norm=False):
         super().__init__()
         self.h, self.dh, self.mode = heads, d // heads, qkv
-        if qkv == "separate":
+        if qkv in ("separate", "heads_outer"):
             self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
         else:
             self.qkv = nn.Linear(d, 3 * d)
@@ -97,6 +97,14 @@ class Attention(nn.Module):
             else:
                 q, k, v = self.q(x), self.k(x), self.v(x)
             q, k, v = (t.reshape(b, n, self.h, self.dh).transpose(1, 2) for t in (q, k, v))
+        if self.mode == "heads_outer":
+            # Heads merged outside the batch, [H*B, N, Dh]: per-sample slots cannot
+            # describe that axis, so the heads must be left whole.
+            q, k, v = (t.permute(1, 0, 2, 3).reshape(self.h * b, n, self.dh)
+                       for t in (q, k, v))
+            y = torch.bmm((q @ k.transpose(-2, -1)).softmax(-1), v)
+            y = y.reshape(self.h, b, n, self.dh).permute(1, 2, 0, 3)
+            return self.proj(y.reshape(b, n, d))
         if self.norm is not None:
             q, k = self.norm(q), self.norm(k)
         a = (q @ k.transpose(-2, -1)) * self.dh ** -0.5
@@ -109,7 +117,7 @@ class Attention(nn.Module):
             for h in heads:
                 for part in range(3):
                     rows = slice(h * self.dh, (h + 1) * self.dh)
-                    if self.mode == "separate":
+                    if self.mode in ("separate", "heads_outer"):
                         lin = (self.q, self.k, self.v)[part]
                     else:
                         lin, rows = self.qkv, slice(part * d + rows.start, part * d + rows.stop)

@@ -120,6 +120,18 @@ def test_per_head_layernorm_leaves_heads_whole_and_says_why():
     assert all("fc1" in k for k in removed) and len(removed) == 2
 
 
+def test_heads_merged_outside_the_batch_are_left_whole_and_say_why():
+    model = ViT(qkv="heads_outer").onnx()
+    result = compress(model, ["prune"], options={"prune_ratio": 0.3}, **QUIET)
+    skipped = prune_report(result)["skipped"]
+    assert any("batch" in s["reason"] and "attn/q" in s["node"] for s in skipped), skipped
+    removed = removed_by_source(result)
+    assert all("fc1" in k for k in removed) and len(removed) == 2
+    out = Runner(result.graph).run(
+        {"x": np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)})
+    assert out[0].shape == (3, 10)
+
+
 def _gelu_mlp(gelu_op: bool):
     rng = np.random.default_rng(0)
     w1 = rng.standard_normal((16, 32)).astype(np.float32)

@@ -86,6 +86,14 @@ class Group:
         return ", ".join(names) + more
 
 
+# Ops that may read a tensor whose channel axis merges the batch with heads (torch's
+# [T, B*H, Dh] before [B, H, T, Dh]): they never index positions along that axis.
+BATCHY_SAFE = frozenset((
+    "Reshape", "Transpose", "Squeeze", "Unsqueeze", "MatMul", "Softmax", "LogSoftmax",
+    "Mul", "Div", "Add", "Sub", "Cast", "Identity", "Dropout", "Shape", "Relu", "Gelu",
+    "Erf", "Sqrt", "Exp", "Tanh", "Sigmoid"))
+
+
 class DependencyGraph:
     """Slots, their couplings and the per-op records the pruner needs."""
 
@@ -112,18 +120,39 @@ class DependencyGraph:
             info = self.fresh_info(tensor)
             if info is not None:
                 self.fix(info.slots, f"channels of graph input '{tensor.name}'")
+        self.batchy: set = set()       # tensors whose channel axis also carries the batch
         for node in graph.gs.nodes:
             rule = rule_for(node)
-            reason = rule.propagate(self, node)
+            if node.op not in BATCHY_SAFE and any(
+                    isinstance(t, gs.Variable) and t.name in self.batchy for t in node.inputs):
+                reason = "channel axis merged with the batch (e.g. [B*heads, T, d])"
+            else:
+                reason = rule.propagate(self, node)
             if reason:
                 self.block_node(node, reason)
             else:
                 self.rules[id(node)] = rule
+                self._mark_batchy(node)
         for tensor in graph.gs.outputs:
             info = self.info.get(tensor.name)
             if info is not None:
                 self.fix(info.slots, f"reaches graph output '{tensor.name}'")
         self._solve()
+
+    def _mark_batchy(self, node) -> None:
+        """An output whose tracked axis grows with the batch (probed at 1 and 2) holds the
+        heads once per sample: only ops in BATCHY_SAFE may read it."""
+        if not any(isinstance(t, gs.Variable) and t.name in self.batchy
+                   for t in node.inputs) and node.op not in ("Reshape", "Transpose"):
+            return
+        for t in node.outputs:
+            info = self.info.get(t.name)
+            if info is None:
+                continue
+            p1, p2 = self.probe_shape(t, 1), self.probe_shape(t, 2)
+            if p1 is not None and p2 is not None and info.axis < len(p1) \
+                    and p1[info.axis] != p2[info.axis]:
+                self.batchy.add(t.name)
 
     # ---- used by rules ----------------------------------------------------------------
     def new_slots(self, n: int) -> np.ndarray:
@@ -222,7 +251,7 @@ class DependencyGraph:
             if t.name in self.info:
                 self.fix(self.info[t.name].slots, why)
             else:
-                info = self.fresh_info(t)
+                info = self.fresh_info(t, _feature_axis(node, t))
                 if info is not None:
                     self.fix(info.slots, why)
 
@@ -377,6 +406,19 @@ class DependencyGraph:
         """Names of tracked tensors that would lose every channel."""
         return [name for name, info in self.info.items()
                 if len(info.slots) and removed[self.label[info.slots]].all()]
+
+
+def _feature_axis(node, tensor) -> int:
+    """Axis to track on the output of an op without a rule: the features of a
+    LayerNormalization or an embedding lookup (so the residual stream of a transformer
+    is reported as such), else axis 1."""
+    r = len(tensor.shape) if tensor.shape is not None else 0
+    if r >= 2 and node.op in ("LayerNormalization", "SimplifiedLayerNormalization",
+                              "SkipLayerNormalization", "RMSNormalization"):
+        return int(node.attrs.get("axis", -1)) % r
+    if r >= 2 and node.op == "Gather" and isinstance(node.inputs[0], gs.Constant):
+        return r - 1
+    return 1
 
 
 class Rewriter:

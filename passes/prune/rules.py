@@ -785,6 +785,9 @@ class Reshape(Rule):
         # (output index, input channel) pairs, sorted: each output index's channels.
         pairs = np.unique(np.stack([coord, chan], 1), axis=0)
         new = info.slots[pairs[np.searchsorted(pairs[:, 0], np.arange(dout[k])), 1]]
+        why = _batch_outer(dg, x, out, info, k, pairs, dout[k])
+        if why:
+            return why
         split = len(pairs) > dout[k]                   # some output index holds 2+ channels
         if split and a != len(din) - 1:
             return "splits a channel axis that is not the last (e.g. a channel shuffle)"
@@ -840,6 +843,31 @@ class Reshape(Rule):
         if target[self.k] > 0:
             target[self.k] = len(keep)
         _set_input(rw, node, 1, target, "shape")
+
+
+def _batch_outer(dg, x, out, info, k, pairs, n1):
+    """When output axis k grows with the batch (torch's [T, B*H, Dh]), check on the
+    batch-2 probe that the batch is its outer factor: index v then holds the channels
+    index v mod n1 held at batch 1, so the slots describe every sample alike."""
+    din2, dout2 = dg.probe_shape(x, 2), dg.probe_shape(out, 2)
+    if din2 is None or dout2 is None or dout2[k] == n1:
+        return None
+    c = len(info.slots)
+    a = info.axis
+    group = next((g for g in _factor_groups(din2, dout2) if a in g[0] and k in g[1]), None)
+    if group is None or dout2[k] % n1 or din2[a] % c:
+        return "the channel axis merges with the batch in a way that cannot be followed"
+    gi, gj = group
+    size = int(np.prod([din2[i] for i in gi]))
+    if size > (1 << 22):
+        return "channel axis merged with a very large dim"
+    pos = np.arange(size)
+    chan = (pos // int(np.prod([din2[i] for i in gi if i > a]))) % c
+    coord = (pos // int(np.prod([dout2[j] for j in gj if j > k]))) % dout2[k]
+    got = {(int(v) % n1, int(ch)) for v, ch in zip(coord, chan)}
+    if got != {(int(v), int(ch)) for v, ch in pairs}:
+        return "the batch is not the outer factor of the merged channel axis"
+    return None
 
 
 def _factor_groups(din, dout):
