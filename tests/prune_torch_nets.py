@@ -49,9 +49,9 @@ class Bert(nn.Module):
     def forward(self, ids):
         return self.head(self.enc(self.emb(ids) + self.pos)[:, 0])
 
-    def onnx(self, opset=17):
+    def onnx(self, opset=17, dynamic_batch=True):
         ids = torch.randint(0, self.vocab, (2, self.seq))
-        return export(self, (ids,), ["ids"], ["logits"], opset)
+        return export(self, (ids,), ["ids"], ["logits"], opset, dynamic_batch)
 
     def kill(self, heads: dict, units: dict):
         """Zero q/k/v of ``heads[layer]`` and the ``units[layer]`` MLP hidden units."""
@@ -169,6 +169,41 @@ class ViT(nn.Module):
                 for u in units.get(bi, []):
                     blk.fc1.weight[u] = 0
                     blk.fc1.bias[u] = 0
+        return self
+
+
+class MaskedAttention(nn.Module):
+    """Hugging Face style: separate q/k/v, an additive mask (1 - mask)[:, None, None, :]
+    * -1e4 broadcast over the heads, GELU MLP after a post-norm."""
+
+    def __init__(self, d=64, heads=8, mlp=128):
+        super().__init__()
+        torch.manual_seed(0)
+        self.h, self.dh = heads, d // heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.ln = nn.LayerNorm(d)
+        self.fc1, self.fc2 = nn.Linear(d, mlp), nn.Linear(mlp, d)
+
+    def forward(self, x, mask):
+        b, t, d = x.shape
+        q, k, v = (z.view(b, t, self.h, self.dh).permute(0, 2, 1, 3)
+                   for z in (self.q(x), self.k(x), self.v(x)))
+        ext = (1.0 - mask[:, None, None, :].float()) * -10000.0
+        a = (q @ k.transpose(-1, -2)) / self.dh ** 0.5 + ext
+        y = (a.softmax(-1) @ v).permute(0, 2, 1, 3).reshape(b, t, d)
+        h = self.ln(x + self.o(y))
+        return h + self.fc2(nn.functional.gelu(self.fc1(h)))
+
+    def onnx(self):
+        mask = torch.ones(2, 16, dtype=torch.int64)
+        return export(self, (torch.randn(2, 16, 64), mask), ["x", "mask"], ["y"])
+
+    def kill(self, heads):
+        with torch.no_grad():
+            for h in heads:
+                for lin in (self.q, self.k, self.v):
+                    lin.weight[h * self.dh:(h + 1) * self.dh] = 0
+                    lin.bias[h * self.dh:(h + 1) * self.dh] = 0
         return self
 
 

@@ -16,7 +16,7 @@ from onnxc.passes.prune import prunable_groups
 from onnxc.passes.prune.groups import DependencyGraph
 from onnxc.verify import Runner, compare_outputs
 
-from prune_torch_nets import Bert, ViT, rng_ids
+from prune_torch_nets import Bert, MaskedAttention, ViT, rng_ids
 
 QUIET = {"log": lambda m: None}
 
@@ -66,6 +66,29 @@ def test_bert_dead_heads_and_units_are_removed_exactly():
     in_proj = [w[n.inputs[1].name] for n in result.graph.nodes
                if n.name == "/enc/layers.0/self_attn/MatMul"][0]
     assert in_proj.shape == (64, 3 * 48)
+
+
+def test_static_batch_merged_with_heads_prunes_heads_exactly():
+    # Batch 2 fixed: torch's [T, B*H, Dh] axis holds the heads twice.
+    net = Bert().kill(heads={0: [2], 1: [0]}, units={})
+    model = net.onnx(dynamic_batch=False)
+    result = prune_dead(model, 2)
+    ids = rng_ids(net.vocab, 2, net.seq)
+    ref, out = run_both(model, result.graph, {"ids": ids})
+    assert compare_outputs(ref, out).max_rel <= 1e-5
+    assert removed_by_source(result)["/enc/layers.1/self_attn/MatMul"] == 1
+
+
+def test_additive_attention_mask_broadcast_over_heads_does_not_block_them():
+    net = MaskedAttention().kill(heads=[1, 6])
+    model = net.onnx()
+    result = prune_dead(model, 2)
+    rng = np.random.default_rng(0)
+    feeds = {"x": rng.standard_normal((3, 16, 64)).astype(np.float32),
+             "mask": (rng.random((3, 16)) > 0.3).astype(np.int64)}
+    ref, out = run_both(model, result.graph, feeds)
+    assert compare_outputs(ref, out).max_rel <= 1e-5
+    assert list(removed_by_source(result).values()) == [2]        # the q, k, v heads
 
 
 def test_bert_prunes_heads_and_mlp_at_30_percent_and_runs():

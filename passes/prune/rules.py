@@ -169,7 +169,7 @@ class Elementwise(Rule):
         if out.shape is None or any(r is None for r in ranks):
             return "shapes unknown"
         r = len(out.shape)
-        chan = []                       # (info, mapped axis) of variable inputs
+        chan = []                       # (info, mapped axis, tensor, rank) of variable inputs
         for t, rt in zip(node.inputs, ranks):
             if isinstance(t, gs.Constant) or _const(t) is not None:
                 continue
@@ -178,19 +178,25 @@ class Elementwise(Rule):
                 if rt == 0 or all(d == 1 for d in t.shape):
                     continue            # a scalar activation broadcasts over channels
                 return "an input's channels are unknown"
-            chan.append((info, info.axis + (r - rt)))
+            chan.append((info, info.axis + (r - rt), t, rt))
         if not chan:
             return "no activation input"
-        full = [(i, a) for i, a in chan if len(i.slots) > 1] or chan
-        axis = full[0][1]
-        c_out = len(full[0][0].slots)
-        for info, a in chan:
+        full = [c for c in chan if len(c[0].slots) > 1] or chan
+        # Prefer an input whose channels may go (attention scores, not an additive
+        # mask [B, 1, 1, T] tracked on its fixed token axis).
+        full = [c for c in full if not dg.all_fixed(c[0].slots)] or full
+        ref, axis = full[0][0].slots, full[0][1]
+        c_out = len(ref)
+        for info, a, t, rt in chan:
             n = len(info.slots)
             if n == 1 and c_out > 1:
                 continue                # broadcast along channels
+            if a != axis and dg.all_fixed(info.slots) and axis - (r - rt) >= 0 \
+                    and t.shape[axis - (r - rt)] == 1:
+                continue                # broadcast along the channels; its own axis stays
             if a != axis or n != c_out:
                 return "inputs disagree on the channel axis"
-            dg.union(info.slots, full[0][0].slots)
+            dg.union(info.slots, ref)
         self.sliced = []                # (input index, axis in the constant)
         for i, (t, rt) in enumerate(zip(node.inputs, ranks)):
             v = _const(t)
@@ -201,7 +207,7 @@ class Elementwise(Rule):
                 if v.shape[ca] != c_out:
                     return "constant does not match the channel count"
                 self.sliced.append((i, ca))
-        dg.set_info(out, axis, full[0][0].slots)
+        dg.set_info(out, axis, ref)
         return None
 
     def apply(self, rw, node):
@@ -779,16 +785,27 @@ class Reshape(Rule):
         cands = [j for j in gj if dout[j] > 1 and j not in selected]
         if not cands:
             return "every factor of the channel axis is selected from (Gather/Split/Slice)"
-        k = cands[0]
-        stride = int(np.prod([dout[j] for j in gj if j > k]))
-        coord = (pos // stride) % dout[k]               # output index on axis k
-        # (output index, input channel) pairs, sorted: each output index's channels.
-        pairs = np.unique(np.stack([coord, chan], 1), axis=0)
+
+        def pairs_for(j):
+            stride = int(np.prod([dout[i] for i in gj if i > j]))
+            coord = (pos // stride) % dout[j]           # output index on axis j
+            # (output index, input channel) pairs, sorted: each output index's channels.
+            return np.unique(np.stack([coord, chan], 1), axis=0)
+
+        def one_slot_each(pairs):
+            return len(np.unique(np.stack([pairs[:, 0], info.slots[pairs[:, 1]]], 1),
+                                 axis=0)) == len(np.unique(pairs[:, 0]))
+
+        # A factor whose every index already holds one slot needs no coupling (a static
+        # batch merged with heads, [2*H, T, Dh] -> [2, H, T, Dh]: the H factor); else the
+        # outermost one (heads before their features).
+        k = next((j for j in cands if one_slot_each(pairs_for(j))), cands[0])
+        pairs = pairs_for(k)
         new = info.slots[pairs[np.searchsorted(pairs[:, 0], np.arange(dout[k])), 1]]
         why = _batch_outer(dg, x, out, info, k, pairs, dout[k])
         if why:
             return why
-        split = len(pairs) > dout[k]                   # some output index holds 2+ channels
+        split = not one_slot_each(pairs)               # some output index holds 2+ slots
         if split and a != len(din) - 1:
             return "splits a channel axis that is not the last (e.g. a channel shuffle)"
         if split:
