@@ -35,8 +35,10 @@ class Bert(nn.Module):
     """BERT-like: token + position embedding, nn.TransformerEncoder (batch_first,
     GELU: torch exports the Erf form), classifier on the first token."""
 
-    def __init__(self, vocab=200, d=64, heads=4, ff=128, layers=2, seq=16, classes=3):
+    def __init__(self, vocab=200, d=64, heads=4, ff=128, layers=2, seq=16, classes=3,
+                 padding_mask=False):
         super().__init__()
+        self.padding_mask = padding_mask
         torch.manual_seed(0)
         self.emb = nn.Embedding(vocab, d)
         self.pos = nn.Parameter(torch.randn(1, seq, d) * 0.02)
@@ -46,11 +48,15 @@ class Bert(nn.Module):
         self.head = nn.Linear(d, classes)
         self.seq, self.vocab = seq, vocab
 
-    def forward(self, ids):
-        return self.head(self.enc(self.emb(ids) + self.pos)[:, 0])
+    def forward(self, ids, pad=None):
+        # pad: True where a token is padding (torch expands it over the heads).
+        return self.head(self.enc(self.emb(ids) + self.pos, src_key_padding_mask=pad)[:, 0])
 
     def onnx(self, opset=17, dynamic_batch=True):
         ids = torch.randint(0, self.vocab, (2, self.seq))
+        if self.padding_mask:
+            pad = torch.zeros(2, self.seq, dtype=torch.bool)
+            return export(self, (ids, pad), ["ids", "pad"], ["logits"], opset, dynamic_batch)
         return export(self, (ids,), ["ids"], ["logits"], opset, dynamic_batch)
 
     def kill(self, heads: dict, units: dict):

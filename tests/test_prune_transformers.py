@@ -79,6 +79,18 @@ def test_static_batch_merged_with_heads_prunes_heads_exactly():
     assert removed_by_source(result)["/enc/layers.1/self_attn/MatMul"] == 1
 
 
+def test_padding_mask_expanded_over_heads_is_pruned_with_them():
+    net = Bert(padding_mask=True).kill(heads={0: [0], 1: [2]}, units={1: [4]})
+    model = net.onnx()
+    result = prune_dead(model, 3)
+    pad = np.zeros((3, net.seq), bool)
+    pad[0, 10:], pad[2, 3:] = True, True
+    ref, out = run_both(model, result.graph, {"ids": rng_ids(net.vocab, 3, net.seq),
+                                              "pad": pad})
+    assert compare_outputs(ref, out).max_rel <= 1e-5
+    assert removed_by_source(result)["/enc/layers.0/self_attn/MatMul"] == 1
+
+
 def test_additive_attention_mask_broadcast_over_heads_does_not_block_them():
     net = MaskedAttention().kill(heads=[1, 6])
     model = net.onnx()

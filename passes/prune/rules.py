@@ -970,6 +970,66 @@ def _moved_axis(node, ax, r):
 
 
 @rule
+class Expand(Rule):
+    """Expand: tracked channels pass through (never broadcast). An input whose channels
+    can never go (e.g. an attention padding mask) broadcast along exactly one axis gets
+    fresh slots there: torch expands the mask [B, 1, 1, T] over the heads, and the Add
+    into the scores then couples them with the heads, so the expand size is rewritten."""
+
+    ops = ("Expand",)
+
+    def propagate(self, dg, node):
+        x, out = node.inputs[0], node.outputs[0]
+        self.k = None
+        if _const(x) is not None:
+            return "broadcasts a constant"
+        info = dg.info_of(x)
+        px, po = dg.probe_shape(x, 1), dg.probe_shape(out, 1)
+        if px is None or po is None or len(po) < len(px):
+            return "shapes do not resolve"
+        off = len(po) - len(px)
+        if info is not None and not dg.all_fixed(info.slots):
+            if px[info.axis] != po[info.axis + off]:
+                return "broadcasts the channel axis"
+            dg.set_info(out, info.axis + off, info.slots)
+            return None
+        grown = [j for j in range(len(po)) if (j < off or px[j - off] == 1) and po[j] > 1]
+        if len(grown) != 1:
+            if info is not None and px[info.axis] == po[info.axis + off]:
+                dg.set_info(out, info.axis + off, info.slots)
+                return None
+            return "broadcasts along several axes"
+        shape = _const(node.inputs[1])
+        if shape is None:
+            # Computed: the probed output shape, batch-dependent entries as 1 (Expand
+            # keeps the input's dim there) when the input has that dim.
+            p2, x2 = dg.probe_shape(out, 2), dg.probe_shape(x, 2)
+            if p2 is None or x2 is None:
+                return "expand shape is computed and does not resolve at two batch sizes"
+            shape = np.array(po, np.int64)
+            for j in range(len(po)):
+                if po[j] != p2[j]:
+                    if j < off or (px[j - off], x2[j - off]) != (po[j], p2[j]):
+                        return "expand shape has a batch-dependent dim the input lacks"
+                    shape[j] = 1
+        self.shape = np.array(shape, np.int64).ravel()
+        self.k = grown[0]
+        if self.k - (len(po) - len(self.shape)) < 0:
+            return "expand shape shorter than the output"
+        dg.set_info(out, self.k, dg.new_slots(po[self.k]))
+        return None
+
+    def apply(self, rw, node):
+        keep = rw.keep_out(node, 0)
+        if keep is None or self.k is None:
+            return
+        shape = self.shape.copy()
+        ro = len(rw.dg.probe_shape(node.outputs[0], 1))
+        shape[self.k - (ro - len(shape))] = len(keep)
+        _set_input(rw, node, 1, shape, "shape")
+
+
+@rule
 class Shape(Rule):
     """Shape is harmless when what is read of it (Gather/Slice with constant indices)
     never includes the channel axis; otherwise the channel count flows into values."""
