@@ -291,5 +291,39 @@ class Detector(nn.Module):
         return self
 
 
+class YoloHead(nn.Module):
+    """YOLOv8's Detect head on two scales: per scale a box branch (4 x 16 DFL bins) and
+    a class branch, concatenated on channels, flattened and joined over the scales,
+    split into boxes and classes; the DFL (softmax over bins, fixed 1x1 conv) decodes
+    the boxes; one output [B, 4 + classes, anchors]."""
+
+    def __init__(self, classes=5, reg=16):
+        super().__init__()
+        torch.manual_seed(0)
+        self.nc, self.reg = classes, reg
+        self.stem = ConvAct(3, 32, 3, 2)
+        self.p4 = nn.Sequential(ConvAct(32, 64, 3, 2), C2f(64, 64, split=True))
+        self.box = nn.ModuleList(nn.Sequential(ConvAct(c, 32, 3), ConvAct(32, 32, 3),
+                                               nn.Conv2d(32, 4 * reg, 1)) for c in (32, 64))
+        self.cls = nn.ModuleList(nn.Sequential(ConvAct(c, 32, 3), ConvAct(32, 32, 3),
+                                               nn.Conv2d(32, classes, 1)) for c in (32, 64))
+        self.dfl = nn.Conv2d(reg, 1, 1, bias=False).requires_grad_(False)
+        self.dfl.weight.data[:] = torch.arange(reg, dtype=torch.float).view(1, reg, 1, 1)
+
+    def forward(self, x):
+        p3 = self.stem(x)
+        feats = (p3, self.p4(p3))
+        b = x.shape[0]
+        y = torch.cat([torch.cat((self.box[i](f), self.cls[i](f)), 1)
+                       .view(b, 4 * self.reg + self.nc, -1) for i, f in enumerate(feats)], 2)
+        box, cls = y.split((4 * self.reg, self.nc), 1)
+        a = box.shape[-1]
+        box = self.dfl(box.view(b, 4, self.reg, a).transpose(2, 1).softmax(1)).view(b, 4, a)
+        return torch.cat((box, cls.sigmoid()), 1)
+
+    def onnx(self, opset=17):
+        return export(self, (torch.randn(1, 3, 32, 32),), ["x"], ["y"], opset)
+
+
 def rng_ids(vocab, batch, seq, seed=1):
     return np.random.default_rng(seed).integers(0, vocab, (batch, seq)).astype(np.int64)

@@ -13,7 +13,7 @@ from onnxc.passes.prune import prunable_groups
 from onnxc.passes.prune.groups import DependencyGraph
 from onnxc.verify import Runner, compare_outputs
 
-from prune_torch_nets import Detector
+from prune_torch_nets import Detector, YoloHead
 
 QUIET = {"log": lambda m: None}
 # s1's C2f: cv1 makes 2x16 channels, split in halves; the second half goes through a
@@ -71,3 +71,17 @@ def test_detector_at_30_percent_keeps_every_output_channel_and_runs():
     # Resize follows the channels it upsamples: the neck reads fewer of them.
     neck = next(n for n in result.graph.nodes if n.name == "/neck/cv1/conv/Conv")
     assert neck.inputs[1].values.shape[1] < 96
+
+
+def test_yolov8_detect_head_keeps_boxes_and_classes_and_prunes_the_branches():
+    model = YoloHead().onnx()
+    result = compress(model, ["prune"], options={"prune_ratio": 0.3}, **QUIET)
+    prune = result.report["passes"][-1]
+    pruned = {g["group"] for g in prune["extra"]["per_group"]}
+    # The inner convs of both branches lose channels; the last convs (DFL bins, class
+    # scores) reach the one output through Concat, Split and the DFL reshape: whole.
+    assert any("/box." in g for g in pruned) and any("/cls." in g for g in pruned)
+    assert not any(g.endswith(".2/Conv") for g in pruned)
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    out = Runner(result.graph).run({"x": x})
+    assert out[0].shape == (2, 4 + 5, 16 * 16 + 8 * 8)
