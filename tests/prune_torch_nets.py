@@ -291,6 +291,44 @@ class Detector(nn.Module):
         return self
 
 
+class WindowAttention(nn.Module):
+    """Swin's shifted-window attention core: tokens in nW windows of N, fused qkv, a
+    per-window mask added through view(B_ // nW, nW, H, N, N)."""
+
+    def __init__(self, d=32, heads=4, windows=4, n=16):
+        super().__init__()
+        torch.manual_seed(0)
+        self.h, self.dh, self.nw, self.n = heads, d // heads, windows, n
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.register_buffer("mask", torch.randn(windows, n, n))
+
+    def forward(self, x):                          # x: [B, nW * N, d]
+        b, _, d = x.shape
+        x = x.reshape(b * self.nw, self.n, d)
+        bw = x.shape[0]
+        qkv = self.qkv(x).reshape(bw, self.n, 3, self.h, self.dh).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        a = q @ k.transpose(-2, -1)
+        a = a.view(bw // self.nw, self.nw, self.h, self.n, self.n) \
+            + self.mask.unsqueeze(1).unsqueeze(0)
+        a = a.view(-1, self.h, self.n, self.n).softmax(-1)
+        y = (a @ v).transpose(1, 2).reshape(bw, self.n, d)
+        return self.proj(y).reshape(b, self.nw * self.n, d)
+
+    def onnx(self):
+        return export(self, (torch.randn(2, self.nw * self.n, 32),), ["x"], ["y"])
+
+    def kill(self, heads):
+        with torch.no_grad():
+            d = self.h * self.dh
+            for h in heads:
+                for part in range(3):
+                    rows = slice(part * d + h * self.dh, part * d + (h + 1) * self.dh)
+                    self.qkv.weight[rows] = 0
+                    self.qkv.bias[rows] = 0
+        return self
+
+
 class YoloHead(nn.Module):
     """YOLOv8's Detect head on two scales: per scale a box branch (4 x 16 DFL bins) and
     a class branch, concatenated on channels, flattened and joined over the scales,

@@ -16,7 +16,7 @@ from onnxc.passes.prune import prunable_groups
 from onnxc.passes.prune.groups import DependencyGraph
 from onnxc.verify import Runner, compare_outputs
 
-from prune_torch_nets import Bert, MaskedAttention, ViT, rng_ids
+from prune_torch_nets import Bert, MaskedAttention, ViT, WindowAttention, rng_ids
 
 QUIET = {"log": lambda m: None}
 
@@ -89,6 +89,18 @@ def test_padding_mask_expanded_over_heads_is_pruned_with_them():
                                               "pad": pad})
     assert compare_outputs(ref, out).max_rel <= 1e-5
     assert removed_by_source(result)["/enc/layers.0/self_attn/MatMul"] == 1
+
+
+def test_window_attention_mask_view_keeps_heads_prunable():
+    # Swin: scores [B*nW, H, N, N] viewed as [B, nW, H, N, N] for the per-window mask:
+    # the batch-and-windows axis splits while the heads stay on their own axis.
+    net = WindowAttention().kill(heads=[3])
+    model = net.onnx()
+    result = prune_dead(model, 1)
+    x = np.random.default_rng(0).standard_normal((3, 64, 32)).astype(np.float32)
+    ref, out = run_both(model, result.graph, {"x": x})
+    assert compare_outputs(ref, out).max_rel <= 1e-5
+    assert list(removed_by_source(result).values()) == [1]
 
 
 def test_additive_attention_mask_broadcast_over_heads_does_not_block_them():

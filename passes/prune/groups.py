@@ -195,20 +195,29 @@ class DependencyGraph:
 
             shapes = {}
             try:
-                model = self.graph._skeleton()
-                for inp in model.graph.input[:len(self.graph.gs.inputs)]:
+                probe = self.graph._skeleton()
+                for inp in probe.graph.input[:len(self.graph.gs.inputs)]:
                     for d in inp.type.tensor_type.shape.dim:
                         if not d.HasField("dim_value"):
                             d.dim_value = value
-                model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+            except Exception:   # the IR cannot be exported: shapes stay unresolved
+                probe = None
+            # ONNX data propagation, then ONNX Runtime's symbolic inference for what it
+            # leaves open (it evaluates Div/Mod on shapes: Swin's window counts).
+            for infer in (lambda m: onnx.shape_inference.infer_shapes(m, data_prop=True),
+                          _ort_symbolic_shapes):
+                if probe is None:
+                    break
+                try:
+                    model = infer(probe)
+                except Exception:   # inference fails on some graphs: try the next one
+                    continue
                 for vi in list(model.graph.value_info) + list(model.graph.output) \
                         + list(model.graph.input):
                     tt = vi.type.tensor_type
-                    if tt.HasField("shape") and all(d.HasField("dim_value")
-                                                    for d in tt.shape.dim):
+                    if vi.name not in shapes and tt.HasField("shape") and all(
+                            d.HasField("dim_value") for d in tt.shape.dim):
                         shapes[vi.name] = tuple(int(d.dim_value) for d in tt.shape.dim)
-            except Exception:   # inference fails on some graphs: shapes stay unresolved
-                pass
             self._probes[value] = shapes
         name = getattr(tensor, "name", None)
         if isinstance(tensor, gs.Constant):
@@ -406,6 +415,15 @@ class DependencyGraph:
         """Names of tracked tensors that would lose every channel."""
         return [name for name, info in self.info.items()
                 if len(info.slots) and removed[self.label[info.slots]].all()]
+
+
+def _ort_symbolic_shapes(model):
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    out = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    if out is None:
+        raise ValueError("symbolic shape inference gave up")
+    return out
 
 
 def _feature_axis(node, tensor) -> int:
