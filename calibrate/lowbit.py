@@ -106,7 +106,7 @@ class LowBitPass(Pass):
         if not qdq.per_channel_ok(graph):
             report.note(f"opset {graph.opset}: per-channel α applied by a Mul after a "
                         f"per-tensor DequantizeLinear (no axis before opset 13)")
-        qdq.name_nodes(graph)
+        graph.name_nodes()
         qdq.report_vendor_nodes(graph, report, self.name)
         prequantized = qdq.report_prequantized(graph, report)
         weighted = qdq.weighted_layers(graph)

@@ -272,14 +272,6 @@ def resolve_keep(spec: str | None, layers: list, default: str) -> set:
     return keep
 
 
-def name_nodes(graph) -> None:
-    """Give unnamed nodes stable unique names: plans and reports refer to nodes by name."""
-    for node in graph.nodes:
-        if not node.name:
-            node.name = graph.unique_name(f"{node.op}_{node.outputs[0].name}"
-                                          if node.outputs else node.op)
-
-
 # ---- models that are already quantized ----------------------------------------------
 
 # Integer kernels (ONNX and ORT contrib): their layers are quantized already.

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
-from onnxc.errors import ModelError, OnnxcError, UnsupportedError, UsageError
+from onnxc.errors import ModelError, OnnxcError, UnsupportedError, UsageError, first_line
 from onnxc.ir import Graph
 
 # The standard domains; other domains are accepted where ONNX Runtime has a CPU kernel
@@ -49,7 +49,7 @@ def load_model(source, load_external_data: bool = True) -> onnx.ModelProto:
             onnx.external_data_helper.load_external_data_for_model(
                 model, os.path.dirname(os.path.abspath(path)))
         except (OSError, ValueError, onnx.checker.ValidationError) as exc:
-            first = str(exc).strip().splitlines()[0]
+            first = first_line(exc)
             raise ModelError(f"{path}: cannot load external data: {first}") from exc
     return _check_nonempty(model, path)
 
@@ -61,7 +61,7 @@ def _parse(data: bytes, where: str) -> onnx.ModelProto:
     try:
         model.ParseFromString(data)
     except (DecodeError, RuntimeError, ValueError) as exc:
-        raise ModelError(f"{where}: not a valid ONNX protobuf ({str(exc).splitlines()[0]})") \
+        raise ModelError(f"{where}: not a valid ONNX protobuf ({first_line(exc)})") \
             from exc
     return model
 
@@ -166,7 +166,7 @@ def check_model(model: onnx.ModelProto, where: str = "model") -> None:
         if model.ByteSize() < 2_000_000_000:
             onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
-        first = str(exc).strip().splitlines()[0]
+        first = first_line(exc)
         raise ModelError(f"{where}: fails the ONNX checker: {first}") from exc
 
 
@@ -246,7 +246,7 @@ def _upgrade_opset(model: onnx.ModelProto, notes: list) -> onnx.ModelProto:
     try:
         return _convert(model, opset, notes)
     except Exception as exc:  # noqa: BLE001  (converter and checker raise many types)
-        first = _first_line(exc)
+        first = first_line(exc, 120)
     repaired = onnx.ModelProto()
     repaired.CopyFrom(model)
     fixes = repair_value_info(repaired, drop_all=True)
@@ -257,7 +257,7 @@ def _upgrade_opset(model: onnx.ModelProto, notes: list) -> onnx.ModelProto:
         return upgraded
     except Exception as exc:  # noqa: BLE001  the converter lacks adapters for some old ops
         notes.append(f"opset {opset} kept: upgrade to {TARGET_OPSET} failed "
-                     f"({_first_line(exc)})")
+                     f"({first_line(exc, 120)})")
         return model
 
 
@@ -268,10 +268,6 @@ def _convert(model: onnx.ModelProto, opset: int, notes: list) -> onnx.ModelProto
     onnx.checker.check_model(upgraded)
     notes.append(f"opset upgraded {opset} -> {TARGET_OPSET}")
     return upgraded
-
-
-def _first_line(exc: Exception) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
 
 
 def default_opset(model: onnx.ModelProto) -> int | None:
@@ -404,7 +400,7 @@ def _fold_constants(model: onnx.ModelProto, notes: list) -> onnx.ModelProto:
             return slim
         notes.append("constant folding produced nothing; kept the model as loaded")
     except Exception as exc:  # onnxslim gives up on some graphs: keep going unfolded
-        notes.append(f"constant folding skipped: {str(exc).splitlines()[0][:120]}")
+        notes.append(f"constant folding skipped: {first_line(exc, 120)}")
     return model
 
 
@@ -472,7 +468,7 @@ def canonicalize(model: onnx.ModelProto, input_shapes: dict | None = None,
     try:
         work = onnx.shape_inference.infer_shapes(work, data_prop=True)
     except Exception as exc:
-        notes.append(f"shape inference incomplete: {str(exc).splitlines()[0][:120]}")
+        notes.append(f"shape inference incomplete: {first_line(exc, 120)}")
     graph = Graph.from_onnx(work)
     moved = _constants_to_initializers(graph)
     if moved:
@@ -511,11 +507,16 @@ def _check_finite_weights(graph: Graph) -> None:
 
 
 def _check_symbolic(graph: Graph) -> None:
-    """Only the leading (batch) dim may stay symbolic; others need --input-shape."""
+    """Only the leading dim and the batch dim (a symbolic dim inputs share, e.g. N of a
+    recurrent state [2, N, H]) may stay symbolic; others need --input-shape."""
+    from onnxc.execution import graph_layout
+
+    batch = graph_layout(graph).axes
     for tensor in graph.gs.inputs:
         shape = tensor.shape or []
         for axis, d in enumerate(shape):
-            if axis > 0 and not isinstance(d, (int, np.integer)):
+            if axis not in (0, batch.get(tensor.name)) \
+                    and not isinstance(d, (int, np.integer)):
                 raise UsageError(
                     f"input '{tensor.name}' has symbolic dim '{d}' at axis {axis}; "
                     f"fix it with --input-shape {tensor.name}:" +
@@ -548,7 +549,7 @@ def load(source, input_shapes: dict | None = None, check: bool = True,
         raise ModelError(f"{where}: a name or string field is not valid UTF-8 "
                          f"(corrupted file?)") from exc
     except Exception as exc:  # passed the checker but breaks shape inference / the IR
-        msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        msg = first_line(exc, 200) if str(exc).strip() else ""
         raise UnsupportedError(f"{where}: cannot canonicalise the model "
                                f"({type(exc).__name__}: {msg})") from exc
 

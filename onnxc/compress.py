@@ -17,12 +17,12 @@ from dataclasses import dataclass
 
 import onnx
 
-from . import __version__
 from .errors import OutputError, VerificationError
 from .ir import Graph
 from .options import Option, check_keys, configure, declare, positive_int, reserve
 from .pipeline import Context, PassManager, resolve_passes
 from .verify import compare_outputs, top1
+from .version import __version__
 
 REPORT_SCHEMA_VERSION = 1
 
@@ -122,7 +122,8 @@ def compress(model, passes, target: str = "onnx", out_dir: str | None = None,
     final, reports = result.graph, result.reports
     original_stats, final_stats = result.original_stats, result.final_stats
     verifier = result.verifier
-    overall = compare_outputs(result.original_outputs, result.final_outputs)
+    overall = compare_outputs(result.original_outputs, result.final_outputs,
+                              len(verifier.dataset))
     accuracy = None
     if evaluation is not None and evaluation.labels is not None:
         before = top1(ctx.original, evaluation)

@@ -235,7 +235,7 @@ class Int8(Pass):
             per_channel = False
             report.note(f"opset {graph.opset} (the upgrade to 13 failed, see the frontend "
                         f"notes): DequantizeLinear has no axis there, weights per-tensor")
-        qdq.name_nodes(graph)
+        graph.name_nodes()
         weighted = qdq.weighted_layers(graph)
         keep = qdq.resolve_keep(cfg.keep_float, weighted, "none")
         candidates = {n.name for n in graph.nodes if n.op in COMPUTE_OPS
@@ -339,7 +339,7 @@ class Int8(Pass):
             raise UnsupportedError(f"int8 dynamic: the model's opset {graph.opset} has no "
                                    f"DynamicQuantizeLinear (opset 11+) and could not be "
                                    f"upgraded (see the frontend notes)")
-        qdq.name_nodes(graph)
+        graph.name_nodes()
         weighted = qdq.weighted_layers(graph)
         keep = qdq.resolve_keep(self.config.keep_float, weighted, "none")
         done = []

@@ -8,7 +8,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxc import frontend
 from onnxc.errors import ModelError, UsageError
-from onnxc.verify import Runner, compare_outputs
+from onnxc.execution import Runner
+from onnxc.verify import compare_outputs
 
 
 def _conv_model(batch="N", with_constant_node=False, init_as_input=False, opset=13):
