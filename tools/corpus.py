@@ -192,19 +192,29 @@ _TORCH_NN_DOC = {
 # building (export venv for torchvision/timm; any torch for the torch.nn models)
 # =========================================================================================
 
-def _randomize_bn(module, seed: int = 0) -> None:
-    """Random BN statistics and affine terms so fold_bn has real numbers to fold."""
+def _randomize_bn(module, example, seed: int = 0) -> None:
+    """Random BN affine terms, then BN statistics measured on random inputs shaped like
+    ``example`` (train-mode passes, cumulative average), as training would leave them.
+    With the constructors' defaults (mean 0, var 1) or made-up statistics, the activations
+    of a deep random network drift off scale and its output hardly depends on its input,
+    so no lossy pass could be told from another by its output error."""
     import torch
     gen = torch.Generator().manual_seed(seed)
-    for m in module.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
-            c = m.num_features
-            with torch.no_grad():
-                m.running_mean.copy_(torch.randn(c, generator=gen) * 0.1)
-                m.running_var.copy_(torch.rand(c, generator=gen) * 0.4 + 0.8)
-                if m.weight is not None:
-                    m.weight.copy_(torch.rand(c, generator=gen) * 0.4 + 0.8)
-                    m.bias.copy_(torch.randn(c, generator=gen) * 0.1)
+    bns = [m for m in module.modules()
+           if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        return
+    with torch.no_grad():
+        for m in bns:
+            if m.weight is not None:
+                m.weight.copy_(torch.rand(m.num_features, generator=gen) * 0.4 + 0.8)
+                m.bias.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+            m.reset_running_stats()
+            m.momentum = None
+        module.train()
+        for _ in range(2):
+            module(torch.randn((8,) + tuple(example.shape[1:]), generator=gen))
+    module.eval()
 
 
 def _export(module, args, path, input_names, output_names, dynamic_axes) -> None:
@@ -286,7 +296,6 @@ def _export_torchvision(model: Model) -> None:
     torch.manual_seed(0)
     b = model.build
     net = torchvision.models.get_model(b["ctor"], weights=None, **b["kwargs"])
-    _randomize_bn(net)
     x = torch.randn(1, 3, b["size"], b["size"])
     if model.name.startswith("ssdlite"):
         # The raw head (box regression, class logits): NMS and box decoding are
@@ -301,7 +310,9 @@ def _export_torchvision(model: Model) -> None:
                 out = self.det.head(feats)
                 return out["bbox_regression"], out["cls_logits"]
 
-        _export(Head(net), (x,), model.path, ["input"], ["boxes", "logits"],
+        head = Head(net)
+        _randomize_bn(head, x)
+        _export(head, (x,), model.path, ["input"], ["boxes", "logits"],
                 {"input": {0: "batch"}, "boxes": {0: "batch"}, "logits": {0: "batch"}})
         return
     if b["ctor"].startswith(("deeplab", "lraspp")):
@@ -314,6 +325,7 @@ def _export_torchvision(model: Model) -> None:
                 return self.seg(x)["out"]
 
         net = Seg(net)
+    _randomize_bn(net, x)
     _export(net, (x,), model.path, ["input"], ["output"],
             {"input": {0: "batch"}, "output": {0: "batch"}})
 
@@ -323,8 +335,8 @@ def _export_timm(model: Model) -> None:
     import torch
     torch.manual_seed(0)
     net = timm.create_model(model.name, pretrained=False)
-    _randomize_bn(net)
     x = torch.randn(1, 3, model.build["size"], model.build["size"])
+    _randomize_bn(net, x)
     _export(net, (x,), model.path, ["input"], ["output"],
             {"input": {0: "batch"}, "output": {0: "batch"}})
 
