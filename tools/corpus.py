@@ -655,6 +655,10 @@ def run_one(model: Model, ps: PassSet, workdir: str, timeout: float,
         skipped = [f"{s.get('node')}: {s.get('reason')}" for p in report.get("passes", [])
                    for s in (p.get("skipped") or [])]
         res["skipped_examples"] = skipped[:3]
+        before = (report.get("original") or {}).get("params")
+        after = (report.get("final") or {}).get("params")
+        if before and after is not None:
+            res["params_ratio"] = after / before
         verif = (report.get("runtime") or {}).get("verification")
         if verif and "max_rel" in verif:
             res["tvm_rel"] = verif["max_rel"]
@@ -753,6 +757,8 @@ def _is_exact(label: str) -> bool:
 def cell(r: dict) -> str:
     if r["status"] == "ok":
         fig = f"{r['rel']:.0e}" if _is_exact(r["set"]) else f"ccos {r.get('ccos', float('nan')):.3f}"
+        if r["set"] in ("prune", "lowrank") and r.get("params_ratio") is not None:
+            fig += f", params x{r['params_ratio']:.2f}"
         return f"ok {fig}, {r['seconds']:.0f}s"
     return f"**{r['status']}**, {r['seconds']:.0f}s"
 
