@@ -870,7 +870,7 @@ def main(argv=None) -> int:
         p.error(f"unknown model(s) {', '.join(unknown)}")
     if args.build or args.rebuild:
         return 1 if build(names, force=args.rebuild) else 0
-    chosen = [m for m in every if names is None or m.name in names]
+    chosen = every if names is None else [known[n] for n in names]  # in the order given
     if args.list:
         for m in chosen:
             print(f"{m.name:<32} {'built' if os.path.exists(m.path) else 'missing':<8} {m.origin}")
