@@ -1,4 +1,4 @@
-"""Quantization benchmark (issue 5): prints every figure the issue's "Must show" lists.
+"""Quantization benchmark: prints every figure docs/quantization.md reports.
 
     python tools/bench_quant.py [--shared ../shared] [--reps 10] [--skip-lowbit]
                                 [--part all|accuracy|latency]
