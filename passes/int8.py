@@ -15,7 +15,7 @@ integer kernels (QLinearConv, QLinearAdd, QGemm, QLinearGlobalAveragePool, ...).
 3. Rewrite: weights become int8 initializers (symmetric, per output channel) behind a
    DequantizeLinear with ``axis``; biases int32 with scale s_x·s_w; Q/DQ pairs inserted.
 
-``--pow2-scales`` makes every scale a power of two and activations int8 with zero
+``--int8-pow2-scales`` makes every scale a power of two and activations int8 with zero
 point 0, so requantisation s_x·s_w/s_y is a right shift (dynamic fixed point, VTA).
 ``--max-drop`` turns on mixed precision: layers are ranked by sensitivity and the most
 sensitive fall back to float until top-1 on labelled data is within the budget.

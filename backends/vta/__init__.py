@@ -1,6 +1,6 @@
 """Target ``vta``: the Versatile Tensor Accelerator (TVM's FPGA deep-learning accelerator).
 
-After ``int8 --pow2-scales``, every conv/dense layer in the QDQ pattern (with its bias,
+After ``int8 --int8-pow2-scales``, every conv/dense layer in the QDQ pattern (with its bias,
 ReLU, requantisation and clip) is lowered to a VTA program — tiles that fit the on-chip
 buffers, uop kernels, a load/compute/store instruction stream with dependency tokens and
 double buffering — and everything else runs on the host. The simulator in ``sim.py``
