@@ -128,6 +128,15 @@ def test_vta_without_pow2_int8_fails_before_any_pass(tmp_path):
                         "VTA takes int8 activations with power-of-two scales")
 
 
+def test_vta_on_a_float_model_without_int8_fails_before_any_pass(tmp_path):
+    code, _, err = run_cli("compress", _cnn(tmp_path / "m.onnx"), "--passes", "fold_bn",
+                           "--target", "vta", "-o", tmp_path / "o")
+    assert code == 4
+    lines = err.strip().splitlines()
+    assert len(lines) == 2 and lines[1].startswith("onnxc: error: no layer can run on VTA")
+    assert "--int8-pow2-scales" in lines[1]
+
+
 def test_recover_without_data_fails_before_any_pass(tmp_path):
     code, _, err = run_cli("compress", _cnn(tmp_path / "m.onnx"), "--passes",
                            "fold_bn,recover", "-o", tmp_path / "o")

@@ -25,7 +25,7 @@ from onnxc.backends import Backend, Option, register_backend
 from onnxc.backends.tvm import X86Backend
 from onnxc.errors import UnsupportedError
 from onnxc.options import non_negative_int
-from onnxc.pipeline import PassWith
+from onnxc.pipeline import PassWith, Requirement
 
 from .config import DEFAULT, VtaConfig
 
@@ -104,6 +104,19 @@ def compile_graph(graph, cfg, residual: bool = False):
     return host, programs, placement, reports
 
 
+class QuantizedInput(Requirement):
+    """Without an int8 pass the input model must already be quantized (QDQ)."""
+
+    def check(self, plan, owner):
+        if plan.find("int8") is not None or plan.graph is None:
+            return None
+        if not any(n.op == "QuantizeLinear" for n in plan.graph.nodes):
+            raise UnsupportedError(
+                "no layer can run on VTA: the model has no QuantizeLinear/DequantizeLinear "
+                "and the passes include no int8 (add int8 with --int8-pow2-scales)")
+        return None
+
+
 @register_backend
 class VtaBackend(Backend):
     name = "vta"
@@ -130,7 +143,8 @@ class VtaBackend(Backend):
     requires = (PassWith("int8", (("int8_pow2_scales", (True,)),
                                   ("int8_act_type", ("auto", "int8")),
                                   ("int8_mode", ("static",))),
-                         hint="VTA takes int8 activations with power-of-two scales"),)
+                         hint="VTA takes int8 activations with power-of-two scales"),
+                QuantizedInput())
 
     def validate(self, ctx) -> None:
         config_from_options(self.config)
