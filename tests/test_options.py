@@ -185,3 +185,18 @@ def test_usual_preprocessing_is_not_flagged(tmp_path):
                            "-o", tmp_path / "o")
     assert code == 0, err
     assert "warning" not in err
+
+
+def test_configs_in_the_report_replay_to_the_same_configs(tmp_path):
+    x = RNG.standard_normal((8, 3, 8, 8)).astype(np.float32)
+    from onnxc.calibrate.readers import Dataset
+
+    data, model = Dataset({"x": x}), _cnn()
+    first = compress(model, ["prune", "int8"], calibration=data, log=lambda m: None,
+                     options={"prune_ratio": "0.25", "calibrator": "percentile"})
+    replay = {k: v for p in first.report["passes"] for k, v in p["config"].items()}
+    second = compress(model, ["prune", "int8"], calibration=data, log=lambda m: None,
+                      options=replay)
+    assert [p["config"] for p in second.report["passes"]] == \
+        [p["config"] for p in first.report["passes"]]
+    assert second.graph.to_onnx() == first.graph.to_onnx()
