@@ -200,3 +200,13 @@ def test_configs_in_the_report_replay_to_the_same_configs(tmp_path):
     assert [p["config"] for p in second.report["passes"]] == \
         [p["config"] for p in first.report["passes"]]
     assert second.graph.to_onnx() == first.graph.to_onnx()
+
+
+def test_scale_applied_twice_is_flagged(tmp_path):
+    images = RNG.integers(0, 256, (8, 3, 8, 8)).astype(np.uint8)
+    np.savez(tmp_path / "d.npz", images=images)
+    code, _, err = run_cli("compress", _cnn(tmp_path / "m.onnx"), "--calib-data",
+                           tmp_path / "d.npz", "--scale", str(1 / 255 / 255),
+                           "-o", tmp_path / "o")
+    assert code == 0, err
+    assert "nearly all zero; is --scale applied twice" in err
