@@ -115,7 +115,6 @@ def compress(model, passes, target: str = "onnx", out_dir: str | None = None,
                   preprocess=preprocess)
     for msg in notes:
         ctx.log(f"  frontend: {msg}")
-    backend.validate(ctx)
 
     result = PassManager(pass_list, tolerance=tolerance, backend=backend).run(graph, ctx)
     final, reports = result.graph, result.reports

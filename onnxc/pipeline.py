@@ -326,8 +326,10 @@ class PassManager:
         self.backend = backend
 
     def check(self, ctx: Context, graph: Graph | None = None) -> None:
-        """Options and requirements of every pass (and the backend), before any runs."""
+        """Requirements and options of the backend and every pass, before any pass runs."""
         check_requirements(Plan(self.passes, self.backend, ctx, graph))
+        if self.backend is not None:
+            self.backend.validate(ctx)
         for p in self.passes:
             p.validate(ctx)
 
