@@ -321,6 +321,14 @@ class DependencyGraph:
                        if int(c) in self.fixed_reason]
             g.blocked = reasons[0] if reasons else None
             g.residual = bool(((n_src[g.classes] > 1) & ~heads[g.classes]).any())
+        self.head_class = heads
+        # Channels a class holds in the weights that read or write it (a head: Dh in
+        # q, k, v and the output projection): rounding applies to channels, not heads.
+        self.class_width = np.full(k, np.iinfo(np.int64).max, np.int64)
+        for rec in self.sources + self.consumers:
+            cnt = np.bincount(self.label[rec.slots], minlength=k)
+            hit = cnt > 0
+            self.class_width[hit] = np.minimum(self.class_width[hit], cnt[hit])
 
         # Subgroups: classes of a group found in exactly the same set of tensors.
         signature: dict[int, list] = {}
