@@ -151,3 +151,18 @@ def test_harness_times_out_a_hanging_run(tmp_path):
     cli = fake_cli(tmp_path, "import time; time.sleep(60)")
     r = corpus.run_one(tiny_model(tmp_path), FOLD_BN, str(tmp_path), 1, cli=cli)
     assert r["status"] == "timeout" and r["seconds"] < 30
+
+
+def test_harness_calls_a_changed_output_shape_wrong(tmp_path):
+    cli = fake_cli(tmp_path, """
+        import onnx
+        m = onnx.load(src)
+        shape = onnx.helper.make_tensor("shape", onnx.TensorProto.INT64, [1], [4])
+        m.graph.initializer.append(shape)
+        m.graph.node[0].output[0] = "r"
+        m.graph.node.append(onnx.helper.make_node("Reshape", ["r", "shape"], ["y"]))
+        del m.graph.output[0].type.tensor_type.shape.dim[:]
+        onnx.save(m, os.path.join(out, 'model.onnx'))
+    """)
+    r = corpus.run_one(tiny_model(tmp_path), INT8, str(tmp_path), 30, cli=cli)
+    assert r["status"] == "wrong" and "shape" in r["reason"], r

@@ -629,7 +629,7 @@ def run_one(model: Model, ps: PassSet, workdir: str, timeout: float,
             return res
         res["status"] = "refused"
         names = _names_in_model(model.path)
-        words = set(re.findall(r"[\w./:;-]+", reason))
+        words = {w.rstrip(":;.") for w in re.findall(r"[\w./:;-]+", reason)}
         res["names_node"] = bool(words & names)
         return res
     artifact = os.path.join(out_dir, "model.onnx")
@@ -670,11 +670,20 @@ def run_one(model: Model, ps: PassSet, workdir: str, timeout: float,
                 res["notes"].append("dynamic dims fixed: " + ",".join(lost))
     except (OSError, ValueError):
         res["notes"].append("no report.json")
+    if rel == float("inf"):
+        res.update(status="wrong", reason="outputs differ in number or shape from the "
+                   "original's: " + _shapes(ref[0]) + " -> " + _shapes(out[0]))
+        return res
     if ps.exact and not rel <= EXACT_TOL:
         res.update(status="wrong", reason=f"exact pass changed outputs: max rel {rel:.2e}")
         return res
     res["status"] = "ok"
     return res
+
+
+def _shapes(outputs: list) -> str:
+    import numpy as np
+    return ",".join("x".join(map(str, np.shape(o))) or "scalar" for o in outputs)
 
 
 def run_corpus(models: list, sets: list, timeout: float, x86_timeout: float,
@@ -735,6 +744,10 @@ def load_results(path: str) -> list:
         for line in f:
             if line.strip():
                 r = json.loads(line)
+                if r["status"] == "ok" and r.get("rel") == float("inf"):
+                    # rows from before run_one called a changed output shape wrong
+                    r.update(status="wrong", reason="outputs differ in number or shape "
+                             "from the original's")
                 by[(r["model"], r["set"])] = r
     return list(by.values())
 
