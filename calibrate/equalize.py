@@ -156,7 +156,8 @@ def equalize_checked(graph, ctx, report):
         report.note("cross-layer equalization: no Conv→[Relu]→Conv pair to equalize")
         report.extra["cle"] = info
         return graph
-    data = ctx.calibration_data(graph, CHECK_SAMPLES).take(CHECK_SAMPLES)
+    data = ctx.calibration_data(graph, CHECK_SAMPLES)
+    data = data.take(min(len(data), CHECK_SAMPLES))
     ref = Runner(graph).run(data.inputs)
     got = Runner(work).run(data.inputs)
     err = max(float(np.linalg.norm((g - r).astype(np.float64))

@@ -376,7 +376,7 @@ def handler(args) -> int:
                f"{rows[-1]['cumulative']['output_cosine']:.5f}",
                f"keep in float ({rec['criterion']}): "
                f"{','.join(rec['keep_float']) or '(none)'}"
-               + ("" if rec["met"] else "  [bound NOT met even with every layer float]")]
+               + ("" if rec["met"] else "  [bound NOT met even with every weighted layer float]")]
     if rec["keep_float"]:
         summary.append(f"  -> onnxc compress ... --passes {','.join(passes + ['int8'])} "
                        f"--keep-float {','.join(rec['keep_float'])}")
