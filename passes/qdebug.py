@@ -34,8 +34,19 @@ OUTLIER_SPREAD = 20.0     # channel range max/median above this is flagged
 OUTLIER_TAIL = 4.0        # max/p99.9 of |x| above this is flagged
 
 
+def _add_option(group, opt) -> None:
+    """An int8 option as a flag, as ``compress`` declares it (values stay strings: the
+    pass's config converts them). Not imported from onnxc.cli: under ``python -m
+    onnxc.cli`` that would load the CLI module a second time."""
+    kwargs = {"dest": opt.dest, "help": opt.help, "default": None}
+    if opt.is_switch:
+        kwargs["action"] = "store_true"
+    elif opt.choices is not None:
+        kwargs["metavar"] = "{" + ",".join(map(str, opt.choices)) + "}"
+    group.add_argument(*opt.flags, **kwargs)
+
+
 def configure(sub) -> None:
-    from onnxc.cli import _add_option
     from onnxc.commands import add_data_args
 
     from .int8 import Int8
@@ -56,10 +67,9 @@ def configure(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     add_data_args(p)
     g = p.add_argument_group("int8 options (as for compress)")
-    seen: list = []
     for opt in Int8.options:
         if opt.dest not in ("int8_mode", "format"):
-            _add_option(g, opt, seen)
+            _add_option(g, opt)
 
 
 # ----------------------------------------------------------------------------------------

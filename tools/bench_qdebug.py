@@ -168,7 +168,7 @@ def main(argv=None) -> int:
 
     # 1. onnxc qdebug (the command as a user runs it)
     qd = os.path.join(work, "qdebug")
-    cmd = [os.path.join(os.path.dirname(sys.executable), "onnxc"), "qdebug", path, "-o", qd,
+    cmd = [sys.executable, "-m", "onnxc.cli", "qdebug", path, "-o", qd,
            "--calib-data", os.path.join(work, "train.npz"), "--calib-samples",
            str(args.calib_samples), "--scale", "0.0625", "--samples", "128"]
     try:
