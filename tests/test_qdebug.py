@@ -121,7 +121,7 @@ def test_adaround_lowers_layer_reconstruction_error():
     def fn(xt, wt):
         return torch.nn.functional.conv2d(xt, wt, padding=1)
 
-    codes, nearest, ada = round_layer(fn, w, scale, 127, x, x, iters=200)
+    codes, nearest, ada = round_layer(fn, w, scale, 127, x, x, iters=100)
     assert ada < 0.6 * nearest
     # Every code is the floor or the ceiling of w/s: rounding, not retraining.
     assert np.all(np.abs(codes - w / scale) < 1.0)
@@ -171,3 +171,19 @@ def test_qdebug_rejects_bad_samples_with_usage_exit(tmp_path, capsys):
     path = save(residual_cnn(), tmp_path)
     assert main(["qdebug", path, "-o", str(tmp_path / "o"), "--samples", "0"]) == 2
     assert "--samples" in capsys.readouterr().err
+
+
+def test_qdebug_max_drop_uses_labelled_fallback(tmp_path):
+    from onnxc.cli import main
+
+    model = residual_cnn()
+    path = save(model, tmp_path)
+    data = dataset(model, n=64)
+    np.savez(tmp_path / "d.npz", images=data.inputs["x"], labels=data.labels)
+    out = tmp_path / "qd"
+    assert main(["qdebug", path, "--calib-data", str(tmp_path / "d.npz"), "--eval-data",
+                 str(tmp_path / "d.npz"), "-o", str(out), "--samples", "16",
+                 "--max-drop", "100"]) == 0
+    rec = json.loads((out / "qdebug.json").read_text())["recommendation"]
+    assert rec["criterion"].startswith("top-1 drop <= 100")
+    assert rec["keep_float"] == [] and rec["met"]

@@ -177,6 +177,15 @@ def main(argv=None) -> int:
         print(exc.stderr, file=sys.stderr)
         return 1
     print(text)
+    # qdebug again with CLE: the same table once the channel ranges are balanced
+    try:
+        after = subprocess.run(cmd + ["--int8-cle"], check=True, capture_output=True,
+                               text=True).stdout
+    except subprocess.CalledProcessError as exc:
+        print(exc.stderr, file=sys.stderr)
+        return 1
+    print("qdebug --int8-cle: " + "\n".join(line for line in after.splitlines()
+                                          if line.startswith(("worst", "all int8"))))
     import json
 
     with open(os.path.join(qd, "qdebug.json")) as f:
