@@ -179,8 +179,8 @@ def main(argv=None) -> int:
     print(text)
     # qdebug again with CLE: the same table once the channel ranges are balanced
     try:
-        after = subprocess.run(cmd + ["--int8-cle"], check=True, capture_output=True,
-                               text=True).stdout
+        cle_cmd = [c if c != qd else qd + "_cle" for c in cmd] + ["--int8-cle"]
+        after = subprocess.run(cle_cmd, check=True, capture_output=True, text=True).stdout
     except subprocess.CalledProcessError as exc:
         print(exc.stderr, file=sys.stderr)
         return 1
