@@ -25,6 +25,7 @@ from onnxc.errors import BackendError, UnsupportedError, UsageError
 from onnxc.ir import Graph
 
 from . import targets as T
+from .int_lower import has_qdq, lower_qdq
 from .tuning import TuningStats, tune
 
 LIBRARY = "model.so"
@@ -48,6 +49,7 @@ class CompiledModel:
     notes: list = field(default_factory=list)
     files: list = field(default_factory=list)
     verification: dict | None = None   # x86: library vs ONNX Runtime
+    lowering: dict | None = None       # QDQ -> integer kernels (int_lower.LoweringReport)
 
     @property
     def linked(self) -> bool:
@@ -205,6 +207,12 @@ def compile_model(model, target="x86", out_dir: str = ".", options: dict | None 
     model = static_model(model, input_shapes, notes)
     inputs, outputs = io_signature(model)
     mod = import_relax(model, inputs)
+    lowering = None
+    if options.get("int_lowering", True) and has_qdq(mod):
+        # QDQ graphs: integer conv/matmul/add kernels instead of float QDQ arithmetic
+        mod, report = lower_qdq(mod)
+        lowering = report.as_dict()
+        notes.append("tvm: " + report.summary())
     seconds["import"] = time.perf_counter() - start
 
     stats = None
@@ -232,10 +240,12 @@ def compile_model(model, target="x86", out_dir: str = ".", options: dict | None 
     seconds["export"] = time.perf_counter() - start
 
     result = CompiledModel(out_dir, library, spec, inputs, outputs, stats,
-                           {k: round(v, 3) for k, v in seconds.items()}, notes, files)
+                           {k: round(v, 3) for k, v in seconds.items()}, notes, files,
+                           lowering=lowering)
     with open(os.path.join(out_dir, TARGET_FILE), "w") as f:
         json.dump({"onnxc_tvm": 1, **result.runtime_info(),
-                   "tuning": stats.as_dict() if stats else None}, f, indent=2)
+                   "tuning": stats.as_dict() if stats else None,
+                   "integer_lowering": lowering}, f, indent=2)
         f.write("\n")
     files.append(TARGET_FILE)
     if tolerance is None:
