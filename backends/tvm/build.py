@@ -24,6 +24,7 @@ import onnx
 from onnxc.errors import BackendError, UnsupportedError, UsageError
 from onnxc.ir import Graph
 
+from . import int_kernels
 from . import targets as T
 from .int_lower import has_qdq, lower_qdq
 from .tuning import TuningStats, tune
@@ -210,9 +211,10 @@ def compile_model(model, target="x86", out_dir: str = ".", options: dict | None 
     lowering = None
     if options.get("int_lowering", True) and has_qdq(mod):
         # QDQ graphs: integer conv/matmul/add kernels instead of float QDQ arithmetic
-        mod, report = lower_qdq(mod)
-        lowering = report.as_dict()
+        mod, report = lower_qdq(mod, int_kernels.activation_dtype(tvm_target))
+        lowering = dict(report.as_dict(), kernels=int_kernels.describe(tvm_target))
         notes.append("tvm: " + report.summary())
+        options["integer_kernels"] = report.lowered > 0
     seconds["import"] = time.perf_counter() - start
 
     stats = None

@@ -91,15 +91,21 @@ def has_qdq(mod) -> bool:
     return bool(found)
 
 
-def lower_qdq(mod):
+def lower_qdq(mod, activation_dtype: str | None = None):
     """Rewrite every matched QDQ pattern of ``mod``'s Relax functions into integer ops.
 
-    Returns ``(module, LoweringReport)``; dead float code is removed.
+    ``activation_dtype`` ("uint8"/"int8", None: as quantized) is what the convolutions
+    and matmuls read: the target's dot-product instruction decides (VNNI and DP4A
+    multiply uint8 by int8, ARM's SDOT int8 by int8). A uint8 tensor with zero point z
+    is the int8 tensor ``x - 128`` with zero point ``z - 128``: the same real values,
+    so the choice changes no result. Returns ``(module, LoweringReport)``; dead float
+    code is removed.
     """
     from tvm import relax
 
     report = LoweringReport()
     mutator = _mutator_class()(mod, report)
+    mutator.activation_dtype = activation_dtype
     for gvar, func in mod.functions.items():
         if isinstance(func, relax.Function):
             mutator.defs = _definitions(func)
@@ -164,6 +170,8 @@ def _mutator_class():
             super().__init__(mod)
             self.report = report
             self.defs = {}
+            self.activation_dtype = None
+            self.converted = {}
 
         # -- looking through bindings -------------------------------------------------
         def value(self, expr):
@@ -206,6 +214,20 @@ def _mutator_class():
             if np.any(zp != 0):
                 raise _NoMatch("non-zero weight zero point")
             return w, scale.astype(np.float32), axis
+
+        def operand(self, x_q, z_x):
+            """The activation in the dtype the target's dot product wants (shifted by 128)."""
+            want = self.activation_dtype
+            have = _dtype(x_q)
+            if want is None or want == have:
+                return x_q, z_x
+            shift = -128 if want == "int8" else 128
+            key = (x_q, want)
+            if key not in self.converted:
+                wide = relax.op.add(relax.op.astype(x_q, "int32"),
+                                    relax.const(np.int32(shift)))
+                self.converted[key] = self.builder_.emit(relax.op.astype(wide, want))
+            return self.converted[key], z_x + shift
 
         # -- the rewrite --------------------------------------------------------------
         def visit_var_binding_(self, binding):
@@ -293,6 +315,7 @@ def _mutator_class():
                 raise _NoMatch("conv layout other than NCHW/OIHW")
             x_q, s_x, z_x = self.activation(conv.args[0])
             w, s_w, axis = self.weight(conv.args[1])
+            x_q, z_x = self.operand(x_q, z_x)
             cout = w.shape[0]
             if s_w.size not in (1, cout) or (s_w.size > 1 and axis != 0):
                 raise _NoMatch("weight scale not per output channel")
@@ -319,6 +342,7 @@ def _mutator_class():
         def lower_matmul(self, mm, bias, s_y, z_y, out_dtype, relu):
             x_q, s_x, z_x = self.activation(mm.args[0])
             wexpr = self.value(mm.args[1])
+            x_q, z_x = self.operand(x_q, z_x)
             if _op(wexpr, "permute_dims"):
                 axes = wexpr.attrs.axes
                 if axes is not None and [int(a) for a in axes] != [1, 0]:
