@@ -48,7 +48,11 @@ def ort_latency(model: onnx.ModelProto, x: np.ndarray, repeat: int) -> float:
 
     from onnxc.backends.tvm.runtime import Artifact, benchmark
 
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    opts = ort.SessionOptions()
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")   # interleaved
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
     art = Artifact("ort", "onnxruntime", [{"name": name, "shape": list(x.shape),
                                            "dtype": "float32"}], [],
@@ -149,6 +153,11 @@ def main(argv=None) -> int:
     p.add_argument("--build-workers", type=int, default=1, help="tuning build processes")
     p.add_argument("--repeat", type=int, default=20)
     p.add_argument("--verbose", action="store_true", help="show tuning progress")
+    p.add_argument("--integer", action="store_true",
+                   help="the integer-kernel report instead: onnxc's own int8 (and prune50+"
+                        "int8) ResNet-56 through the QDQ->integer lowering, tuned with "
+                        "--trials-per-task like fp32, against ORT; per-kernel table; "
+                        "top-1 on test_dev")
     args = p.parse_args(argv)
     if (args.tune_only or args.from_db) and not args.tune_db:
         p.error("--tune-only and --from-db need --tune-db DIR")
@@ -167,6 +176,8 @@ def main(argv=None) -> int:
                  "tune_build_workers": args.build_workers}
     if args.refine and not args.tune_only:
         p.error("--refine goes with --tune-only (measuring runs never tune)")
+    if args.integer:
+        return integer_report(args, db, tune_opts, log)
     if args.tune_only:
         return tune_only(args, db, dict(tune_opts, tune_refine=args.refine), log)
     if args.merge_db:
@@ -268,6 +279,156 @@ def tune_only(args, db, tune_opts, log) -> int:
                   f"{t.trials_in_db} in the database for its {t.tasks} tasks "
                   f"({t.cached} were already tuned), {t.seconds:.0f} s, max rel err "
                   f"{res.verification['max_rel']:.2e}; {load()}", flush=True)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------
+# The integer path (backends/tvm/int_lower.py, int_kernels.py)
+
+
+def _cifar(split: str, n: int | None = None):
+    path = os.path.join(SHARED, "data", "cifar10", f"{split}.npz")
+    if not os.path.isfile(path):
+        return None, None
+    data = np.load(path)
+    imgs = data["images"][:n].astype(np.float32) / 255.0
+    mean = np.array([0.485, 0.456, 0.406], np.float32)[:, None, None]
+    std = np.array([0.229, 0.224, 0.225], np.float32)[:, None, None]
+    return ((imgs - mean) / std).astype(np.float32), data["labels"][:n]
+
+
+def onnxc_models(model_path: str, batch: int, prune: float | None) -> tuple:
+    """(fp32, int8 QDQ) through onnxc itself: fold_bn[,prune],int8 on 256 train images."""
+    from onnxc.calibrate.readers import Dataset
+    from onnxc.compress import compress
+
+    x, _ = _cifar("train", 256)
+    if x is None:
+        x = np.random.default_rng(0).standard_normal((64, 3, 32, 32)).astype(np.float32)
+    data = Dataset({"input": x}, None, "cifar10 train[:256]")
+    passes = ["fold_bn"] + (["prune"] if prune else [])
+    opts = {"prune_flops": prune} if prune else {}
+    shapes = {"input": [batch, 3, 32, 32]}
+    fp32 = compress(model_path, passes, input_shapes=shapes, options=opts,
+                    calibration=data, evaluation=data, log=lambda m: None).graph.to_onnx()
+    int8 = compress(model_path, passes + ["int8"], input_shapes=shapes, options=opts,
+                    calibration=data, evaluation=data, log=lambda m: None).graph.to_onnx()
+    return fp32, int8
+
+
+def _ort_session(model):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"])
+
+
+def kernel_table(artifact_dir: str, x: np.ndarray, top: int = 12) -> list:
+    """Per-kernel time from the Relax VM profiler: (name, calls, total ms, share)."""
+    import tvm
+    from tvm import relax
+
+    lib = tvm.runtime.load_module(os.path.join(artifact_dir, "model.so"))
+    vm = relax.VirtualMachine(lib, tvm.cpu(), profile=True)
+    arg = tvm.runtime.tensor(x)
+    vm["main"](arg)
+    report = vm.profile("main", arg)
+    rows = {}
+    for call in report.calls:
+        name = str(call["Name"])
+        dur = float(call["Duration (us)"].microseconds) / 1e3
+        calls, total = rows.get(name, (0, 0.0))
+        rows[name] = (calls + 1, total + dur)
+    total = sum(t for _, t in rows.values()) or 1.0
+    ranked = sorted(rows.items(), key=lambda kv: -kv[1][1])
+    return [(n, c, t, t / total) for n, (c, t) in ranked[:top]], total
+
+
+def integer_report(args, db, tune_opts, log) -> int:
+    """ResNet-56 int8 and prune50+int8 through the integer lowering, in one run."""
+    from onnxc.backends.tvm import compile_model
+    from onnxc.backends.tvm.runtime import benchmark, load_artifact
+
+    per_task = args.trials_per_task or 16
+    trials = 100000 if args.trials_per_task else args.trials
+    opts = dict(tune_opts, tune_db=db, tune_trials_per_task=per_task,
+                tune_trials=0 if args.from_db else trials, tune_db_only=args.from_db)
+    work = tempfile.mkdtemp(prefix="onnxc-bench-int-")
+    print(f"# integer path: {os.path.basename(args.model)}; int8 = onnxc fold_bn[,prune],int8 "
+          f"(uint8 activations, int8 per-channel weights, 256 CIFAR train images); tuning "
+          f"{'from ' + db if args.from_db else f'{per_task} trials per task into {db}'}; "
+          f"{load()}", flush=True)
+
+    def build(name, model, **extra):
+        out = os.path.join(work, name)
+        start = time.perf_counter()
+        res = compile_model(model, "x86", out, dict(opts, **extra), log=log)
+        t = res.tuning
+        print(f"  built {name}: {time.perf_counter() - start:.0f} s"
+              + (f", {t.tasks} tasks, {t.trials} trials now, {t.trials_in_db} in db"
+                 if t else "") + (f"; lowering {res.lowering}" if res.lowering else "")
+              + f"; vs ORT max rel {res.verification['max_rel']:.2e}", flush=True)
+        return out
+
+    def tvm_ms(out, x, rep):
+        art = load_artifact(out)
+        return benchmark(art, {art.inputs[0]["name"]: x}, warmup=3, repeat=rep)["median_ms"]
+
+    x1 = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    x64 = np.random.default_rng(0).standard_normal((64, 3, 32, 32)).astype(np.float32)
+    rep = args.repeat
+    fp32_1, int8_1 = onnxc_models(args.model, 1, None)
+    a_fp32 = build("fp32_bs1", fp32_1)
+    a_int8 = build("int8_bs1", int8_1)
+    ort_fp32_1 = ort_latency(fp32_1, x1, rep)
+    ort_int8_1 = ort_latency(int8_1, x1, rep)
+    tvm_fp32_1 = tvm_ms(a_fp32, x1, rep)
+    tvm_int8_1 = tvm_ms(a_int8, x1, rep)
+    print(f"int8 bs 1: TVM int8 {tvm_int8_1:.2f} ms, TVM fp32 {tvm_fp32_1:.2f} ms (same "
+          f"{per_task} trials per task): int8 {tvm_fp32_1 / tvm_int8_1:.2f}x faster than "
+          f"tuned fp32; ORT int8 (same QDQ model) {ort_int8_1:.2f} ms: TVM/ORT "
+          f"{tvm_int8_1 / ort_int8_1:.2f}x; ORT fp32 {ort_fp32_1:.2f} ms", flush=True)
+
+    if "prune" in args.variants:
+        for batch, x in ((1, x1), (64, x64)):
+            orig = fp32_graph(args.model, batch)
+            _, p_int8 = onnxc_models(args.model, batch, 0.5)
+            a_p = build(f"prune50_int8_bs{batch}", p_int8)
+            r = max(5, rep // 4) if batch > 1 else rep
+            ort_orig = ort_latency(orig, x, r)
+            ort_same = ort_latency(p_int8, x, r)
+            tvm_p = tvm_ms(a_p, x, r)
+            print(f"prune50+int8 bs {batch}: TVM {tvm_p:.2f} ms; ORT fp32 original "
+                  f"{ort_orig:.2f} ms ({ort_orig / tvm_p:.2f}x); ORT same compressed model "
+                  f"{ort_same:.2f} ms ({ort_same / tvm_p:.2f}x)", flush=True)
+            if batch == 1:
+                rows, total = kernel_table(a_p, x)
+                print(f"# where the time goes (prune50+int8 bs 1, VM profiler, "
+                      f"{total:.2f} ms over all kernels)")
+                for name, calls, ms, share in rows:
+                    print(f"  {ms:8.3f} ms {100 * share:5.1f}%  x{calls:<3} {name[:90]}")
+
+    imgs, labels = _cifar("test_dev")
+    if imgs is not None:
+        sess = _ort_session(int8_1)
+        art = load_artifact(a_int8)
+        name = art.inputs[0]["name"]
+        ort_hits = tvm_hits = same = 0
+        for i in range(len(imgs)):
+            xi = imgs[i:i + 1]
+            o = sess.run(None, {sess.get_inputs()[0].name: xi})[0].argmax(1)[0]
+            t = art.run({name: xi})[0].argmax(1)[0]
+            ort_hits += int(o == labels[i])
+            tvm_hits += int(t == labels[i])
+            same += int(o == t)
+        n = len(imgs)
+        print(f"top-1 test_dev ({n} images): TVM int8 {100 * tvm_hits / n:.2f}%, ORT int8 "
+              f"{100 * ort_hits / n:.2f}% (difference {100 * (tvm_hits - ort_hits) / n:+.2f} "
+              f"pt); same prediction on {same}/{n}", flush=True)
+    print(f"# artifacts in {work}; {load()}")
     return 0
 
 

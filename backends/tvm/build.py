@@ -211,7 +211,8 @@ def compile_model(model, target="x86", out_dir: str = ".", options: dict | None 
     lowering = None
     if options.get("int_lowering", True) and has_qdq(mod):
         # QDQ graphs: integer conv/matmul/add kernels instead of float QDQ arithmetic
-        mod, report = lower_qdq(mod, int_kernels.activation_dtype(tvm_target))
+        mod, report = lower_qdq(mod, int_kernels.activation_dtype(tvm_target),
+                                int_kernels.packing(tvm_target))
         lowering = dict(report.as_dict(), kernels=int_kernels.describe(tvm_target))
         notes.append("tvm: " + report.summary())
         options["integer_kernels"] = report.lowered > 0
@@ -225,6 +226,18 @@ def compile_model(model, target="x86", out_dir: str = ".", options: dict | None 
         seconds["tune"] = time.perf_counter() - start
 
     start = time.perf_counter()
+    if options.get("integer_kernels") and options.get("int_schedules", True):
+        # kernels without a tuning record still get the target's dot-product instruction
+        try:
+            mod, counts = int_kernels.schedule_integer_kernels(mod, tvm_target,
+                                                              stats is not None, log)
+        except Exception as exc:
+            raise BackendError(f"scheduling the integer kernels failed: "
+                               f"{T._first_line(exc)}") from None
+        lowering["untuned_tensorized"] = counts["tensorized"]
+        lowering["integer_kernels"] = counts["kernels"]
+        seconds["int_schedules"] = time.perf_counter() - start
+        start = time.perf_counter()
     try:
         with tvm.transform.PassContext(opt_level=3):
             executable = tvm.compile(mod, tvm_target)

@@ -128,9 +128,35 @@ def intrinsic(target) -> str | None:
     return VNNI if _has(target, "avx512vnni") else None
 
 
+PACKING = {VNNI: (16, 4), SDOT: (4, 4), NEON: (4, 4), DP4A: (1, 4)}
+
+
+def packing(target) -> tuple | None:
+    """(output, reduction) tile of the target intrinsic's weight operand, or None."""
+    return PACKING.get(intrinsic(target))
+
+
 def activation_dtype(target) -> str:
     """uint8 for u8 x s8 intrinsics (VNNI, DP4A, plain x86); int8 for ARM's SDOT/NEON."""
     return "int8" if intrinsic(target) in (SDOT, NEON) else "uint8"
+
+
+def convert_layout(mod, target):
+    """Integer convs to NHWC activations x OHWI weights where an intrinsic will be used.
+
+    MetaSchedule's auto-tensorization maps a dot-product intrinsic onto a conv block
+    only when the reduction channel is the innermost axis of both operands: on the
+    NCHW/OIHW convs the importer writes it reports "The workload cannot be tensorized"
+    (checked on a 16->16 3x3 conv: 0 of 3 design spaces tensorized with NCHW, 3 of 3
+    with NHWC/OHWI). Relax's ConvertLayout rewrites the whole graph and cancels the
+    transposes between consecutive convs and elementwise ops; the weight transposes
+    are constants and fold at compile time.
+    """
+    from tvm import relax
+
+    if intrinsic(target) is None:
+        return mod
+    return relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]})(mod)
 
 
 # ----------------------------------------------------------------------------------------
@@ -169,7 +195,11 @@ def design_space(target):
         at = next((i for i, r in enumerate(rules)
                    if type(r).__name__ == "MultiLevelTiling"), len(rules))
         rules.insert(at, tiling)
-        postprocs.append(ms.postproc.RewriteTensorize(vectorize_init_loop=True))
+        # before RewriteLayout, as in TVM's own VNNI defaults: a layout-rewrite block
+        # inside the tensorized block would no longer match the intrinsic
+        at = next((i for i, p in enumerate(postprocs)
+                   if type(p).__name__ == "RewriteLayout"), len(postprocs))
+        postprocs.insert(at, ms.postproc.RewriteTensorize(vectorize_init_loop=True))
     return ms.space_generator.PostOrderApply(sch_rules=rules, postprocs=postprocs,
                                              mutator_probs=base)
 
@@ -179,3 +209,99 @@ def describe(target) -> str:
     return f"integer kernels tensorized with {name}" if name else \
         "integer kernels without a dot-product intrinsic (plain tiling)"
 
+
+
+# ----------------------------------------------------------------------------------------
+# Without tuning: one tensorized schedule from the design space
+
+
+def untuned_schedules(mod, target, log=None) -> dict:
+    """Give each integer conv/matmul kernel a tensorized schedule without measuring.
+
+    For targets that cannot be measured here (ARM, CUDA without a device) and for
+    builds without tuning, the integer kernels would otherwise run TVM's default
+    loops: no dot-product instruction at all. This takes the first design space of
+    ``design_space(target)`` that MultiLevelTilingWithIntrin tensorized (its tile sizes
+    are MetaSchedule's sampled defaults, not tuned ones), applies the target's
+    postprocessors and uses it, the way a database record would be applied. Kernels
+    already scheduled (from a tuning database) are left alone. Returns
+    ``{"tensorized": n, "kernels": m}``.
+    """
+    import tvm
+    import tvm.s_tir.meta_schedule as ms
+    from tvm import tirx
+
+    log = log or (lambda m: None)
+    name = intrinsic(target)
+    counts = {"tensorized": 0, "kernels": 0}
+    if name is None:
+        return counts
+    space = design_space(target)
+    config = dict(target.export())
+    if target.kind.name == "llvm" and not target.attrs.get("num-cores"):
+        # MetaSchedule's CPU rules need a core count; the cross targets do not say one.
+        # It only bounds the parallel loop split of the one schedule taken here.
+        config["num-cores"] = 4
+    if target.kind.name == "cuda":   # limits every CUDA GPU since sm_50 meets
+        config.setdefault("max_threads_per_block", 1024)
+        config.setdefault("max_shared_memory_per_block", 49152)
+        config.setdefault("thread_warp_size", 32)
+    if config != dict(target.export()):
+        host = config.pop("host", None)
+        target = tvm.target.Target(config, host=host) if host else tvm.target.Target(config)
+    updates = {}
+    for gvar, func in mod.functions.items():
+        if not isinstance(func, tirx.PrimFunc) or func.attrs.get("tirx.is_scheduled", False):
+            continue
+        if "conv2d" not in gvar.name_hint and "matmul" not in gvar.name_hint:
+            continue
+        counts["kernels"] += 1
+        sub = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+        try:
+            ctx = ms.TuneContext(mod=sub, target=target, space_generator=space.clone(),
+                                 task_name=gvar.name_hint, rand_state=1)
+            candidates = ctx.generate_design_space()
+        except Exception as exc:   # a block the rules cannot handle: default loops
+            log(f"  tvm: {gvar.name_hint}: no design space ({str(exc).splitlines()[0]})")
+            continue
+        for sch in candidates:
+            if "meta_schedule.auto_tensorize" not in str(sch.trace):
+                continue
+            if all(post.apply(sch) for post in ctx.space_generator.postprocs):
+                scheduled = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+                updates[gvar] = scheduled.with_attr("global_symbol", gvar.name_hint)
+                counts["tensorized"] += 1
+                break
+    for gvar, func in updates.items():
+        mod[gvar] = func
+    return counts
+
+
+def schedule_integer_kernels(mod, target, pipelined: bool, log=None):
+    """The build step: legalize and fuse (unless tuning did), then tensorize what is left.
+
+    After tuning (``pipelined``) only the integer kernels without a database record get
+    :func:`untuned_schedules`; otherwise all of them. On CPUs the weight layouts those
+    schedules choose are folded into the constant weights here, once.
+    """
+    import tvm
+    from tvm import relax
+
+    cpu = target.kind.name == "llvm"
+    with target:
+        if not pipelined:
+            mod = tvm.transform.Sequential([
+                relax.transform.DecomposeOpsForInference(),
+                relax.transform.CanonicalizeBindings(),
+                relax.pipeline.zero_pipeline(),
+                *([relax.transform.AttachAttrLayoutFreeBuffers()] if cpu else []),
+            ])(mod)
+        counts = untuned_schedules(mod, target, log)
+        if cpu and counts["tensorized"]:
+            with tvm.transform.PassContext(opt_level=3):
+                mod = tvm.transform.Sequential([
+                    relax.transform.SplitLayoutRewritePreproc(),
+                    relax.transform.LiftTransformParams(),
+                    relax.transform.FoldConstant(),
+                ])(mod)
+    return mod, counts

@@ -91,14 +91,17 @@ def has_qdq(mod) -> bool:
     return bool(found)
 
 
-def lower_qdq(mod, activation_dtype: str | None = None):
+def lower_qdq(mod, activation_dtype: str | None = None, packing: tuple | None = None):
     """Rewrite every matched QDQ pattern of ``mod``'s Relax functions into integer ops.
 
     ``activation_dtype`` ("uint8"/"int8", None: as quantized) is what the convolutions
     and matmuls read: the target's dot-product instruction decides (VNNI and DP4A
     multiply uint8 by int8, ARM's SDOT int8 by int8). A uint8 tensor with zero point z
     is the int8 tensor ``x - 128`` with zero point ``z - 128``: the same real values,
-    so the choice changes no result. Returns ``(module, LoweringReport)``; dead float
+    so the choice changes no result. ``packing`` = (o, i) makes convolutions with
+    output channels divisible by o and input channels by i an NHWC convolution on a
+    weight packed once, at compile time, as [O/o, KH, KW, I/i, o, i] (see
+    :func:`packed_conv2d`). Returns ``(module, LoweringReport)``; dead float
     code is removed.
     """
     from tvm import relax
@@ -106,6 +109,7 @@ def lower_qdq(mod, activation_dtype: str | None = None):
     report = LoweringReport()
     mutator = _mutator_class()(mod, report)
     mutator.activation_dtype = activation_dtype
+    mutator.packing = tuple(packing) if packing else None
     for gvar, func in mod.functions.items():
         if isinstance(func, relax.Function):
             mutator.defs = _definitions(func)
@@ -171,7 +175,10 @@ def _mutator_class():
             self.report = report
             self.defs = {}
             self.activation_dtype = None
+            self.packing = None      # (output block, reduction block) of the intrinsic
             self.converted = {}
+            self.nhwc = {}           # NCHW quantized var -> its NHWC twin (packed convs)
+            self.current = None
 
         # -- looking through bindings -------------------------------------------------
         def value(self, expr):
@@ -233,6 +240,7 @@ def _mutator_class():
         def visit_var_binding_(self, binding):
             value = binding.value
             if _op(value, "quantize"):
+                self.current = binding.var
                 try:
                     new = self.lower(value)
                 except _NoMatch as why:
@@ -315,27 +323,45 @@ def _mutator_class():
                 raise _NoMatch("conv layout other than NCHW/OIHW")
             x_q, s_x, z_x = self.activation(conv.args[0])
             w, s_w, axis = self.weight(conv.args[1])
-            x_q, z_x = self.operand(x_q, z_x)
             cout = w.shape[0]
             if s_w.size not in (1, cout) or (s_w.size > 1 and axis != 0):
                 raise _NoMatch("weight scale not per output channel")
             s_w = np.broadcast_to(s_w.reshape(-1), (cout,)).astype(np.float32)
             acc_scale = (s_x * s_w).astype(np.float32)
             b = self.int_bias(bias, cout, acc_scale.astype(np.float64))
-            b = b - z_x * w.reshape(cout, -1).astype(np.int64).sum(1)
+            # ONNX Runtime: output_scale[c] = x_scale * w_scale[c] / y_scale in float32
+            multiplier = (s_x * s_w / s_y).astype(np.float32)
             padding = [int(p) for p in attrs.padding]
+            strides = [int(v) for v in attrs.strides]
+            dilation = [int(d) for d in attrs.dilation]
+            block = self.packing
+            if block and int(attrs.groups) == 1 and cout % block[0] == 0 \
+                    and w.shape[1] % block[1] == 0:
+                nhwc = self.nhwc.get(x_q)
+                if nhwc is None:
+                    nhwc = self.builder_.emit(relax.op.permute_dims(x_q, [0, 2, 3, 1]))
+                nhwc, z_x = self.operand(nhwc, z_x)
+                b = b - z_x * w.reshape(cout, -1).astype(np.int64).sum(1)
+                acc = self.builder_.emit_te(
+                    packed_conv2d, nhwc, relax.const(pack_weight(w, *block)), strides,
+                    padding, dilation, z_x, primfunc_name_hint="conv2d_nhwc_packed_int8")
+                acc = relax.op.add(acc, relax.const(_int32(b).reshape(1, 1, 1, cout)))
+                out = self.builder_.emit(self.requantize(acc, multiplier, z_y, out_dtype, relu,
+                                                         (1, 1, 1, cout)))
+                self.nhwc[self.current] = out
+                self.report.conv += 1
+                return relax.op.permute_dims(out, [0, 3, 1, 2])
+            x_q, z_x = self.operand(x_q, z_x)
+            b = b - z_x * w.reshape(cout, -1).astype(np.int64).sum(1)
             if z_x != 0 and any(padding):
                 top, left, bottom, right = padding
                 x_q = self.builder_.emit(relax.op.nn.pad(
                     x_q, [0, 0, 0, 0, top, bottom, left, right], "constant", float(z_x)))
                 padding = [0, 0, 0, 0]
             acc = self.builder_.emit(relax.op.nn.conv2d(
-                x_q, relax.const(w), strides=[int(s) for s in attrs.strides],
-                padding=padding, dilation=[int(d) for d in attrs.dilation],
+                x_q, relax.const(w), strides=strides, padding=padding, dilation=dilation,
                 groups=int(attrs.groups), out_dtype="int32"))
             acc = relax.op.add(acc, relax.const(_int32(b).reshape(1, cout, 1, 1)))
-            # ONNX Runtime: output_scale[c] = x_scale * w_scale[c] / y_scale in float32
-            multiplier = (s_x * s_w / s_y).astype(np.float32)
             self.report.conv += 1
             return self.requantize(acc, multiplier, z_y, out_dtype, relu, (1, cout, 1, 1))
 
@@ -401,6 +427,47 @@ def _mutator_class():
 
     _MUTATOR.append(QDQToInteger)
     return QDQToInteger
+
+
+def pack_weight(w: np.ndarray, o: int, i: int) -> np.ndarray:
+    """OIHW int8 -> [O/o, KH, KW, I/i, o, i]: each (o x i) tile one intrinsic operand."""
+    cout, cin, kh, kw = w.shape
+    tiles = w.transpose(0, 2, 3, 1).reshape(cout // o, o, kh, kw, cin // i, i)
+    return np.ascontiguousarray(tiles.transpose(0, 2, 3, 4, 1, 5))
+
+
+def packed_conv2d(data, weight, strides, padding, dilation, zero_point):
+    """NHWC x packed weight -> NHWC int32, written the way dot-product intrinsics match.
+
+    MetaSchedule's auto-tensorization needs the intrinsic's operands as compact tiles:
+    the input's innermost 4 channels (A[4]) and an (o x i) weight tile (B[o, i]). On the
+    importer's NCHW/OIHW conv (or NHWC/OHWI) the weight tile is strided, and
+    tensorization fails ("The workload cannot be tensorized" / "read buffers regions do
+    not match"); this is the packed-GEMM form that tensorizes (as TVM's dense_vnni).
+    Padding uses the input zero point (the real 0 of QDQ semantics).
+    """
+    from tvm import te, topi
+
+    n, h, w, c = (int(d) for d in data.shape)
+    oo, kh, kw, io, ob, ib = (int(d) for d in weight.shape)
+    top, left, bottom, right = padding
+    if any(padding):
+        data = topi.nn.pad(data, [0, top, left, 0], [0, bottom, right, 0],
+                           pad_value=zero_point, name="pad_zero_point")
+    sh, sw = strides
+    dh, dw = dilation
+    oh = (h + top + bottom - (kh - 1) * dh - 1) // sh + 1
+    ow = (w + left + right - (kw - 1) * dw - 1) // sw + 1
+    ry = te.reduce_axis((0, kh), name="ry")
+    rx = te.reduce_axis((0, kw), name="rx")
+    rc = te.reduce_axis((0, c), name="rc")
+    return te.compute(
+        (n, oh, ow, oo * ob),
+        lambda b, y, x, o: te.sum(
+            data[b, y * sh + ry * dh, x * sw + rx * dw, rc].astype("int32")
+            * weight[o // ob, ry, rx, rc // ib, o % ob, rc % ib].astype("int32"),
+            axis=[ry, rx, rc]),
+        name="conv2d_nhwc_packed")
 
 
 def _int32(values: np.ndarray) -> np.ndarray:
