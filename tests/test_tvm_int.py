@@ -177,3 +177,51 @@ def test_unsupported_pattern_is_left_in_float_and_reported():
     assert report.lowered == 0
     assert report.skipped == {"non-zero weight zero point": 1}
     assert str(_calls(mod, "nn.conv2d")[0].ty.dtype) == "float32"
+
+
+def _objdump(tool: str, library) -> str:
+    import subprocess
+
+    return subprocess.run([tool, "-d", str(library)], capture_output=True, text=True,
+                          check=True).stdout
+
+
+def test_x86_integer_artifact_runs_vnni_dot_products(qdq_model, tmp_path):
+    import shutil
+
+    from onnxc.backends.tvm import compile_model
+    from onnxc.backends.tvm.int_kernels import VNNI, intrinsic
+
+    result = compile_model(qdq_model, "x86", str(tmp_path / "art"), verify=False)
+    if intrinsic(result.spec.tvm_target()) != VNNI:
+        pytest.skip("this host has no AVX-512 VNNI")
+    if shutil.which("objdump") is None:
+        pytest.skip("needs objdump")
+    assert result.lowering["untuned_tensorized"] >= 1
+    assert "vpdpbusd" in _objdump("objdump", result.library)
+
+
+def test_arm_dotprod_artifact_contains_sdot(qdq_model, tmp_path):
+    import shutil
+
+    from onnxc.backends.tvm import compile_model
+
+    if shutil.which("aarch64-linux-gnu-g++") is None or \
+            shutil.which("aarch64-linux-gnu-objdump") is None:
+        pytest.skip("needs g++-aarch64-linux-gnu and its binutils")
+    result = compile_model(qdq_model, "arm", str(tmp_path / "arm"), {"mcpu": "cortex-a76"})
+    assert result.lowering["kernels"].endswith("dot_4x4_i8i8s32_sdot")
+    assert result.lowering["untuned_tensorized"] >= 1
+    assert "sdot" in _objdump("aarch64-linux-gnu-objdump", result.library)
+
+
+def test_cuda_int8_artifact_ptx_contains_dp4a(qdq_model, tmp_path):
+    import shutil
+
+    from onnxc.backends.tvm import compile_model
+
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc not installed: the PTX check needs it")
+    result = compile_model(qdq_model, "cuda", str(tmp_path / "cuda"), {"cuda_arch": "sm_75"})
+    assert result.lowering["conv"] == 3
+    assert "dp4a" in (tmp_path / "cuda" / "kernels.sm_75.ptx").read_text()

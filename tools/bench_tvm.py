@@ -352,14 +352,14 @@ def integer_report(args, db, tune_opts, log) -> int:
     from onnxc.backends.tvm import compile_model
     from onnxc.backends.tvm.runtime import benchmark, load_artifact
 
-    per_task = args.trials_per_task or 16
-    trials = 100000 if args.trials_per_task else args.trials
-    opts = dict(tune_opts, tune_db=db, tune_trials_per_task=per_task,
-                tune_trials=0 if args.from_db else trials, tune_db_only=args.from_db)
+    per_task = 16 if args.trials_per_task is None else args.trials_per_task
+    trials = 0 if args.from_db or per_task == 0 else 100000    # the per-task cap rules
+    opts = dict(tune_opts, tune_db=db, tune_trials_per_task=per_task or None,
+                tune_trials=trials, tune_db_only=args.from_db)
     work = tempfile.mkdtemp(prefix="onnxc-bench-int-")
     print(f"# integer path: {os.path.basename(args.model)}; int8 = onnxc fold_bn[,prune],int8 "
           f"(uint8 activations, int8 per-channel weights, 256 CIFAR train images); tuning "
-          f"{'from ' + db if args.from_db else f'{per_task} trials per task into {db}'}; "
+          f"{'from ' + db if args.from_db else f'{per_task} trials per task into {db}' if per_task else 'none (integer kernels: untuned tensorized schedules)'}; "
           f"{load()}", flush=True)
 
     def build(name, model, **extra):
