@@ -9,6 +9,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 pytest.importorskip("tvm")
 
+from test_tvm_slow import arm_sysroot  # noqa: E402,F401  (fixture: the aarch64 sysroot)
+
 
 def conv_chain(channels: int = 16, size: int = 8, seed: int = 0) -> onnx.ModelProto:
     """Conv-Relu-Conv-Relu-Conv-Add(residual)-Relu, output the 4-D activation itself, so
@@ -225,3 +227,19 @@ def test_cuda_int8_artifact_ptx_contains_dp4a(qdq_model, tmp_path):
     result = compile_model(qdq_model, "cuda", str(tmp_path / "cuda"), {"cuda_arch": "sm_75"})
     assert result.lowering["conv"] == 3
     assert "dp4a" in (tmp_path / "cuda" / "kernels.sm_75.ptx").read_text()
+
+
+@pytest.mark.slow
+def test_arm_integer_artifact_under_qemu_is_bit_exact_with_x86(qdq_model, arm_sysroot,
+                                                               tmp_path):
+    """ARM (int8 activations, sdot) and x86 (uint8, vpdpbusd) compute the same integers."""
+    from onnxc.backends.tvm import compile_model, load_artifact
+    from onnxc.backends.tvm.qemu import run_under_qemu
+
+    compile_model(qdq_model, "x86", str(tmp_path / "x86"), verify=False)
+    arm = compile_model(qdq_model, "arm", str(tmp_path / "arm"), {"mcpu": "cortex-a76"})
+    assert arm.lowering["untuned_tensorized"] >= 1
+    x = np.random.default_rng(3).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    on_x86 = load_artifact(str(tmp_path / "x86")).run({"x": x})[0]
+    on_arm, _ = run_under_qemu(str(tmp_path / "arm"), {"x": x}, arm_sysroot)
+    np.testing.assert_array_equal(on_arm[0], on_x86)

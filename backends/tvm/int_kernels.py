@@ -256,7 +256,11 @@ def untuned_schedules(mod, target, log=None) -> dict:
         if "conv2d" not in gvar.name_hint and "matmul" not in gvar.name_hint:
             continue
         counts["kernels"] += 1
-        sub = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+        # The weights are packed already; without layout-free buffers RewriteLayout
+        # leaves them alone (a layout rewrite inside a failed tensorization would make
+        # the kernel unbuildable).
+        plain = func.with_attr("layout_free_buffers", []).with_attr("global_symbol", "main")
+        sub = tvm.IRModule({"main": plain})
         try:
             ctx = ms.TuneContext(mod=sub, target=target, space_generator=space.clone(),
                                  task_name=gvar.name_hint, rand_state=1)
@@ -267,7 +271,9 @@ def untuned_schedules(mod, target, log=None) -> dict:
         for sch in candidates:
             if "meta_schedule.auto_tensorize" not in str(sch.trace):
                 continue
-            if all(post.apply(sch) for post in ctx.space_generator.postprocs):
+            if all(post.apply(sch) for post in ctx.space_generator.postprocs) \
+                    and "meta_schedule.auto_tensorize" not in sch.mod.script():
+                # (RewriteTensorize only logs a failed tensorization; its mark stays)
                 scheduled = sch.mod["main"].with_attr("tirx.is_scheduled", True)
                 updates[gvar] = scheduled.with_attr("global_symbol", gvar.name_hint)
                 counts["tensorized"] += 1
@@ -281,8 +287,7 @@ def schedule_integer_kernels(mod, target, pipelined: bool, log=None):
     """The build step: legalize and fuse (unless tuning did), then tensorize what is left.
 
     After tuning (``pipelined``) only the integer kernels without a database record get
-    :func:`untuned_schedules`; otherwise all of them. On CPUs the weight layouts those
-    schedules choose are folded into the constant weights here, once.
+    :func:`untuned_schedules`; otherwise all of them.
     """
     import tvm
     from tvm import relax
@@ -297,11 +302,4 @@ def schedule_integer_kernels(mod, target, pipelined: bool, log=None):
                 *([relax.transform.AttachAttrLayoutFreeBuffers()] if cpu else []),
             ])(mod)
         counts = untuned_schedules(mod, target, log)
-        if cpu and counts["tensorized"]:
-            with tvm.transform.PassContext(opt_level=3):
-                mod = tvm.transform.Sequential([
-                    relax.transform.SplitLayoutRewritePreproc(),
-                    relax.transform.LiftTransformParams(),
-                    relax.transform.FoldConstant(),
-                ])(mod)
     return mod, counts
