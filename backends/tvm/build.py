@@ -51,6 +51,7 @@ class CompiledModel:
     files: list = field(default_factory=list)
     verification: dict | None = None   # x86: library vs ONNX Runtime
     lowering: dict | None = None       # QDQ -> integer kernels (int_lower.LoweringReport)
+    module: object = None              # the IRModule handed to tvm.compile (benchmarks)
 
     @property
     def linked(self) -> bool:
@@ -238,6 +239,7 @@ def compile_model(model, target="x86", out_dir: str = ".", options: dict | None 
         lowering["integer_kernels"] = counts["kernels"]
         seconds["int_schedules"] = time.perf_counter() - start
         start = time.perf_counter()
+    compiled_module = mod
     try:
         with tvm.transform.PassContext(opt_level=3):
             executable = tvm.compile(mod, tvm_target)
@@ -256,7 +258,7 @@ def compile_model(model, target="x86", out_dir: str = ".", options: dict | None 
 
     result = CompiledModel(out_dir, library, spec, inputs, outputs, stats,
                            {k: round(v, 3) for k, v in seconds.items()}, notes, files,
-                           lowering=lowering)
+                           lowering=lowering, module=compiled_module)
     with open(os.path.join(out_dir, TARGET_FILE), "w") as f:
         json.dump({"onnxc_tvm": 1, **result.runtime_info(),
                    "tuning": stats.as_dict() if stats else None,

@@ -37,6 +37,8 @@ so the ARM artifact computes exactly what the x86 one does.
 
 from __future__ import annotations
 
+import sys
+
 VNNI = "dot_16x4_vnni"
 SDOT = "dot_4x4_i8i8s32_sdot"
 NEON = "dot_4x4_i8i8s32_neon"
@@ -228,8 +230,6 @@ def untuned_schedules(mod, target, log=None) -> dict:
     ``{"tensorized": n, "kernels": m}``.
     """
     import tvm
-    import tvm.s_tir.meta_schedule as ms
-    from tvm import tirx
 
     log = log or (lambda m: None)
     name = intrinsic(target)
@@ -249,7 +249,48 @@ def untuned_schedules(mod, target, log=None) -> dict:
     if config != dict(target.export()):
         host = config.pop("host", None)
         target = tvm.target.Target(config, host=host) if host else tvm.target.Target(config)
-    updates = {}
+    updates, messages = {}, []
+    with _quiet_stderr():
+        _pick_schedules(mod, target, space, counts, updates, messages.append)
+    for message in messages:
+        log(message)
+    for gvar, func in updates.items():
+        mod[gvar] = func
+    return counts
+
+
+class _quiet_stderr:
+    """Hold back the C++ warnings of sampled candidates whose tensorization failed.
+
+    RewriteTensorize logs each failure with the kernel's whole IR on the process's
+    stderr (file descriptor 2, below Python); a candidate that fails is simply not
+    taken, so those pages of IR are noise in a build's output.
+    """
+
+    def __enter__(self):
+        import os
+        import tempfile
+
+        sys.stderr.flush()
+        self.saved = os.dup(2)
+        self.sink = tempfile.TemporaryFile()
+        os.dup2(self.sink.fileno(), 2)
+        return self
+
+    def __exit__(self, *exc):
+        import os
+
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+        self.sink.close()
+        return False
+
+
+def _pick_schedules(mod, target, space, counts, updates, log):
+    import tvm
+    import tvm.s_tir.meta_schedule as ms
+    from tvm import tirx
+
     for gvar, func in mod.functions.items():
         if not isinstance(func, tirx.PrimFunc) or func.attrs.get("tirx.is_scheduled", False):
             continue
@@ -278,9 +319,6 @@ def untuned_schedules(mod, target, log=None) -> dict:
                 updates[gvar] = scheduled.with_attr("global_symbol", gvar.name_hint)
                 counts["tensorized"] += 1
                 break
-    for gvar, func in updates.items():
-        mod[gvar] = func
-    return counts
 
 
 def schedule_integer_kernels(mod, target, pipelined: bool, log=None):
