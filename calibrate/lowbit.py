@@ -102,26 +102,38 @@ class LowBitPass(Pass):
         raise NotImplementedError
 
     def run(self, graph, ctx, report):
-        qdq.name_nodes(graph)
+        qdq.require_qdq_opset(graph, self.name)
+        if not qdq.per_channel_ok(graph):
+            report.note(f"opset {graph.opset}: per-channel α applied by a Mul after a "
+                        f"per-tensor DequantizeLinear (no axis before opset 13)")
+        graph.name_nodes()
+        qdq.report_vendor_nodes(graph, report, self.name)
+        prequantized = qdq.report_prequantized(graph, report)
         weighted = qdq.weighted_layers(graph)
-        keep = qdq.resolve_keep(ctx.option("keep_float"), weighted, "first,last")
+        if not weighted and prequantized:
+            from onnxc.errors import UnsupportedError
+
+            raise UnsupportedError(f"{self.name}: every weighted layer is already quantized "
+                                   f"({prequantized} integer or DequantizeLinear-weight "
+                                   f"layer(s)); re-quantizing would round twice")
+        keep = qdq.resolve_keep(self.config.keep_float, weighted, "first,last")
         candidates = [n.name for n in weighted if n.name not in keep]
         fallback = []
-        if ctx.option("max_drop") is not None:
+        if self.config.max_drop is not None:
             from .mixed import fallback_until
 
             # Higher precision for a sensitive layer = int8 per-channel weights.
             fallback = fallback_until(
                 graph, ctx, report, candidates,
                 lambda fb: self._build(graph.copy(), candidates, set(fb), ctx)[0],
-                float(ctx.option("max_drop")), "int8 weights")
+                self.config.max_drop, "int8 weights")
         result, layers = self._build(graph, candidates, set(fallback), ctx)
         for name in sorted(keep):
             report.skip(name, "kept in float (--keep-float; first/last by default)")
         data, sizes = pack_layers(layers)
         report.files["packed_weights.npz"] = data
         self._report_storage(result, layers, sizes, fallback, report)
-        if ctx.option("format", "qdq") == "qonnx":
+        if self.config.format == "qonnx":
             from .qonnx import to_qonnx
 
             report.files["model_qonnx.onnx"] = to_qonnx(result).SerializeToString()

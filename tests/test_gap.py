@@ -13,7 +13,8 @@ from conftest import cifar_preprocess, light_model_path
 from onnxc.calibrate.readers import Dataset, load_npz
 from onnxc.compress import compress
 from onnxc.errors import UnsupportedError, UsageError
-from onnxc.verify import Runner, top1
+from onnxc.execution import Runner
+from onnxc.verify import top1
 
 RNG = np.random.default_rng(1)
 FC_MODEL = pathlib.Path(__file__).parent / "models" / "vgg_fc_cifar10.onnx"
@@ -321,8 +322,8 @@ def test_light_zfnet_gap_runs_in_onnx_runtime():
     from onnxc.pipeline import Context, PassManager, resolve_passes
 
     graph = frontend.load(str(light_model_path("zfnet512")))
-    out, reports = PassManager(resolve_passes(["gap"]), verify=False).run(
-        graph, Context({}, log=lambda m: None))
+    out = PassManager(resolve_passes(["gap"]), verify=False).run(
+        graph, Context(log=lambda m: None)).graph
     assert "GlobalAveragePool" in [n.op for n in out.nodes]
     onnx.checker.check_model(out.to_onnx())
     x = RNG.standard_normal((1, 3, 224, 224)).astype(np.float32)

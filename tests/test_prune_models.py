@@ -12,7 +12,8 @@ from onnxc import frontend
 from onnxc.compress import compress
 from onnxc.pipeline import Context, PassReport
 from onnxc.passes.prune import Prune
-from onnxc.verify import Runner, compare_outputs
+from onnxc.execution import Runner
+from onnxc.verify import compare_outputs
 
 from prune_nets import kill
 
@@ -55,8 +56,8 @@ def prune_light(name: str, ratio: float = 0.3):
     before = graph.stats(with_bytes=False).macs
     reference = graph.copy()
     report = PassReport("prune", False)
-    pruned = Prune().run(graph, Context({"prune_ratio": ratio, "prune_residual": True}),
-                         report).refresh()
+    pruned = Prune({"prune_ratio": ratio, "prune_residual": True}).run(
+        graph, Context(), report).refresh()
     return reference, pruned, before, report
 
 

@@ -48,10 +48,10 @@ def train128(teacher, cifar_train_path):
 
 
 def _recover(student, teacher, data, **opts):
-    ctx = Context({**FAST, **opts}, seed=0, calibration=data, original=teacher,
-                  progress=False, log=lambda m: None)
+    ctx = Context(seed=0, calibration=data, original=teacher, progress=False,
+                  log=lambda m: None)
     report = PassReport("recover", False)
-    out = Recover().run(student, ctx, report)
+    out = Recover({**FAST, **opts}).run(student, ctx, report)
     return out, report
 
 
@@ -79,7 +79,7 @@ def test_structure_is_identical_after_recover(teacher, train128):
 
 
 def test_recover_brings_student_closer_to_teacher(teacher, train128):
-    from onnxc.verify import Runner
+    from onnxc.execution import Runner
 
     student = prune_block_internal(teacher.copy())
     x = train128.inputs["input"]

@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 def latency_ratio(a, b, feeds: dict, warmup: int = 3, reps: int = 10):
     """Median seconds per batch of a and b, measured alternately, and a/b."""
-    from onnxc.verify import Runner
+    from onnxc.execution import Runner
 
     ra, rb = Runner(a), Runner(b)
     for _ in range(warmup):
@@ -105,7 +105,7 @@ def _logits(graph, data):
     """The model's output before a final Softmax (VGG-19 ends with one): tied or saturated
     probabilities would hide the error of the FC layers."""
     from onnxc.passes._activations import collect
-    from onnxc.verify import Runner
+    from onnxc.execution import Runner
 
     out = graph.gs.outputs[0]
     producer = out.inputs[0] if len(out.inputs) else None
@@ -122,10 +122,11 @@ def _fc_svd_run(original, held_out, ref, label, options, calib=None):
 
     fc = [n for n in original.nodes if n.op == "Gemm"]
     fc_params = sum(original.node_stats(n).params for n in fc)
-    ctx = Context({"lowrank_layers": "fc", **options}, calibration=calib, log=lambda m: None)
+    ctx = Context(calibration=calib, log=lambda m: None)
     start = time.perf_counter()
-    out, reports = PassManager(resolve_passes(["lowrank"]), verify=False).run(
-        original.copy(), ctx)
+    passes = resolve_passes(["lowrank"], {"lowrank_layers": "fc", **options})
+    result = PassManager(passes, verify=False).run(original.copy(), ctx)
+    out, reports = result.graph, result.reports
     seconds = time.perf_counter() - start
     rows = reports[-1].extra["lowrank"]["layers"]
     after = fc_params - sum(r["params_before"] - r["params_after"] for r in rows)

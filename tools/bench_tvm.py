@@ -46,7 +46,7 @@ SHARED = os.environ.get("ONNXC_SHARED", os.path.join(HERE, "..", "..", "shared")
 def ort_latency(model: onnx.ModelProto, x: np.ndarray, repeat: int) -> float:
     import onnxruntime as ort
 
-    from onnxc.backends.tvm.runtime import Artifact, benchmark
+    from onnxc.backends.artifact import Artifact, benchmark
 
     opts = ort.SessionOptions()
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")   # interleaved

@@ -10,7 +10,8 @@ Python API for other onnxc code (TVM is imported lazily, only when used):
 
 - :func:`compile_model` — compile an ONNX model / IR graph for a target into a dir.
 - :func:`x86_latency` — compile for this host (optionally tuned) and time it.
-- :func:`load_artifact`, :func:`benchmark` — run or time an artifact directory.
+- :func:`load_artifact`, :func:`benchmark` — run or time an artifact directory (any
+  target: see :mod:`onnxc.backends.artifact`).
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ import os
 import tempfile
 
 from onnxc.backends import Backend, Option, register_backend
+from onnxc.options import non_negative_int
 
+from .constants import TARGET_FILE
 from .targets import DEFAULT_CUDA_ARCH
 
 TUNE_OPTIONS = (
-    Option("--tune-trials", int, 0, "MetaSchedule trials in total (0: no tuning)"),
+    Option("--tune-trials", non_negative_int, 0, "MetaSchedule trials in total (0: no tuning)"),
     Option("--tune-trials-per-task", int, None,
            "trial cap per task (default: trials spread evenly over untuned tasks)"),
     Option("--tune-db", str, None, "tuning database directory, reused across runs and "
@@ -50,24 +53,29 @@ COMMON_OPTIONS = (
 
 class _TvmBackend(Backend):
     preset = ""
+    artifact_marker = TARGET_FILE
+
+    @classmethod
+    def load_artifact(cls, path):
+        from .runtime import load
+
+        return load(path)
 
     def validate(self, ctx) -> None:
         # Resolve the target now so bad flags fail before any pass runs.
         from . import targets
 
-        spec = targets.resolve(self.preset, ctx.options)
+        cfg = self.config
+        spec = targets.resolve(self.preset, cfg)
         spec.tvm_target()
         from onnxc.errors import UsageError
 
-        trials = ctx.option("tune_trials", 0)
-        if trials < 0:
-            raise UsageError("--tune-trials must be >= 0")
-        if trials > 0:
+        if cfg.tune_trials > 0:
             from .tuning import parse_tracker
 
-            if ctx.option("rpc_tracker"):
-                parse_tracker(ctx.option("rpc_tracker"))
-                if not ctx.option("rpc_key"):
+            if cfg.rpc_tracker:
+                parse_tracker(cfg.rpc_tracker)
+                if not cfg.rpc_key:
                     raise UsageError("--rpc-tracker needs --rpc-key (the device key servers "
                                      "registered)")
             elif not spec.runs_here:
@@ -79,9 +87,9 @@ class _TvmBackend(Backend):
     def build(self, graph, ctx, out_dir, report) -> None:
         from .build import compile_model
 
-        options = dict(ctx.options, seed=ctx.seed)
+        options = dict(self.config, seed=ctx.seed)
         result = compile_model(graph, self.preset, out_dir, options, log=ctx.log,
-                               tolerance=ctx.option("tvm_tolerance"))
+                               tolerance=self.config.tvm_tolerance)
         for note in result.notes:
             ctx.log(f"  tvm: {note}")
         info = result.runtime_info()
@@ -130,13 +138,13 @@ def compile_model(*args, **kwargs):
 
 
 def load_artifact(path):
-    from .runtime import load_artifact as impl
+    from onnxc.backends.artifact import load_artifact as impl
 
     return impl(path)
 
 
 def benchmark(*args, **kwargs):
-    from .runtime import benchmark as impl
+    from onnxc.backends.artifact import benchmark as impl
 
     return impl(*args, **kwargs)
 
@@ -149,9 +157,10 @@ def x86_latency(model, input_shapes: dict | None = None, tune_trials: int = 0,
     Returns the :func:`benchmark` figures plus ``compile`` seconds and ``tuning``
     stats. The artifact goes to ``out_dir`` (a temporary directory by default).
     """
+    from onnxc.backends.artifact import benchmark as bench
+
     from .build import compile_model as impl
-    from .runtime import benchmark as bench
-    from .runtime import load_artifact as load
+    from .runtime import load
 
     opts = dict(options, tune_trials=tune_trials, tune_db=tune_db)
     with tempfile.TemporaryDirectory(prefix="onnxc-tvm-") as tmp:
@@ -162,3 +171,6 @@ def x86_latency(model, input_shapes: dict | None = None, tune_trials: int = 0,
     figures["tuning"] = result.tuning.as_dict() if result.tuning else None
     figures["verification"] = result.verification
     return figures
+
+
+from . import commands  # noqa: E402,F401  (registers onnxc run, onnxc bench)

@@ -19,10 +19,9 @@ import sys
 import time
 from dataclasses import dataclass
 
-from onnxc.errors import BackendError, UsageError
+from onnxc.errors import BackendError, UsageError, first_line
 
 from . import int_kernels
-from . import targets as T
 
 DEFAULT_DB = os.path.join(os.environ.get("XDG_CACHE_HOME",
                                          os.path.join(os.path.expanduser("~"), ".cache")),
@@ -74,7 +73,7 @@ def check_tracker(host: str, port: int, key: str) -> None:
         summary = tracker.summary()
     except Exception as exc:
         raise BackendError(f"cannot reach the RPC tracker at {host}:{port}: "
-                           f"{T._first_line(exc)}") from None
+                           f"{first_line(exc)}") from None
     # summary(): {"server_info": [{"key": "server:KEY", ...}], "queue_info": {KEY: {...}}}
     names = {str(s.get("key", "")).split(":")[-1] for s in summary.get("server_info", [])}
     names |= set(summary.get("queue_info", {}) or {})
@@ -383,7 +382,7 @@ def tune(mod, target, spec, trials: int, options: dict, log):
                     int_kernels.design_space(target) if integer else "post-order-apply")
             except Exception as exc:
                 raise BackendError(f"MetaSchedule could not set up tuning: "
-                                   f"{T._first_line(exc)}") from None
+                                   f"{first_line(exc)}") from None
             progress = _progress_callback(len(contexts), budget, log)
             callbacks = list(ms.measure_callback.MeasureCallback.create("default")) + [progress]
             ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
@@ -406,7 +405,7 @@ def tune(mod, target, spec, trials: int, options: dict, log):
             except (UsageError, BackendError):
                 raise
             except Exception as exc:
-                raise BackendError(f"MetaSchedule tuning failed: {T._first_line(exc)}") from None
+                raise BackendError(f"MetaSchedule tuning failed: {first_line(exc)}") from None
             finally:
                 ms_logger.removeHandler(starts)
             measured = progress.done

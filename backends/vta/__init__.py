@@ -22,11 +22,15 @@ import os
 import numpy as np
 
 from onnxc.backends import Backend, Option, register_backend
+from onnxc.backends.tvm import X86Backend
 from onnxc.errors import UnsupportedError
+from onnxc.options import non_negative_int
+from onnxc.pipeline import PassWith
 
 from .config import DEFAULT, VtaConfig
 
 HOSTS = ("onnx", "x86", "arm")
+PROGRAM_FILE = os.path.join("vta", "program.json")
 
 
 def config_from_options(options: dict) -> VtaConfig:
@@ -105,6 +109,7 @@ def compile_graph(graph, cfg, residual: bool = False):
 class VtaBackend(Backend):
     name = "vta"
     summary = "VTA FPGA accelerator: int8 conv/dense on VTA (simulated), rest on the host"
+    artifact_marker = PROGRAM_FILE
     options = (
         Option("--vta-config", str, None, "VTA configuration JSON (vta_config.json keys: "
                "LOG_BLOCK, LOG_*_BUFF_SIZE, ...; plus cycle-model keys)"),
@@ -118,26 +123,34 @@ class VtaBackend(Backend):
         Option("--vta-residual", None, None, "also run residual Adds (DQ + DQ -> Q) on "
                "VTA, as a 1x1 GEMM with identity weights over both inputs",
                action="store_true"),
-        Option("--vta-verify-samples", int, 8, "samples simulated at build time to check "
-               "the artifact against ONNX Runtime and the integer reference"),
-    )
+        Option("--vta-verify-samples", non_negative_int, 8, "samples simulated at build "
+               "time to check the artifact against ONNX Runtime and the integer reference"),
+    ) + X86Backend.options       # --vta-host x86/arm compiles the host segments with TVM
+    # VTA computes int8 x int8 with shift requantisation: an int8 pass in the run must
+    # produce that, or no layer could go to VTA (a model quantized before is checked by
+    # the partitioner, layer by layer).
+    requires = (PassWith("int8", (("int8_pow2_scales", (True,)),
+                                  ("int8_act_type", ("auto", "int8")),
+                                  ("int8_mode", ("static",))),
+                         hint="VTA takes int8 activations with power-of-two scales"),)
+
+    @classmethod
+    def load_artifact(cls, path):
+        from .runtime import load_artifact
+
+        return load_artifact(path)
 
     def validate(self, ctx) -> None:
-        config_from_options(ctx.options)
-        n = ctx.option("vta_verify_samples", 8)
-        if n < 0:
-            from onnxc.errors import UsageError
-
-            raise UsageError("--vta-verify-samples must be >= 0")
+        config_from_options(self.config)
 
     def build(self, graph, ctx, out_dir, report) -> None:
         import gc
 
-        from .runtime import PROGRAM_FILE, VtaArtifact, save_layer
+        from .runtime import VtaArtifact, save_layer
 
-        cfg = config_from_options(ctx.options)
+        cfg = config_from_options(self.config)
         host, programs, placement, layer_reports = compile_graph(
-            graph, cfg, residual=bool(ctx.option("vta_residual", False)))
+            graph, cfg, residual=self.config.vta_residual)
         vta_dir = os.path.join(out_dir, "vta")
         os.makedirs(vta_dir, exist_ok=True)
         _save_host(host, os.path.join(vta_dir, "host.onnx"))
@@ -146,12 +159,13 @@ class VtaBackend(Backend):
             entry = save_layer(prog, vta_dir, i)
             entry["stats"] = rep
             entries.append(entry)
-        host_kind = ctx.option("vta_host", "onnx")
+        host_kind = self.config.vta_host
         meta = {"config": cfg.as_dict(), "host": host_kind, "placement": placement,
                 "layers": entries}
         if host_kind != "onnx":
             meta["host_libraries"] = _compile_host(os.path.join(vta_dir, "host.onnx"),
-                                                   host_kind, out_dir, ctx)
+                                                   host_kind, out_dir, ctx,
+                                                   self.config)
         with open(os.path.join(out_dir, PROGRAM_FILE), "w") as f:
             json.dump(meta, f, indent=1, default=_jsonable)
         summary = {
@@ -168,7 +182,7 @@ class VtaBackend(Backend):
                 f"padded to BLOCK={cfg.block}); prune with --prune-multiple {cfg.block} to "
                 f"avoid it")
         # Build-time check: run the artifact just written on a few samples.
-        n = int(ctx.option("vta_verify_samples", 8))
+        n = self.config.vta_verify_samples
         if n:
             art = VtaArtifact(out_dir)
             summary["verification"] = verify_artifact(art, graph, ctx, n)
@@ -191,7 +205,8 @@ class VtaBackend(Backend):
 def verify_artifact(art, graph, ctx, n: int) -> dict:
     """Run ``art`` on ``n`` verification samples: per-layer bit-exactness against the
     numpy integer reference and output agreement with ONNX Runtime on the QDQ graph."""
-    from onnxc.verify import Runner, Verifier
+    from onnxc.execution import Runner
+    from onnxc.verify import Verifier
 
     from .qlayer import reference
 
@@ -226,7 +241,7 @@ def verify_artifact(art, graph, ctx, n: int) -> dict:
     return result
 
 
-def _compile_host(host_path: str, target: str, out_dir: str, ctx) -> dict:
+def _compile_host(host_path: str, target: str, out_dir: str, ctx, options) -> dict:
     """Compile every host segment with the TVM backend; {segment index: directory}."""
     import onnx
 
@@ -244,7 +259,7 @@ def _compile_host(host_path: str, target: str, out_dir: str, ctx) -> dict:
         rel = os.path.join("vta", f"host_{k:02d}")
         ctx.log(f"  vta: compiling host segment {k} ({len(model.graph.node)} nodes) for "
                 f"{target}")
-        compile_model(model, target, os.path.join(out_dir, rel), options=ctx.options,
+        compile_model(model, target, os.path.join(out_dir, rel), options=dict(options),
                       log=ctx.log)
         libs[str(k)] = rel
     return libs
@@ -258,25 +273,9 @@ def _max_diff(ref, outs) -> float:
 
 def _ort_basic(model, feeds) -> list:
     """Outputs of ``model`` on ONNX Runtime with basic graph optimisations only."""
-    import onnxruntime as ort
+    from onnxc.execution import Runner
 
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(model.SerializeToString(), so,
-                                providers=["CPUExecutionProvider"])
-    first = sess.get_inputs()[0].shape[0]
-    n = len(next(iter(feeds.values())))
-    step = first if isinstance(first, int) else n
-    chunks = []
-    for k in range(0, n, step):
-        part = {key: v[k:k + step] for key, v in feeds.items()}
-        got = len(next(iter(part.values())))
-        if got < step:
-            part = {key: np.concatenate([v, np.repeat(v[-1:], step - got, 0)])
-                    for key, v in part.items()}
-        chunks.append([o[:got] for o in sess.run(None, part)])
-    return [np.concatenate([c[i] for c in chunks]) for i in range(len(chunks[0]))]
+    return Runner(model, optimize="basic").run(feeds, batch_size=None)
 
 
 def _save_host(host, path: str) -> None:
@@ -296,3 +295,6 @@ def _jsonable(obj):
     if isinstance(obj, np.ndarray):
         return obj.tolist()
     return str(obj)
+
+
+from . import commands  # noqa: E402,F401  (registers onnxc vta-sim)
