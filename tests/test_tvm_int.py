@@ -124,7 +124,7 @@ def test_integer_artifact_within_one_quantization_step_of_onnxruntime(qdq_model,
     import onnxruntime as ort
 
     from onnxc.backends.tvm import compile_model
-    from onnxc.backends.tvm.runtime import load_artifact
+    from onnxc.backends.tvm import load_artifact
 
     result = compile_model(qdq_model, "x86", str(tmp_path / "art"), verify=False)
     assert result.lowering["conv"] == 3

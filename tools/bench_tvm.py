@@ -372,7 +372,7 @@ def kernel_table(module, target, top: int = 12) -> tuple:
 def integer_report(args, db, tune_opts, log) -> int:
     """ResNet-56 int8 and prune50+int8 through the integer lowering, in one run."""
     from onnxc.backends.tvm import compile_model
-    from onnxc.backends.tvm.runtime import benchmark, load_artifact
+    from onnxc.backends.tvm import benchmark, load_artifact
 
     per_task = 16 if args.trials_per_task is None else args.trials_per_task
     trials = 0 if args.from_db or per_task == 0 else 100000    # the per-task cap rules
