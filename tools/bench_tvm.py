@@ -335,12 +335,17 @@ def kernel_table(module, target, top: int = 12) -> tuple:
     import tvm
     from tvm import relax, tirx
 
-    calls = {}
+    calls, signature = {}, {}
 
-    def visit(expr):
-        if isinstance(expr, relax.Call) and expr.args and \
+    def visit(expr):    # R.call_tir(kernel, (args...), out_sinfo): count it, keep types
+        if isinstance(expr, relax.Call) and len(expr.args) >= 2 and \
                 isinstance(expr.args[0], tvm.ir.GlobalVar):
-            calls[expr.args[0].name_hint] = calls.get(expr.args[0].name_hint, 0) + 1
+            name = expr.args[0].name_hint
+            calls[name] = calls.get(name, 0) + 1
+            args = expr.args[1]
+            inputs = list(args.fields) if hasattr(args, "fields") else [args]
+            outs = list(expr.ty.fields) if hasattr(expr.ty, "fields") else [expr.ty]
+            signature.setdefault(name, [a.ty for a in inputs] + outs)
 
     relax.analysis.post_order_visit(module["main"], visit)
     rng = np.random.default_rng(0)
@@ -353,15 +358,16 @@ def kernel_table(module, target, top: int = 12) -> tuple:
             lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
                               target)
             args = []
-            for param in func.params:
-                buf = func.buffer_map[param]
-                shape = [int(d) for d in buf.shape]
-                dtype = str(buf.dtype)
+            for ty in signature[gvar.name_hint]:
+                shape = [int(d) for d in ty.shape.values]
+                dtype = str(ty.dtype)
                 data = (rng.integers(0, 8, shape) if "int" in dtype else
                         rng.standard_normal(shape)).astype(dtype)
                 args.append(tvm.runtime.tensor(data, dev))
-            ms = lib.time_evaluator("main", dev, number=10, repeat=3)(*args).median * 1e3
-        except Exception:      # e.g. a kernel taking a shape argument: not timed
+            ms = lib.mod.time_evaluator("main", dev, number=10, repeat=3)(*args).median * 1e3
+        except Exception as exc:   # e.g. a kernel taking a shape argument: not timed
+            if os.environ.get("BENCH_DEBUG"):
+                print(gvar.name_hint, exc)
             continue
         rows.append((gvar.name_hint, calls[gvar.name_hint], ms, ms * calls[gvar.name_hint]))
     total = sum(r[3] for r in rows) or 1.0
@@ -412,9 +418,9 @@ def integer_report(args, db, tune_opts, log) -> int:
     ort_int8_1 = ort_latency(int8_1, x1, rep)
     tvm_fp32_1 = tvm_ms(a_fp32, x1, rep)
     tvm_int8_1 = tvm_ms(a_int8, x1, rep)
-    print(f"int8 bs 1: TVM int8 {tvm_int8_1:.2f} ms, TVM fp32 {tvm_fp32_1:.2f} ms (same "
-          f"{per_task} trials per task): int8 {tvm_fp32_1 / tvm_int8_1:.2f}x faster than "
-          f"tuned fp32; ORT int8 (same QDQ model) {ort_int8_1:.2f} ms: TVM/ORT "
+    tuned = f"tuned, {per_task} trials per task each" if per_task else "both untuned"
+    print(f"int8 bs 1: TVM int8 {tvm_int8_1:.2f} ms, TVM fp32 {tvm_fp32_1:.2f} ms ({tuned}): "
+          f"int8 {tvm_fp32_1 / tvm_int8_1:.2f}x faster than fp32; ORT int8 (same QDQ model) {ort_int8_1:.2f} ms: TVM/ORT "
           f"{tvm_int8_1 / ort_int8_1:.2f}x; ORT fp32 {ort_fp32_1:.2f} ms", flush=True)
 
     if "prune" in args.variants:
