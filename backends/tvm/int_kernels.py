@@ -302,23 +302,47 @@ def _pick_schedules(mod, target, space, counts, updates, log):
         # the kernel unbuildable).
         plain = func.with_attr("layout_free_buffers", []).with_attr("global_symbol", "main")
         sub = tvm.IRModule({"main": plain})
-        try:
-            ctx = ms.TuneContext(mod=sub, target=target, space_generator=space.clone(),
-                                 task_name=gvar.name_hint, rand_state=1)
-            candidates = ctx.generate_design_space()
-        except Exception as exc:   # a block the rules cannot handle: default loops
-            log(f"  tvm: {gvar.name_hint}: no design space ({str(exc).splitlines()[0]})")
-            continue
-        for sch in candidates:
-            if "meta_schedule.auto_tensorize" not in str(sch.trace):
-                continue
-            if all(post.apply(sch) for post in ctx.space_generator.postprocs) \
-                    and "meta_schedule.auto_tensorize" not in sch.mod.script():
-                # (RewriteTensorize only logs a failed tensorization; its mark stays)
-                scheduled = sch.mod["main"].with_attr("tirx.is_scheduled", True)
-                updates[gvar] = scheduled.with_attr("global_symbol", gvar.name_hint)
+        for seed in SEEDS:    # a few samplings of the space before giving up
+            try:
+                ctx = ms.TuneContext(mod=sub, target=target, space_generator=space.clone(),
+                                     task_name=gvar.name_hint, rand_state=seed)
+                candidates = ctx.generate_design_space()
+            except Exception as exc:   # a block the rules cannot handle: default loops
+                log(f"  tvm: {gvar.name_hint}: no design space "
+                    f"({str(exc).splitlines()[0]})")
+                break
+            if _take_first(candidates, ctx, target, gvar, updates):
                 counts["tensorized"] += 1
                 break
+
+
+SEEDS = (1, 2, 3)
+
+
+def _take_first(candidates, ctx, target, gvar, updates) -> bool:
+    for sch in candidates:
+        if "meta_schedule.auto_tensorize" not in str(sch.trace):
+            continue
+        # RewriteTensorize only logs a failed tensorization (its mark stays); a sampled
+        # vectorization around the intrinsic can fail to build ("Cannot broadcast
+        # lanes=16 ... to 64"): such candidates are not taken.
+        if all(post.apply(sch) for post in ctx.space_generator.postprocs) \
+                and "meta_schedule.auto_tensorize" not in sch.mod.script() \
+                and _builds(sch.mod, target):
+            scheduled = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+            updates[gvar] = scheduled.with_attr("global_symbol", gvar.name_hint)
+            return True
+    return False
+
+
+def _builds(mod, target) -> bool:
+    import tvm
+
+    try:
+        tvm.compile(mod, target)
+        return True
+    except Exception:
+        return False
 
 
 def schedule_integer_kernels(mod, target, pipelined: bool, log=None):

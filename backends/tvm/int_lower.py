@@ -335,16 +335,26 @@ def _mutator_class():
             strides = [int(v) for v in attrs.strides]
             dilation = [int(d) for d in attrs.dilation]
             block = self.packing
-            if block and int(attrs.groups) == 1 and cout % block[0] == 0 \
-                    and w.shape[1] % block[1] == 0:
+            if block and int(attrs.groups) == 1:
                 nhwc = self.nhwc.get(x_q)
                 if nhwc is None:
                     nhwc = self.builder_.emit(relax.op.permute_dims(x_q, [0, 2, 3, 1]))
                 nhwc, z_x = self.operand(nhwc, z_x)
                 b = b - z_x * w.reshape(cout, -1).astype(np.int64).sum(1)
+                # Channel counts the intrinsic's tile does not divide (pruned layers, the
+                # 3-channel stem) are padded with zero weights: extra input channels
+                # then contribute nothing whatever they hold, extra outputs are cut off.
+                cin = w.shape[1]
+                o_pad, i_pad = -cout % block[0], -cin % block[1]
+                if i_pad:
+                    nhwc = self.builder_.emit(relax.op.nn.pad(
+                        nhwc, [0, 0, 0, 0, 0, 0, 0, i_pad], "constant", float(z_x)))
+                w_full = np.pad(w, [(0, o_pad), (0, i_pad), (0, 0), (0, 0)])
                 acc = self.builder_.emit_te(
-                    packed_conv2d, nhwc, relax.const(pack_weight(w, *block)), strides,
+                    packed_conv2d, nhwc, relax.const(pack_weight(w_full, *block)), strides,
                     padding, dilation, z_x, primfunc_name_hint="conv2d_nhwc_packed_int8")
+                if o_pad:
+                    acc = relax.op.strided_slice(acc, axes=[3], begin=[0], end=[cout])
                 acc = relax.op.add(acc, relax.const(_int32(b).reshape(1, 1, 1, cout)))
                 out = self.builder_.emit(self.requantize(acc, multiplier, z_y, out_dtype, relu,
                                                          (1, 1, 1, cout)))
