@@ -58,6 +58,13 @@ def qdq_model():
     return result.graph.to_onnx()
 
 
+@pytest.fixture(scope="module")
+def x86_artifact(qdq_model, tmp_path_factory):
+    from onnxc.backends.tvm import compile_model
+
+    return compile_model(qdq_model, "x86", str(tmp_path_factory.mktemp("x86")), verify=False)
+
+
 def _import(model):
     from onnxc.backends.tvm.build import import_relax, io_signature
 
@@ -120,13 +127,13 @@ def test_same_shape_convs_share_one_kernel_whatever_their_scales(qdq_model):
     assert len([k for k in kernels if "subtract" not in k]) == 2
 
 
-def test_integer_artifact_within_one_quantization_step_of_onnxruntime(qdq_model, tmp_path):
+def test_integer_artifact_within_one_quantization_step_of_onnxruntime(qdq_model,
+                                                                    x86_artifact):
     import onnxruntime as ort
 
-    from onnxc.backends.tvm import compile_model
     from onnxc.backends.tvm import load_artifact
 
-    result = compile_model(qdq_model, "x86", str(tmp_path / "art"), verify=False)
+    result = x86_artifact
     assert result.lowering["conv"] == 3
     art = load_artifact(result.out_dir)
     opts = ort.SessionOptions()
@@ -188,13 +195,12 @@ def _objdump(tool: str, library) -> str:
                           check=True).stdout
 
 
-def test_x86_integer_artifact_runs_vnni_dot_products(qdq_model, tmp_path):
+def test_x86_integer_artifact_runs_vnni_dot_products(x86_artifact):
     import shutil
 
-    from onnxc.backends.tvm import compile_model
     from onnxc.backends.tvm.int_kernels import VNNI, intrinsic
 
-    result = compile_model(qdq_model, "x86", str(tmp_path / "art"), verify=False)
+    result = x86_artifact
     if intrinsic(result.spec.tvm_target()) != VNNI:
         pytest.skip("this host has no AVX-512 VNNI")
     if shutil.which("objdump") is None:
