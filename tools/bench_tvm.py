@@ -424,7 +424,9 @@ def integer_report(args, db, tune_opts, log) -> int:
           f"{tvm_int8_1 / ort_int8_1:.2f}x; ORT fp32 {ort_fp32_1:.2f} ms", flush=True)
 
     if "prune" in args.variants:
-        for batch, x in ((1, x1), (64, x64)):
+        for batch in (int(b) for b in args.batches.split(",")):
+            x = x1 if batch == 1 else x64 if batch == 64 else np.random.default_rng(
+                0).standard_normal((batch, 3, 32, 32)).astype(np.float32)
             orig = fp32_graph(args.model, batch)
             _, p_int8 = onnxc_models(args.model, batch, 0.5)
             a_p = build(f"prune50_int8_bs{batch}", p_int8)

@@ -417,6 +417,10 @@ def _mutator_class():
             # (the add is usually fused into the preceding conv's kernel)
             channel = (1, shape[1]) + (1,) * (len(shape) - 2) if len(shape) >= 2 else \
                 tuple(shape)
+            nhwc = len(shape) == 4 and a_q in self.nhwc and b_q in self.nhwc
+            if nhwc:   # both from packed convs: stay NHWC (no transposes in between)
+                a_q, b_q = self.nhwc[a_q], self.nhwc[b_q]
+                channel = (1, 1, 1, shape[1])
 
             def tensor(value):
                 return relax.const(np.full(channel, value, np.float32))
@@ -433,6 +437,10 @@ def _mutator_class():
                 x = relax.op.maximum(x, zero)
             x = relax.op.clip(x, relax.prim_value(float(lo)), relax.prim_value(float(hi)))
             self.report.add += 1
+            if nhwc:
+                out = self.builder_.emit(relax.op.astype(x, out_dtype))
+                self.nhwc[self.current] = out
+                return relax.op.permute_dims(out, [0, 3, 1, 2])
             return relax.op.astype(x, out_dtype)
 
     _MUTATOR.append(QDQToInteger)
