@@ -189,9 +189,10 @@ def compile_model(model, target="x86", out_dir: str = ".", options: dict | None 
     (``tune_trials``, ``tune_db``, ``mcpu``, ``cuda_arch``, ``target_json``,
     ``rpc_tracker``, ``rpc_key``, ``cross_cc``). Writes the library, ``target.json``
     and, for x86 when ``verify``, checks the library against ONNX Runtime: within
-    ``tolerance`` relative (default 1e-4; 5e-2 for QDQ graphs, which ONNX Runtime runs
-    as integer kernels that requantize differently from TVM's float QDQ arithmetic:
-    a one-quantization-step difference is expected there).
+    ``tolerance`` relative (default 1e-4; 5e-2 for QDQ graphs: a one-quantization-step
+    difference from ONNX Runtime's integer kernels is allowed; QDQ graphs are lowered to
+    integer kernels with ORT's requantization, see int_lower.py, unless
+    ``int_lowering`` is False).
     """
     import tvm
 
