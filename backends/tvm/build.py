@@ -213,7 +213,7 @@ def compile_model(model, target="x86", out_dir: str = ".", options: dict | None 
         mod, report = lower_qdq(mod, int_kernels.activation_dtype(tvm_target),
                                 int_kernels.packing(tvm_target))
         lowering = dict(report.as_dict(), kernels=int_kernels.describe(tvm_target))
-        notes.append("tvm: " + report.summary())
+        notes.append(report.summary())
         options["integer_kernels"] = report.lowered > 0
     seconds["import"] = time.perf_counter() - start
 
