@@ -71,14 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
     backends = all_backends()
     c = sub.add_parser("compress", help="run passes and write an artifact directory",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    c.add_argument("model", help="input .onnx file (never modified)")
-    c.add_argument("--passes", default="fold_bn",
-                   help=f"comma-separated, run in canonical order: {', '.join(passes)}")
-    c.add_argument("--target", default="onnx", help=f"one of {', '.join(sorted(backends))}")
+    c.add_argument("model", nargs="?", help="input .onnx file (never modified; "
+                   "default with --recipe: the recipe's)")
+    c.add_argument("--passes", default=None,
+                   help=f"comma-separated, run in canonical order: {', '.join(passes)} "
+                        "(default: fold_bn)")
+    c.add_argument("--target", default=None,
+                   help=f"one of {', '.join(sorted(backends))} (default: onnx)")
+    c.add_argument("--recipe", default=None, help="replay a recipe.yaml (from 'onnxc "
+                   "search'): its passes, options, data and seed; flags given here win")
     c.add_argument("-o", "--output", required=True, help="artifact directory (replaced)")
     c.add_argument("--input-shape", action="append", metavar="NAME:D1,D2,...",
                    help="fix an input's shape; repeat for several inputs")
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seed", type=int, default=None, help="(default: 0)")
     c.add_argument("--tolerance", type=float, default=1e-5,
                    help="max relative output error allowed for exact passes")
     c.add_argument("--max-accuracy-drop", type=float, default=None,
@@ -158,11 +163,22 @@ def cmd_compress(args) -> int:
     from onnxc.compress import compress
     from onnxc.pipeline import all_passes
 
+    from onnxc.backends import all_backends
+
+    if args.recipe:
+        from onnxc.recipe import apply_to_args
+
+        apply_to_args(args, {o.dest for cls in list(all_passes().values())
+                             + list(all_backends().values()) for o in cls.options})
+    if args.model is None:
+        raise UsageError("compress needs a MODEL (or --recipe)")
+    args.passes = args.passes or "fold_bn"
+    args.target = args.target or "onnx"
+    args.seed = 0 if args.seed is None else args.seed
     options = {}
     for cls in all_passes().values():
         for opt in cls.options:
             options[opt.dest] = getattr(args, opt.dest, None)
-    from onnxc.backends import all_backends
     for cls in all_backends().values():
         for opt in cls.options:
             options[opt.dest] = getattr(args, opt.dest, None)

@@ -10,7 +10,7 @@ import importlib
 
 # Modules that define commands; a missing module is simply not offered.
 COMMAND_MODULES: list = ["onnxc.backends.tvm.commands", "onnxc.backends.vta.commands",
-                         "onnxc.passes.prune.sensitivity"]
+                         "onnxc.passes.prune.sensitivity", "onnxc.search"]
 
 EXTRA_COMMANDS: list = []   # callables(subparsers) adding a sub-parser
 HANDLERS: dict = {}         # command name -> handler(args) -> exit code
