@@ -49,6 +49,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import statistics
 import sys
 import time
@@ -62,8 +63,9 @@ from onnxc.errors import OutputError, UsageError
 OBJECTIVES = ("latency", "size", "macs")
 SPACE = ("prune", "lowrank", "int8")
 # Ratios the per-group pruning sensitivity is measured at (the allocation moves in these
-# steps; with the default rounding to 8 channels, finer steps of small groups vanish).
-PROFILE_RATIOS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
+# steps; finer ones cost profile time, and rounding kept counts to 8 or 16 channels
+# makes most of them vanish on small groups).
+PROFILE_RATIOS = (0.25, 0.5, 0.75)
 PROFILE_SAMPLES = 64
 MAX_FLOAT_LAYERS = 12       # int8: at most this many most-sensitive layers kept in float
 AGREEMENT_SAMPLES = 1024
@@ -311,10 +313,11 @@ class Problem:
         return [{"sources": r["sources"], "error": {str(k): v for k, v in r["error"].items()}}
                 for r in rows]
 
-    def group_ratios(self, profile: list, flops: float, params: float) -> str:
+    def group_ratios(self, profile: list, flops: float, params: float,
+                     multiple: int | None = None) -> str:
         """--prune-group-ratios for MAC/parameter budgets (0 = none), allocated greedily
         where the measured sensitivity grows least per MAC and parameter saved."""
-        key = (round(flops, 4), round(params, 4))
+        key = (round(flops, 4), round(params, 4), multiple)
         if key not in self._alloc_cache:
             from onnxc.passes.prune import group_ratios_spec
             from onnxc.passes.prune.allocate import Allocator
@@ -326,7 +329,7 @@ class Problem:
                 c = by_sources.get(tuple(g.sources))
                 if c is not None:
                     curves[gi] = {float(k): float(v) for k, v in c.items()}
-            alloc = Allocator(dg, groups, scores)
+            alloc = Allocator(dg, groups, scores, multiple=multiple)
             base = dg.estimate_macs(np.zeros(dg.num_classes, bool))
             base_params = graph.stats(with_bytes=False).params
             removed, _ = alloc.for_budgets(base, base_params, flops or None, params or None,
@@ -347,10 +350,14 @@ def suggest(trial, problem: Problem, prof: dict) -> tuple[list, dict, dict]:
         params = round(trial.suggest_float("prune_params", 0.0, 0.7, step=0.05), 4)
         if flops > 0 or params > 0:
             crit = trial.suggest_categorical("prune_criterion", problem.criteria)
-            spec = problem.group_ratios(prof["prune"], flops, params)
+            # Kept channels rounded to 8 (AVX2's NCHWc block) or 16 (AVX-512's): which
+            # one is faster depends on the CPU, so it is measured, not assumed.
+            mult = trial.suggest_categorical("prune_multiple", [8, 16])
+            spec = problem.group_ratios(prof["prune"], flops, params, mult)
             if spec:
                 passes.append("prune")
-                opts.update(prune_group_ratios=spec, prune_criterion=crit)
+                opts.update(prune_group_ratios=spec, prune_criterion=crit,
+                            prune_multiple=mult)
                 # Shortcut Pads as 1x1 convs keep ORT's trunk in NCHWc (docs/pruning.md).
                 if trial.suggest_categorical("prune_ort_layout", [False, True]):
                     opts["prune_ort_layout"] = True
@@ -424,7 +431,6 @@ def open_study(args, problem: Problem, log):
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     url = storage_url(args)
     if url.startswith("sqlite:"):
-        os.makedirs(os.path.abspath(args.output), exist_ok=True)
         # Workers share the file: wait for a writer's lock instead of failing at once.
         kwargs = {"connect_args": {"timeout": 120}}
     else:
@@ -483,7 +489,8 @@ def seed_trials(study, prof: dict, problem: Problem) -> None:
             seeds.append(dict(base, precision="int8", calibrator="minmax", float_layers=fb))
     if prune:
         crit = "thinet" if "thinet" in problem.criteria else problem.criteria[0]
-        light = dict(base, prune_flops=0.15, prune_params=0.2, prune_criterion=crit)
+        light = dict(base, prune_flops=0.1, prune_params=0.2, prune_criterion=crit,
+                     prune_multiple=16, prune_ort_layout=False)
         seeds.append(dict(light, precision="int8", calibrator="minmax", float_layers=0)
                      if int8 else light)
     for params in seeds:
@@ -509,6 +516,7 @@ def run_trial(study, problem: Problem, prof: dict, log) -> dict | None:
     args = problem.args
     dropped = m["latency_ms"] > m["original_ms"]
     trial.set_user_attr("metrics", m)
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     trial.set_user_attr("passes", passes)
     trial.set_user_attr("options", opts)
     trial.set_user_attr("per_layer", per_layer)
@@ -695,6 +703,10 @@ def handler(args) -> int:
     started = time.perf_counter()
     deadline = started + 60.0 * args.minutes
     check_output_dir(args.output)
+    try:
+        os.makedirs(os.path.abspath(args.output), exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create {args.output}: {exc.strerror}") from None
 
     def log(msg):
         if bar is not None:
