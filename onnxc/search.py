@@ -677,6 +677,16 @@ def plot(summary: dict, path: str) -> None:
         if ch:
             ax.scatter([ch[0][key]], [ch[0]["top1"]], s=160, marker="*", c="tab:orange",
                        edgecolors="k", zorder=5, label=f"chosen (trial {ch[0]['trial']})")
+        if rows:
+            # Zoom on the bound: candidates far below it (a collapsed model at ~10 %)
+            # would squash the interesting part into one line.
+            low = ref - max(10.0, 5 * summary["max_drop"])
+            hidden = sum(r["top1"] < low for r in rows)
+            ax.set_ylim(max(low, min(r["top1"] for r in rows) - 0.5), max(ref, max(
+                r["top1"] for r in rows)) + 0.5)
+            if hidden:
+                ax.text(0.01, 0.01, f"{hidden} candidate(s) below {low:.1f} % not shown",
+                        transform=ax.transAxes, fontsize=7)
         ax.set_xlabel(label)
         ax.set_ylabel("accuracy (%)")
         ax.grid(alpha=0.3)
@@ -709,12 +719,29 @@ def handler(args) -> int:
         raise OutputError(f"cannot create {args.output}: {exc.strerror}") from None
 
     def log(msg):
+        print(msg, file=sys.stderr)
+
+    import signal
+
+    def stop(signum, frame):        # a scheduler's TERM: stop like Ctrl-C, still save
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        return _search(args, started, deadline, log)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _search(args, started, deadline, log_line) -> int:
+    bar = None
+
+    def log(msg):
         if bar is not None:
             bar.write(msg, file=sys.stderr)
         else:
-            print(msg, file=sys.stderr)
+            log_line(msg)
 
-    bar = None
     problem = Problem(args, log)
     study, n_before = open_study(args, problem, log)
     log(f"onnxc search: {args.model}, objective {args.objective}, bound {args.max_drop} pt "

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 
 import numpy as np
 import onnx
@@ -293,3 +294,26 @@ def test_group_ratios_spec_reproduces_the_counts_it_was_made_from():
         removed = alloc.remove_counts(counts)
         spec = parse_group_ratios(group_ratios_spec(groups, removed))
         assert per_group_counts(alloc, groups, spec, 0.0) == counts
+
+
+@pytest.mark.slow
+def test_terminated_search_still_saves_the_best_candidate(files, tmp_path):
+    import optuna
+
+    out = tmp_path / "run"
+    worker = _worker(files, out, "--minutes", "10")
+    url = f"sqlite:///{out / 'search.db'}"
+    deadline = time.time() + 240
+    while time.time() < deadline and worker.poll() is None:
+        try:
+            study = optuna.load_study(study_name="onnxc-search", storage=url)
+            if any(t.state.name == "COMPLETE" for t in study.trials):
+                break
+        except Exception:
+            pass
+        time.sleep(0.5)
+    worker.terminate()
+    log = worker.communicate(timeout=300)[0]
+    assert worker.returncode == 130, log[-2000:]
+    assert "saving the best candidate" in log
+    assert (out / "recipe.yaml").exists() and (out / "model" / "model.onnx").exists()
