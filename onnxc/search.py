@@ -73,7 +73,7 @@ STUDY_VERSION = 1
 
 
 def configure(sub) -> None:
-    from onnxc.cli import _add_data_args
+    from onnxc.commands import add_data_args
 
     p = sub.add_parser(
         "search", help="search pass options and per-layer choices for the fastest or "
@@ -106,7 +106,7 @@ def configure(sub) -> None:
     p.add_argument("--input-shape", action="append", metavar="NAME:D1,D2,...")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_data_args(p)
+    add_data_args(p)
 
 
 # ----------------------------------------------------------------------------------------
@@ -193,6 +193,7 @@ class Problem:
 
         self.criteria = [c.strip() for c in args.criteria.split(",") if c.strip()]
         bad = [c for c in self.criteria if c not in CRITERIA or c == "bn_gamma"]
+        # (CRITERIA: the registry, plug-in criteria included)
         if bad or not self.criteria:
             raise UsageError(f"--criteria '{args.criteria}': choose from "
                              f"{', '.join(c for c in CRITERIA if c != 'bn_gamma')} "
@@ -291,10 +292,10 @@ class Problem:
             from onnxc.passes.prune.groups import DependencyGraph
             from onnxc.pipeline import Context, PassManager, resolve_passes
 
-            ctx = Context({}, seed=self.args.seed, calibration=self.calib,
+            ctx = Context(seed=self.args.seed, calibration=self.calib,
                           log=lambda m: None, progress=False)
-            graph, _ = PassManager(resolve_passes(["fold_bn"]), verify=False).run(
-                self.graph.copy(), ctx)
+            graph = PassManager(resolve_passes(["fold_bn"]), verify=False).run(
+                self.graph.copy(), ctx).graph
             name_nodes(graph)
             dg = DependencyGraph(graph)
             groups = prunable_groups(dg, [], None, residual=False)
@@ -375,7 +376,7 @@ def suggest(trial, problem: Problem, prof: dict) -> tuple[list, dict, dict]:
         precision = trial.suggest_categorical("precision", ["fp32", "int8"])
         if precision == "int8":
             passes.append("int8")
-            opts["calibrator"] = trial.suggest_categorical(
+            opts["int8_calibrator"] = trial.suggest_categorical(
                 "calibrator", ["minmax", "percentile", "entropy", "mse"])
             order = prof.get("int8", {}).get("order", [])
             if order and not lowrank:
@@ -540,9 +541,9 @@ def describe(opts: dict) -> str:
         parts.append(f"prune {opts['prune_criterion']} {n} groups")
     if "lowrank_flops" in opts:
         parts.append(f"lowrank {opts['lowrank_flops']}")
-    if "calibrator" in opts:
+    if "int8_calibrator" in opts:
         kf = len(opts.get("keep_float", "").split(",")) if opts.get("keep_float") else 0
-        parts.append(f"int8 {opts['calibrator']}" + (f" {kf} float" if kf else ""))
+        parts.append(f"int8 {opts['int8_calibrator']}" + (f" {kf} float" if kf else ""))
     return ", ".join(parts) or "fp32"
 
 
@@ -816,4 +817,4 @@ def _search(args, started, deadline, log_line) -> int:
     return 130 if interrupted else 0
 
 
-register_command("search", configure, handler)
+register_command("search", configure)(handler)

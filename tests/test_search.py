@@ -103,7 +103,7 @@ def test_recipe_with_per_group_ratios_and_float_layers_replays_exactly(files, tm
     from onnxc.recipe import make, write
 
     opts = {"prune_group_ratios": "c1=0.5", "prune_criterion": "l1",
-            "calibrator": "percentile", "keep_float": "fc"}
+            "int8_calibrator": "percentile", "keep_float": "fc"}
     rec = make(str(files / "model.onnx"), ["fold_bn", "prune", "int8"], opts,
                calib_data=str(files / "unlabelled.npz"),
                preprocess={"layout": "NCHW"}, seed=0)
@@ -288,7 +288,7 @@ def test_group_ratios_spec_reproduces_the_counts_it_was_made_from():
     name_nodes(graph)
     dg = DependencyGraph(graph)
     groups = prunable_groups(dg, [])
-    alloc = Allocator(dg, groups, scores("l1", dg, graph, Context({}), 8), multiple=1)
+    alloc = Allocator(dg, groups, scores("l1", dg, graph, Context(), 8), multiple=1)
     for n in range(1, 15):     # every count of a 16-channel group, odd ratios included
         counts = [n] + [0] * (len(alloc.subgroups) - 1)
         removed = alloc.remove_counts(counts)
