@@ -457,7 +457,8 @@ def open_study(args, problem: Problem, log):
     if args.resume:
         study = optuna.load_study(study_name=args.study, storage=storage)
         old = study.user_attrs.get("settings", {})
-        for key in ("model_sha256", "objective", "max_drop", "space", "batch"):
+        # (criteria: Optuna's categorical choices cannot change within a study)
+        for key in ("model_sha256", "objective", "max_drop", "space", "criteria", "batch"):
             if key in old and old[key] != settings[key]:
                 raise UsageError(f"--resume: this search was started with {key} "
                                  f"{old[key]!r}, not {settings[key]!r}")
@@ -502,8 +503,8 @@ def run_trial(study, problem: Problem, prof: dict, log) -> dict | None:
     import optuna
 
     trial = study.ask()
-    passes, opts, per_layer = suggest(trial, problem, prof)
     try:
+        passes, opts, per_layer = suggest(trial, problem, prof)
         m = evaluate(problem, passes, opts)
     except KeyboardInterrupt:
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
@@ -596,7 +597,7 @@ def write_outputs(study, problem: Problem, log) -> dict:
 
     def row(t):
         return {"trial": t.number, "passes": t.user_attrs["passes"],
-                "options": t.user_attrs["options"], "params": t.params,
+                "options": t.user_attrs["options"], "search_params": t.params,
                 "dropped": t.user_attrs.get("dropped") or None,
                 "within_bound": t.user_attrs["metrics"]["drop"] <= args.max_drop,
                 **t.user_attrs["metrics"]}
