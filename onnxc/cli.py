@@ -120,7 +120,7 @@ def cmd_compress(args) -> int:
     if args.recipe:
         from onnxc.recipe import apply_to_args
 
-        apply_to_args(args, {o.dest for o in _declared_options()})
+        apply_to_args(args, _declared_options())
     if args.model is None:
         raise UsageError("compress needs a MODEL (or --recipe)")
     args.passes = args.passes or "fold_bn"

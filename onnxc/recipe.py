@@ -106,9 +106,10 @@ def load(path: str) -> dict:
     return recipe
 
 
-def apply_to_args(args, pass_options: set, warn=None) -> dict:
+def apply_to_args(args, pass_options, warn=None) -> dict:
     """Fill ``args`` of ``onnxc compress`` from ``args.recipe``; what the command line
-    gives explicitly wins. Returns the recipe."""
+    gives explicitly wins. ``pass_options``: every declared pass/target ``Option``.
+    Returns the recipe."""
     warn = warn or (lambda m: print(f"onnxc: warning: {m}", file=sys.stderr))
     recipe = load(args.recipe)
     if args.model is None:
@@ -121,13 +122,15 @@ def apply_to_args(args, pass_options: set, warn=None) -> dict:
         args.passes = ",".join(recipe["passes"])
     if args.target is None:
         args.target = recipe.get("target", "onnx")
-    unknown = sorted(set(recipe.get("options", {})) - pass_options)
+    # An older spelling (alias, e.g. 'calibrator' for 'int8_calibrator') is its option.
+    dest_of = {key: opt.dest for opt in pass_options for key in opt.keys}
+    unknown = sorted(set(recipe.get("options", {})) - set(dest_of))
     if unknown:
         raise UsageError(f"--recipe: option '{unknown[0]}' is not an option of this onnxc "
                          "(made by another version?)")
-    for dest, value in recipe.get("options", {}).items():
-        if getattr(args, dest, None) is None:
-            setattr(args, dest, value)
+    for key, value in recipe.get("options", {}).items():
+        if getattr(args, dest_of[key], None) is None:
+            setattr(args, dest_of[key], value)
     data = recipe.get("data") or {}
     for kind in ("calib", "eval"):
         entry = data.get(kind)

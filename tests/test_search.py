@@ -317,3 +317,16 @@ def test_terminated_search_still_saves_the_best_candidate(files, tmp_path):
     assert worker.returncode == 130, log[-2000:]
     assert "saving the best candidate" in log
     assert (out / "recipe.yaml").exists() and (out / "model" / "model.onnx").exists()
+
+
+def test_recipe_with_an_older_option_spelling_replays(files, tmp_path):
+    """Recipes written before int8's flags got their --int8- prefix still replay."""
+    from onnxc.recipe import make, write
+
+    rec = make(str(files / "model.onnx"), ["fold_bn", "int8"], {"calibrator": "percentile"},
+               calib_data=str(files / "unlabelled.npz"))
+    write(str(tmp_path / "r.yaml"), rec)
+    assert main(["compress", "--recipe", str(tmp_path / "r.yaml"), "-o",
+                 str(tmp_path / "a"), "--quiet"]) == 0
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert report["passes"][-1]["extra"]["calibrator"] == "percentile"
