@@ -19,9 +19,8 @@ import sys
 import time
 from dataclasses import dataclass
 
-from onnxc.errors import BackendError, UsageError
+from onnxc.errors import BackendError, UsageError, first_line
 
-from . import targets as T
 
 DEFAULT_DB = os.path.join(os.environ.get("XDG_CACHE_HOME",
                                          os.path.join(os.path.expanduser("~"), ".cache")),
@@ -73,7 +72,7 @@ def check_tracker(host: str, port: int, key: str) -> None:
         summary = tracker.summary()
     except Exception as exc:
         raise BackendError(f"cannot reach the RPC tracker at {host}:{port}: "
-                           f"{T._first_line(exc)}") from None
+                           f"{first_line(exc)}") from None
     # summary(): {"server_info": [{"key": "server:KEY", ...}], "queue_info": {KEY: {...}}}
     names = {str(s.get("key", "")).split(":")[-1] for s in summary.get("server_info", [])}
     names |= set(summary.get("queue_info", {}) or {})
@@ -377,7 +376,7 @@ def tune(mod, target, spec, trials: int, options: dict, log):
                 contexts, weights = _tune_contexts(todo, db_dir, int(options.get("seed") or 0))
             except Exception as exc:
                 raise BackendError(f"MetaSchedule could not set up tuning: "
-                                   f"{T._first_line(exc)}") from None
+                                   f"{first_line(exc)}") from None
             progress = _progress_callback(len(contexts), budget, log)
             callbacks = list(ms.measure_callback.MeasureCallback.create("default")) + [progress]
             ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
@@ -399,7 +398,7 @@ def tune(mod, target, spec, trials: int, options: dict, log):
             except (UsageError, BackendError):
                 raise
             except Exception as exc:
-                raise BackendError(f"MetaSchedule tuning failed: {T._first_line(exc)}") from None
+                raise BackendError(f"MetaSchedule tuning failed: {first_line(exc)}") from None
             finally:
                 ms_logger.removeHandler(starts)
             measured = progress.done
