@@ -287,7 +287,7 @@ class Problem:
     def _prune_graph(self):
         """fold_bn graph, dependency groups and l1 scores (what the allocation needs)."""
         if self._prune_setup is None:
-            from onnxc.passes.prune import name_nodes, prunable_groups
+            from onnxc.passes.prune import prunable_groups
             from onnxc.passes.prune.criteria import scores as criterion_scores
             from onnxc.passes.prune.groups import DependencyGraph
             from onnxc.pipeline import Context, PassManager, resolve_passes
@@ -296,7 +296,7 @@ class Problem:
                           log=lambda m: None, progress=False)
             graph = PassManager(resolve_passes(["fold_bn"]), verify=False).run(
                 self.graph.copy(), ctx).graph
-            name_nodes(graph)
+            graph.name_nodes()
             dg = DependencyGraph(graph)
             groups = prunable_groups(dg, [], None, residual=False)
             scores = criterion_scores("l1", dg, graph, ctx, PROFILE_SAMPLES)

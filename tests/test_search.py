@@ -277,7 +277,7 @@ def test_prune_group_ratios_with_a_budget_is_usage_error():
 
 def test_group_ratios_spec_reproduces_the_counts_it_was_made_from():
     from onnxc import frontend
-    from onnxc.passes.prune import (group_ratios_spec, name_nodes, parse_group_ratios,
+    from onnxc.passes.prune import (group_ratios_spec, parse_group_ratios,
                                     per_group_counts, prunable_groups)
     from onnxc.passes.prune.allocate import Allocator
     from onnxc.passes.prune.criteria import scores
@@ -285,7 +285,7 @@ def test_group_ratios_spec_reproduces_the_counts_it_was_made_from():
     from onnxc.pipeline import Context
 
     graph = frontend.load(tiny_cnn())
-    name_nodes(graph)
+    graph.name_nodes()
     dg = DependencyGraph(graph)
     groups = prunable_groups(dg, [])
     alloc = Allocator(dg, groups, scores("l1", dg, graph, Context(), 8), multiple=1)
