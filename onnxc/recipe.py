@@ -76,7 +76,7 @@ def make(model: str, passes: list, options: dict, *, target: str = "onnx",
 def write(path: str, recipe: dict) -> None:
     import yaml
 
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"     # (several search workers may write at once)
     try:
         with open(tmp, "w") as f:
             f.write("# onnxc recipe: replay with `onnxc compress --recipe "

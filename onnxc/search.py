@@ -637,7 +637,7 @@ def write_outputs(study, problem: Problem, log) -> dict:
 
 
 def _write_json(path: str, data) -> None:
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"     # workers of one study may write at once
     try:
         with open(tmp, "w") as f:
             json.dump(data, f, indent=1, default=str)
@@ -696,7 +696,7 @@ def plot(summary: dict, path: str) -> None:
     fig.suptitle(f"onnxc search, objective {summary['objective']}: {summary['accuracy']}",
                  fontsize=8)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
+    tmp = f"{path}.{os.getpid()}.tmp.png"
     try:
         fig.savefig(tmp, dpi=110)
         os.replace(tmp, path)
@@ -795,7 +795,13 @@ def _search(args, started, deadline, log_line) -> int:
         if bar is not None:
             bar.close()
             bar = None
-    summary = write_outputs(study, problem, log)
+    # Workers of one study on this machine share DIR: one writes the outputs at a time
+    # (the artifact's swap into DIR/model is atomic, but not two swaps at once).
+    import fcntl
+
+    with open(os.path.join(os.path.abspath(args.output), ".outputs.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        summary = write_outputs(study, problem, log)
     chosen = next((r for r in summary["trials"] if r["trial"] == summary["chosen"]), None)
     print(f"{summary['trials_finished']} trials finished ({summary['trials_total']} in the "
           f"study), {time.perf_counter() - started:.0f} s; accuracy: "
