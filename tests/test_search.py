@@ -72,7 +72,10 @@ def test_search_writes_front_png_recipe_and_artifact(searched):
     assert summary["met_bound"] == any(r["within_bound"] and not r["dropped"]
                                        for r in summary["trials"])
     assert summary["accuracy"].startswith("top-1 on 96 labelled samples")
-    assert summary["pareto_front"] and summary["chosen"] is not None
+    assert summary["chosen"] is not None
+    kept = [r for r in summary["trials"] if not r["dropped"]]
+    assert bool(summary["pareto_front"]) == bool(kept)
+    assert {r["trial"] for r in summary["pareto_front"]} <= {r["trial"] for r in kept}
     for row in summary["trials"]:
         assert row["speedup"] > 0 and row["cr"] > 0 and row["original_ms"] > 0
     assert (searched / "pareto.png").stat().st_size > 10_000
