@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from .commands import add_data_args, data_loaders, register_command
@@ -73,14 +72,19 @@ def _configure_compress(sub) -> None:
     backends = all_backends()
     c = sub.add_parser("compress", help="run passes and write an artifact directory",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    c.add_argument("model", help="input .onnx file (never modified)")
-    c.add_argument("--passes", default="fold_bn",
-                   help=f"comma-separated, run in canonical order: {', '.join(passes)}")
-    c.add_argument("--target", default="onnx", help=f"one of {', '.join(sorted(backends))}")
+    c.add_argument("model", nargs="?", help="input .onnx file (never modified; "
+                   "default with --recipe: the recipe's)")
+    c.add_argument("--passes", default=None,
+                   help=f"comma-separated, run in canonical order: {', '.join(passes)} "
+                        "(default: fold_bn)")
+    c.add_argument("--target", default=None,
+                   help=f"one of {', '.join(sorted(backends))} (default: onnx)")
+    c.add_argument("--recipe", default=None, help="replay a recipe.yaml (from 'onnxc "
+                   "search'): its passes, options, data and seed; flags given here win")
     c.add_argument("-o", "--output", required=True, help="artifact directory (replaced)")
     c.add_argument("--input-shape", action="append", metavar="NAME:D1,D2,...",
                    help="fix an input's shape; repeat for several inputs")
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seed", type=int, default=None, help="(default: 0)")
     c.add_argument("--tolerance", type=float, default=1e-5,
                    help="max relative output error allowed for exact passes")
     c.add_argument("--max-accuracy-drop", type=float, default=None,
@@ -108,10 +112,20 @@ def _declared_options() -> list:
             for opt in cls.options]
 
 
+@register_command("compress", _configure_compress)
 def cmd_compress(args) -> int:
     from onnxc import frontend
     from onnxc.compress import RUN_OPTIONS, compress
 
+    if args.recipe:
+        from onnxc.recipe import apply_to_args
+
+        apply_to_args(args, _declared_options())
+    if args.model is None:
+        raise UsageError("compress needs a MODEL (or --recipe)")
+    args.passes = args.passes or "fold_bn"
+    args.target = args.target or "onnx"
+    args.seed = 0 if args.seed is None else args.seed
     options = {}
     for opt in list(_declared_options()) + list(RUN_OPTIONS):
         value = getattr(args, opt.dest, None)
@@ -157,6 +171,19 @@ def summary_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------------------
+# onnxc inspect, verify, passes
+
+
+def _configure_inspect(sub) -> None:
+    i = sub.add_parser("inspect", help="per-layer table: op, shapes, params, MACs")
+    i.add_argument("model")
+    i.add_argument("--input-shape", action="append", metavar="NAME:D1,D2,...")
+    i.add_argument("--all", action="store_true", help="list every node, not only layers")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+@register_command("inspect", _configure_inspect)
 def cmd_inspect(args) -> int:
     from onnxc import frontend
 
@@ -184,6 +211,19 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def _configure_verify(sub) -> None:
+    v = sub.add_parser("verify", help="compare two models on ONNX Runtime")
+    v.add_argument("reference")
+    v.add_argument("candidate")
+    v.add_argument("--input-shape", action="append", metavar="NAME:D1,D2,...")
+    v.add_argument("--samples", type=int, default=16, help="random samples without data")
+    v.add_argument("--tolerance", type=float, default=None,
+                   help="exit 5 if max relative error exceeds this")
+    v.add_argument("--seed", type=int, default=0)
+    add_data_args(v, calib=False)
+
+
+@register_command("verify", _configure_verify)
 def cmd_verify(args) -> int:
     from onnxc import frontend
     from onnxc.calibrate.readers import random_dataset
@@ -218,6 +258,11 @@ def cmd_verify(args) -> int:
     return 0
 
 
+def _configure_passes(sub) -> None:
+    sub.add_parser("passes", help="list passes and targets")
+
+
+@register_command("passes", _configure_passes)
 def cmd_passes(args) -> int:
     from onnxc.backends import all_backends
     from onnxc.pipeline import all_passes
@@ -232,32 +277,8 @@ def cmd_passes(args) -> int:
     return 0
 
 
-def _configure_inspect(sub) -> None:
-    i = sub.add_parser("inspect", help="per-layer table: op, shapes, params, MACs")
-    i.add_argument("model")
-    i.add_argument("--input-shape", action="append", metavar="NAME:D1,D2,...")
-    i.add_argument("--all", action="store_true", help="list every node, not only layers")
-    i.add_argument("--json", action="store_true", help="machine-readable output")
-
-
-def _configure_verify(sub) -> None:
-    v = sub.add_parser("verify", help="compare two models on ONNX Runtime")
-    v.add_argument("reference")
-    v.add_argument("candidate")
-    v.add_argument("--input-shape", action="append", metavar="NAME:D1,D2,...")
-    v.add_argument("--samples", type=int, default=16, help="random samples without data")
-    v.add_argument("--tolerance", type=float, default=None,
-                   help="exit 5 if max relative error exceeds this")
-    v.add_argument("--seed", type=int, default=0)
-    add_data_args(v, calib=False)
-
-
-# Built-in commands, registered like the ones passes and backends contribute.
-register_command("compress", _configure_compress)(cmd_compress)
-register_command("inspect", _configure_inspect)(cmd_inspect)
-register_command("verify", _configure_verify)(cmd_verify)
-register_command("passes", lambda sub: sub.add_parser("passes", help="list passes and "
-                                                      "targets"))(cmd_passes)
+# `onnxc search` (and the recipes `compress --recipe` replays) lives in its own module.
+from onnxc import search as _search  # noqa: E402,F401  (registers 'onnxc search')
 
 
 def main(argv=None) -> int:

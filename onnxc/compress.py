@@ -40,8 +40,8 @@ declare("onnxc compress", RUN_OPTIONS)
 # Flags of the compress command that are arguments of compress(), not options.
 reserve("onnxc compress", ("--passes", "--target", "--output", "-o", "--input-shape",
                            "--seed", "--tolerance", "--max-accuracy-drop", "--quiet",
-                           "--calib-data", "--eval-data", "--eval-samples", "--debug",
-                           "--help", "-h"))
+                           "--calib-data", "--eval-data", "--eval-samples", "--input-data",
+                           "--debug", "--help", "-h"))
 
 
 @dataclass
@@ -116,7 +116,6 @@ def compress(model, passes, target: str = "onnx", out_dir: str | None = None,
                   preprocess=preprocess)
     for msg in notes:
         ctx.log(f"  frontend: {msg}")
-    backend.validate(ctx)
 
     result = PassManager(pass_list, tolerance=tolerance, backend=backend).run(graph, ctx)
     final, reports = result.graph, result.reports
