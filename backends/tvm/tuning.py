@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from onnxc.errors import BackendError, UsageError, first_line
 
+from . import int_kernels
 
 DEFAULT_DB = os.path.join(os.environ.get("XDG_CACHE_HOME",
                                          os.path.join(os.path.expanduser("~"), ".cache")),
@@ -277,7 +278,7 @@ def _records_for(db, tasks) -> int:
                if structural_hash(rec.workload.mod) in wanted)
 
 
-def _tune_contexts(tasks, db_dir: str, seed: int):
+def _tune_contexts(tasks, db_dir: str, seed: int, space="post-order-apply"):
     """``extracted_tasks_to_tune_contexts``, safe when others log through MetaSchedule.
 
     It (re)configures logging with ``logging.config.dictConfig``, listing the handlers
@@ -297,7 +298,7 @@ def _tune_contexts(tasks, db_dir: str, seed: int):
         logger.removeHandler(handler)
     try:
         return ms.relax_integration.extracted_tasks_to_tune_contexts(
-            tasks, work_dir=db_dir, seed=seed)
+            tasks, work_dir=db_dir, seed=seed, space=space)
     finally:
         for handler in foreign:
             logger.addHandler(handler)
@@ -319,6 +320,9 @@ def tune(mod, target, spec, trials: int, options: dict, log):
 
     log = log or (lambda m: print(m, file=sys.stderr))
     started = time.perf_counter()
+    integer = bool(options.get("integer_kernels"))   # set by build.py after int_lower
+    if integer:   # the working VNNI intrinsic, before any record is tuned or replayed
+        int_kernels.register_intrinsics()
     db_dir = os.path.abspath(os.path.expanduser(options.get("tune_db") or default_db()))
     try:
         os.makedirs(db_dir, exist_ok=True)
@@ -373,7 +377,9 @@ def tune(mod, target, spec, trials: int, options: dict, log):
         if todo and not db_only:
             import_tensor_intrinsics()
             try:
-                contexts, weights = _tune_contexts(todo, db_dir, int(options.get("seed") or 0))
+                contexts, weights = _tune_contexts(
+                    todo, db_dir, int(options.get("seed") or 0),
+                    int_kernels.design_space(target) if integer else "post-order-apply")
             except Exception as exc:
                 raise BackendError(f"MetaSchedule could not set up tuning: "
                                    f"{first_line(exc)}") from None
@@ -392,7 +398,8 @@ def tune(mod, target, spec, trials: int, options: dict, log):
                     # counts as a failed candidate, not a slow one.
                     builder=ms.builder.LocalBuilder(
                         max_workers=int(options.get("tune_build_workers") or 1),
-                        timeout_sec=600, initializer=import_tensor_intrinsics),
+                        timeout_sec=600, initializer=int_kernels.register_intrinsics
+                        if integer else import_tensor_intrinsics),
                     runner=runner,
                     database=db, measure_callbacks=callbacks)
             except (UsageError, BackendError):
