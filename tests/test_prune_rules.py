@@ -108,6 +108,22 @@ def test_concat_split_and_channel_slice_are_reindexed():
     assert_exact(model, result, 4)
 
 
+def test_int32_channel_slice_bounds_stay_int32():
+    # Slice binds starts/ends/axes to one index type: int64 rewritten bounds beside int32
+    # axes make a model ONNX Runtime refuses to load (magika, issue 16).
+    n = Net()
+    a = n.op("Relu", [n.conv("x", 3, 8, name="c1")])
+    s = n.op("Slice", [a, n.const(np.array([1], np.int32)), n.const(np.array([7], np.int32)),
+                       n.const(np.array([1], np.int32)), n.const(np.array([1], np.int32))])
+    out = n.conv(s, 6, 4, name="c2")
+    model = kill(n.model([out]), "c1", [0, 3])
+    result, _ = prune_dead(model, 2)
+    assert_exact(model, result, 2)
+    (node,) = [nd for nd in result.graph.nodes if nd.op == "Slice"]
+    dtypes = {np.asarray(Graph.constant(t)).dtype for t in node.inputs[1:]}
+    assert dtypes == {np.dtype(np.int32)}
+
+
 def test_channel_pad_shortcut_like_cifar_resnet():
     # ResNet "option A" shortcut: spatial Slice then zero Pad of the channel axis.
     n = Net()

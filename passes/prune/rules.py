@@ -78,6 +78,13 @@ def _set_input(rw, node, i, values, tag):
     node.inputs[i] = const
 
 
+def _index_array(values, dtype) -> np.ndarray:
+    """``values`` as ``dtype`` (int32 or int64), clipped to its range: an int32 "to the
+    end" bound (INT32_MAX) read back as a Python int must not wrap."""
+    info = np.iinfo(dtype)
+    return np.clip(np.asarray(values, np.int64), info.min, info.max).astype(dtype)
+
+
 class Rule:
     ops: tuple = ()
 
@@ -617,6 +624,9 @@ class Slice(Rule):
         self.c_in = len(info.slots)
         self.sel = np.arange(self.c_in)[slice(starts[self.j], ends[self.j], 1)]
         self.starts, self.ends = starts, ends
+        # Rewritten bounds keep the original index dtype: Slice binds starts/ends/axes/
+        # steps to one type (Tind), so int64 bounds beside int32 axes do not load.
+        self.dtypes = (vals[0].dtype, vals[1].dtype)
         dg.set_info(node.outputs[0], info.axis, info.slots[self.sel])
         return None
 
@@ -631,8 +641,8 @@ class Slice(Rule):
         new_len = int(np.isin(keep, self.sel).sum())
         starts, ends = list(self.starts), list(self.ends)
         starts[self.j], ends[self.j] = new_start, new_start + new_len
-        _set_input(rw, node, 1, np.array(starts, np.int64), "starts")
-        _set_input(rw, node, 2, np.array(ends, np.int64), "ends")
+        _set_input(rw, node, 1, _index_array(starts, self.dtypes[0]), "starts")
+        _set_input(rw, node, 2, _index_array(ends, self.dtypes[1]), "ends")
 
 
 @rule
