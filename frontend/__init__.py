@@ -391,17 +391,63 @@ def _fold_constants(model: onnx.ModelProto, notes: list) -> onnx.ModelProto:
     import onnxslim
     from onnxslim.core.pattern.registry import DEFAULT_FUSION_PATTERNS
 
+    # A declared graph-output shape is a claim ONNX Runtime never checks, but onnxslim
+    # trusts it (e.g. rewrites the last Reshape's target to it): ddddocr declares [1, seqlen]
+    # for a [seq, 1, classes] output. Fold without the claims; the outputs' shapes are
+    # re-inferred from the graph afterwards.
+    declared = {o.name: onnx.TensorShapeProto.FromString(o.type.tensor_type.shape
+                                                         .SerializeToString())
+                for o in model.graph.output if o.type.tensor_type.HasField("shape")}
+    model = _without_output_shapes(model)
     try:
         with warnings.catch_warnings(), _quiet():
             warnings.simplefilter("ignore")
             slim = onnxslim.slim(model, skip_fusion_patterns=list(DEFAULT_FUSION_PATTERNS),
                                  skip_optimizations=["weight_tying"], model_check=False)
         if slim is not None and len(slim.graph.node):
-            return slim
+            return _reshape_outputs(slim, declared, notes)
         notes.append("constant folding produced nothing; kept the model as loaded")
     except Exception as exc:  # onnxslim gives up on some graphs: keep going unfolded
         notes.append(f"constant folding skipped: {first_line(exc, 120)}")
+    return _reshape_outputs(model, declared, notes)
+
+
+def _without_output_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Copy of ``model`` whose graph outputs keep their element type, not their shape."""
+    bare = onnx.ModelProto()
+    bare.CopyFrom(model)
+    for out in bare.graph.output:
+        if out.type.HasField("tensor_type"):
+            out.type.tensor_type.ClearField("shape")
+    return bare
+
+
+def _reshape_outputs(model: onnx.ModelProto, declared: dict, notes: list) -> onnx.ModelProto:
+    """Give the graph outputs the shapes inference finds; where it finds none, the
+    declared one back. Notes the outputs whose declared shape was wrong."""
+    repair_value_info(model)
+    wrong = []
+    for out in model.graph.output:
+        want = declared.get(out.name)
+        if want is None:
+            continue
+        tensor_type = out.type.tensor_type
+        if not tensor_type.HasField("shape"):
+            tensor_type.shape.CopyFrom(want)
+        elif _conflicts(tensor_type.shape, want):
+            wrong.append(out.name)
+    if wrong:
+        notes.append(f"declared shape of output(s) {', '.join(wrong)} does not match the "
+                     f"graph; re-inferred")
     return model
+
+
+def _conflicts(found: onnx.TensorShapeProto, declared: onnx.TensorShapeProto) -> bool:
+    """Rank differs or a fixed dim differs."""
+    if len(found.dim) != len(declared.dim):
+        return True
+    return any(a.HasField("dim_value") and b.HasField("dim_value")
+               and a.dim_value != b.dim_value for a, b in zip(found.dim, declared.dim))
 
 
 class _quiet:

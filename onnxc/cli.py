@@ -240,6 +240,8 @@ def cmd_verify(args) -> int:
     ref = Runner(a).run(ds.inputs)
     out = Runner(b).run(ds.inputs)
     cmp = compare_outputs(ref, out, len(ds))
+    if cmp.mismatch:
+        raise VerificationError(f"the models' outputs differ: {cmp.mismatch}")
     print(f"samples {cmp.samples} ({'random' if ds.synthetic else ds.source})")
     print(f"max abs error {cmp.max_abs:.3e}  max rel error {cmp.max_rel:.3e}  "
           f"mean abs error {cmp.mean_abs:.3e}")

@@ -365,6 +365,9 @@ class PassManager:
                 cmp = compare_outputs(reference, outputs, len(verifier.dataset))
                 reference = outputs
                 report.error = cmp.as_dict()
+                if cmp.mismatch:
+                    raise VerificationError(f"pass '{p.name}' changed the outputs' shape: "
+                                            f"{cmp.mismatch}")
                 if p.exact and cmp.max_rel > self.tolerance:
                     raise VerificationError(
                         f"pass '{p.name}' is exact but changed the outputs "

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import BackendError
 from .execution import Runner
 
 VERIFY_SAMPLES = 64
@@ -28,24 +27,29 @@ class Comparison:
     mean_abs: float
     top1_agreement: float | None   # share of samples whose argmax matches (classifiers)
     samples: int
+    mismatch: str | None = None    # outputs differ in number or shape (errors are inf)
 
     def as_dict(self) -> dict:
         return {"max_abs": float(self.max_abs), "max_rel": float(self.max_rel),
                 "mean_abs": float(self.mean_abs),
                 "top1_agreement": None if self.top1_agreement is None
-                else float(self.top1_agreement), "samples": self.samples}
+                else float(self.top1_agreement), "samples": self.samples,
+                **({"mismatch": self.mismatch} if self.mismatch else {})}
 
 
 def compare_outputs(ref: list, out: list, samples: int | None = None) -> Comparison:
     """Errors of ``out`` vs ``ref``; ``samples``: how many inputs they came from (default:
-    the first output's leading dim)."""
+    the first output's leading dim). Outputs that differ in number or shape are a wrong
+    result, never compared flattened: infinite errors and ``mismatch`` says what differs."""
+    n = samples if samples is not None else len(ref[0]) if ref and np.ndim(ref[0]) else 1
+    mismatch = _mismatch(ref, out)
+    if mismatch:
+        return Comparison(np.inf, np.inf, np.inf, None, n, mismatch)
     max_abs = max_rel = mean_abs = 0.0
     agree = None
     for a, b in zip(ref, out):
         a = np.asarray(a, np.float64)
         b = np.asarray(b, np.float64)
-        if a.shape != b.shape:
-            raise BackendError(f"output shapes differ: {a.shape} vs {b.shape}")
         diff = np.abs(a - b)
         scale = max(float(np.max(np.abs(a))) if a.size else 0.0, 1e-12)
         max_abs = max(max_abs, float(diff.max()) if diff.size else 0.0)
@@ -53,8 +57,16 @@ def compare_outputs(ref: list, out: list, samples: int | None = None) -> Compari
         mean_abs = max(mean_abs, float(diff.mean()) if diff.size else 0.0)
         if agree is None and a.ndim == 2 and a.shape[1] > 1:
             agree = float(np.mean(a.argmax(1) == b.argmax(1)))
-    n = samples if samples is not None else len(ref[0]) if ref and np.ndim(ref[0]) else 1
     return Comparison(max_abs, max_rel, mean_abs, agree, n)
+
+
+def _mismatch(ref: list, out: list) -> str | None:
+    if len(ref) != len(out):
+        return f"{len(ref)} output(s) vs {len(out)}"
+    for i, (a, b) in enumerate(zip(ref, out)):
+        if np.shape(a) != np.shape(b):
+            return f"output {i} has shape {list(np.shape(b))}, not {list(np.shape(a))}"
+    return None
 
 
 def top1(model, dataset, batch_size: int = 64) -> float:

@@ -154,3 +154,46 @@ def test_from_torch_exports_a_transformer_encoder_despite_its_fast_path():
         expected = net(x).numpy()
     got = Runner(model).run({"input": x.numpy()})
     assert np.abs(got[0] - expected).max() < 1e-4
+
+
+def _wrongly_declared_output_model():
+    """y = Reshape(Relu(x^T), [dim0, dim1, -1]) of the transposed input: [W, 1, 3] at
+    run time, declared [1, seqlen] (as ddddocr does; ONNX Runtime does not check it)."""
+    def const(name, value):
+        return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(
+            np.array(value, np.int64), name))
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["t"], perm=[2, 0, 1]),
+        helper.make_node("Shape", ["t"], ["s"]),
+        const("i0", 0), const("i1", 1), const("ax", [0]), const("m1", [-1]),
+        helper.make_node("Gather", ["s", "i0"], ["d0"], axis=0),
+        helper.make_node("Gather", ["s", "i1"], ["d1"], axis=0),
+        helper.make_node("Unsqueeze", ["d0", "ax"], ["u0"]),
+        helper.make_node("Unsqueeze", ["d1", "ax"], ["u1"]),
+        helper.make_node("Concat", ["u0", "u1", "m1"], ["shape"], axis=0),
+        helper.make_node("Relu", ["t"], ["r"]),
+        helper.make_node("Reshape", ["r", "shape"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, "W"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "seqlen"])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_wrongly_declared_output_shape_does_not_change_the_run_time_shape():
+    model = _wrongly_declared_output_model()
+    x = {"x": np.random.default_rng(0).random((1, 3, 5), dtype=np.float32)}
+    notes = []
+    graph = frontend.canonicalize(model, static_shapes=False, notes=notes)
+    assert Runner(graph).run(x)[0].shape == Runner(model).run(x)[0].shape == (5, 1, 3)
+    assert [d for d in graph.gs.outputs[0].shape][1:] == [1, 3]
+    assert any("declared shape of output(s) y" in n for n in notes), notes
+
+
+def test_outputs_of_different_shape_are_a_mismatch_not_compared_flattened():
+    a = np.arange(6, dtype=np.float32)
+    cmp = compare_outputs([a.reshape(2, 1, 3)], [a.reshape(1, 6)])
+    assert cmp.mismatch == "output 0 has shape [1, 6], not [2, 1, 3]"
+    assert cmp.max_rel == np.inf and cmp.as_dict()["mismatch"] == cmp.mismatch
+    assert compare_outputs([a], [a, a]).mismatch == "1 output(s) vs 2"
+    assert compare_outputs([a.reshape(2, 3)], [a.reshape(2, 3)]).mismatch is None
