@@ -52,6 +52,18 @@ def test_verify_different_models_fails_tolerance(tmp_path):
     assert code == 5 and "exceeds" in err
 
 
+def test_verify_outputs_of_different_shape_fail_even_with_equal_values(tmp_path):
+    a = _model(tmp_path / "a.onnx")
+    m = onnx.load(a)
+    m.graph.node.append(helper.make_node("Reshape", ["y", "flat"], ["y_flat"], name="flat"))
+    m.graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), "flat"))
+    m.graph.output[0].CopyFrom(helper.make_tensor_value_info("y_flat", TensorProto.FLOAT,
+                                                             ["M"]))
+    onnx.save(m, tmp_path / "b.onnx")
+    code, _, err = run_cli("verify", a, tmp_path / "b.onnx")
+    assert code == 5 and "output 0 has shape" in err, err
+
+
 def test_compress_writes_model_report_and_readme(tmp_path):
     a = _model(tmp_path / "a.onnx")
     out = tmp_path / "art"
