@@ -124,6 +124,23 @@ def test_int32_channel_slice_bounds_stay_int32():
     assert dtypes == {np.dtype(np.int32)}
 
 
+@pytest.mark.parametrize("computed", [False, True])
+def test_expand_passing_channels_through_gets_its_channel_entry_rewritten(computed):
+    # magika's LayerNorm expands to a shape naming the channel count ([batch, 1, 256],
+    # computed from the batch dim): after pruning it must no longer name 8 channels.
+    n = Net(shape=("N", 3, 12, 12))
+    a = n.op("Relu", [n.conv("x", 3, 8, name="c1")])
+    if computed:
+        batch = n.op("Gather", [n.op("Shape", [a]), n.const(np.array([0], np.int64))], axis=0)
+        shape = n.op("Concat", [batch, n.const(np.array([8, 1, 1], np.int64))], axis=0)
+    else:
+        shape = n.const(np.array([1, 8, 1, 1], np.int64))
+    out = n.conv(n.op("Expand", [a, shape]), 8, 4, name="c2")
+    model = kill(n.model([out]), "c1", [2, 5])
+    result, _ = prune_dead(model, 2)
+    assert_exact(model, result, 2)
+
+
 def test_channel_pad_shortcut_like_cifar_resnet():
     # ResNet "option A" shortcut: spatial Slice then zero Pad of the channel axis.
     n = Net()

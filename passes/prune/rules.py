@@ -990,7 +990,7 @@ class Expand(Rule):
 
     def propagate(self, dg, node):
         x, out = node.inputs[0], node.outputs[0]
-        self.k = None
+        self.k = self.through = None
         if _const(x) is not None:
             return "broadcasts a constant"
         info = dg.info_of(x)
@@ -1001,11 +1001,13 @@ class Expand(Rule):
         if info is not None and not dg.all_fixed(info.slots):
             if px[info.axis] != po[info.axis + off]:
                 return "broadcasts the channel axis"
+            self.through = info.axis + off
             dg.set_info(out, info.axis + off, info.slots)
             return None
         grown = [j for j in range(len(po)) if (j < off or px[j - off] == 1) and po[j] > 1]
         if len(grown) != 1:
             if info is not None and px[info.axis] == po[info.axis + off]:
+                self.through = info.axis + off
                 dg.set_info(out, info.axis + off, info.slots)
                 return None
             return "broadcasts along several axes"
@@ -1030,6 +1032,9 @@ class Expand(Rule):
         return None
 
     def apply(self, rw, node):
+        if self.through is not None:
+            self._pass_through(rw, node)
+            return
         keep = rw.keep_out(node, 0)
         if keep is None or self.k is None:
             return
@@ -1037,6 +1042,37 @@ class Expand(Rule):
         ro = len(rw.dg.probe_shape(node.outputs[0], 1))
         shape[self.k - (ro - len(shape))] = len(keep)
         _set_input(rw, node, 1, shape, "shape")
+
+    def _pass_through(self, rw, node):
+        """A constant expand shape naming the channel count there (magika's LayerNorm
+        expands to the shape its Reshape was given) gets 1, which keeps the input's dim,
+        however many channels remain."""
+        if rw.keep_in(node, 0) is None:
+            return
+        shape = _const(node.inputs[1])
+        ro = len(rw.dg.probe_shape(node.outputs[0], 1))
+        if shape is not None:
+            shape = np.array(shape).ravel()
+            j = self.through - (ro - len(shape))
+            if 0 <= j and shape[j] != 1:
+                shape = shape.copy()
+                shape[j] = 1
+                _set_input(rw, node, 1, shape, "shape")
+            return
+        # Computed (magika: Concat(batch, [1], [256])): Min with a mask that is 1 at
+        # the channel entry and the largest int elsewhere, for this Expand only.
+        src = node.inputs[1]
+        n = len(src.shape) == 1 and src.shape[0]
+        if not isinstance(n, (int, np.integer)) or not n or not 0 <= self.through - (ro - n):
+            return
+        mask = np.full(int(n), np.iinfo(np.int64).max, np.int64)
+        mask[self.through - (ro - n)] = 1
+        g = rw.graph
+        out = g.make_variable(f"{node.name}_shape_pruned", np.int64, [int(n)])
+        g.gs.nodes.append(gs.Node("Min", g.unique_name(f"{node.name}_shape_pruned"),
+                                  inputs=[src, g.make_constant(f"{node.name}_shape_mask", mask)],
+                                  outputs=[out]))
+        node.inputs[1] = out
 
 
 @rule
