@@ -479,9 +479,16 @@ def apply_database(mod, db, target, only=None):
 
     What ``relax.transform.MetaScheduleApplyDatabase`` does, one kernel at a time, so a
     record that does not replay on one kernel fails that kernel only (left unscheduled,
-    listed) instead of the build. ``only`` limits it to these function names.
+    listed) instead of the build. As there: a record whose workload is the kernel itself
+    is replayed as is; one found through anchor-block equality (a sibling kernel with
+    the same conv/matmul and another fused epilogue) is transferred with MetaSchedule's
+    ``schedule_using_anchor_trace``. (``Database.query_schedule`` must not be used for
+    that: it returns the *record's* kernel, not the one asked about.) ``only`` limits
+    it to these function names.
     """
-    from tvm import tirx
+    from tvm import s_tir, tirx
+    from tvm.s_tir.meta_schedule.trace_apply import schedule_using_anchor_trace
+    from tvm_ffi import structural_equal
     from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
 
     failed = []
@@ -491,14 +498,27 @@ def apply_database(mod, db, target, only=None):
             continue
         if func.attrs is not None and "tirx.is_scheduled" in func.attrs:
             continue
+        query = _normalize_mod(func)
         try:
-            sch = db.query_schedule(_normalize_mod(func), target, gv.name_hint)
+            record = db.query_tuning_record(query, target, gv.name_hint)
+            if record is None:
+                continue
+            if structural_equal(query, record.workload.mod):
+                sch = s_tir.Schedule(record.workload.mod, debug_mask=0)
+                record.trace.apply_to_schedule(sch, remove_postproc=False)
+            else:
+                sch = s_tir.Schedule(query, debug_mask=0)
+                schedule_using_anchor_trace(sch, record.trace, target)
+        except (AttributeError, TypeError, NameError, ImportError):
+            raise                  # a bug here, not a record that does not fit
         except Exception as exc:   # ScheduleError, TVMError: the trace does not fit
             failed.append((gv.name_hint, T._first_line(exc)[:160]))
             continue
-        if sch is None:
-            continue
         new = sch.mod["main"]
+        # the kernel's own attributes (symbol, layout-free buffers), not the query's
+        for key in list(new.attrs.keys()) if new.attrs is not None else []:
+            if func.attrs is None or key not in func.attrs:
+                new = new.without_attr(key)
         if func.attrs is not None:
             new = new.with_attrs(dict(func.attrs.items()))
         mod.update_func(gv, new.with_attr("tirx.is_scheduled", True))
