@@ -172,13 +172,20 @@ def _shutdown_pool(runner) -> None:
         pool.shutdown(wait=False)
 
 
+class _TimeUp(Exception):
+    """A task's share of ``--tune-minutes`` is spent (raised through MetaSchedule)."""
+
+
 def _progress_callback(total_tasks: int, budget: int, log, stop_at=None, deadline=None,
                        index=None):
     """A MeasureCallback printing trials done / budget and the best time per task.
 
     With ``stop_at`` (a ``time.perf_counter()`` value), a round that ends past it ends
-    its task (``--tune-minutes``): the callback runs while the scheduler joins that task's
-    round, the one moment terminating it leaves nothing in flight.
+    the tuning run (``--tune-minutes``; one task per run): the callback raises
+    :class:`_TimeUp` after the round's records are in the database (the database
+    callback runs first). Terminating the task from here instead is not possible: the
+    round-robin scheduler joins a round and then hands the same task out again, and
+    MetaSchedule stops on a terminated task with a check failure.
     """
     import tvm.s_tir.meta_schedule as ms
     from tvm.ir.utils import derived_object
@@ -190,6 +197,7 @@ def _progress_callback(total_tasks: int, budget: int, log, stop_at=None, deadlin
             self.best = {}
             self.trials = {}
             self.started = time.perf_counter()
+            self.time_up = False
 
         def rows(self, contexts, weights) -> list:
             return [{"task": ctx.task_name, "weight": float(w),
@@ -225,7 +233,8 @@ def _progress_callback(total_tasks: int, budget: int, log, stop_at=None, deadlin
                 + (f", {max(0.0, deadline - now) / 60:.1f} min of the budget left"
                    if deadline is not None else ""))
             if stop_at is not None and now >= stop_at:
-                task_scheduler.terminate_task(task_id)
+                self.time_up = True
+                raise _TimeUp()
 
     return Progress()
 
@@ -683,12 +692,16 @@ class _Session:
             progress = _progress_callback(len(contexts), min(per_task, left_trials),
                                           self.log, stop_at=now + share_s,
                                           deadline=self.deadline, index=i)
-            ms.tune.tune_tasks(
-                tasks=[contexts[i]], task_weights=[weights[i]], work_dir=work_dir,
-                max_trials_global=left_trials, max_trials_per_task=per_task,
-                num_trials_per_iter=per_iter, builder=builder, runner=runner,
-                database=db, cost_model=cost_model, task_scheduler="round-robin",
-                measure_callbacks=self._callbacks(progress))
+            try:
+                ms.tune.tune_tasks(
+                    tasks=[contexts[i]], task_weights=[weights[i]], work_dir=work_dir,
+                    max_trials_global=left_trials, max_trials_per_task=per_task,
+                    num_trials_per_iter=per_iter, builder=builder, runner=runner,
+                    database=db, cost_model=cost_model, task_scheduler="round-robin",
+                    measure_callbacks=self._callbacks(progress))
+            except Exception:
+                if not progress.time_up:   # (arrives re-wrapped by the FFI)
+                    raise
             self.measured += progress.done
             row = progress.rows([contexts[i]], [weights[i]])[0]
             row["seconds"] = round(time.perf_counter() - now, 1)
