@@ -1,13 +1,17 @@
 """Backends: turn the final graph into a deployable artifact directory.
 
-A backend is one file with a ``Backend`` subclass decorated by
-``@register_backend``; import it below. ``build`` writes into a temporary
-directory that the artifact writer renames into place only on success.
+A backend is one file (or package) here with a ``Backend`` subclass decorated by
+``@register_backend``, like a pass; it is imported in :func:`_import_all`. It declares
+``options`` (read from ``self.config``) and ``requires`` (checked before any pass
+runs). ``build`` writes into a temporary directory that the artifact writer renames
+into place only on success.
 """
 
 from __future__ import annotations
 
-from onnxc.pipeline import Option  # noqa: F401  (re-exported for backend files)
+from collections.abc import Mapping
+
+from onnxc.options import Config, Option, configure, declare  # noqa: F401  (Option: re-export)
 
 BACKENDS: dict = {}
 
@@ -16,9 +20,19 @@ class Backend:
     name: str = ""
     summary: str = ""
     options: tuple = ()
+    requires: tuple = ()
+
+    def __init__(self, config: Config | Mapping | None = None):
+        if not isinstance(config, Config):
+            config = self.configure(config)
+        self.config = config
+
+    @classmethod
+    def configure(cls, values: Mapping | None = None) -> Config:
+        return configure(f"target '{cls.name}'", cls.options, values)
 
     def validate(self, ctx) -> None:
-        """Check options/toolchain before any pass runs."""
+        """Check option combinations / toolchain before any pass runs."""
 
     def build(self, graph, ctx, out_dir: str, report: dict) -> None:
         """Write target files into ``out_dir`` and add figures to ``report``."""
@@ -28,6 +42,7 @@ class Backend:
 def register_backend(cls):
     if not cls.name or cls.name in BACKENDS:
         raise RuntimeError(f"backend name missing or registered twice: {cls.name!r}")
+    declare(f"target '{cls.name}'", cls.options)
     BACKENDS[cls.name] = cls
     return cls
 
@@ -37,21 +52,16 @@ def all_backends() -> dict:
     return dict(BACKENDS)
 
 
-def get_backend(name: str):
+def get_backend(name: str, options: Mapping | None = None):
+    """The configured backend ``name``; ``options`` holds raw values by key."""
     from onnxc.errors import UsageError
 
     backends = all_backends()
     if name not in backends:
         raise UsageError(f"unknown target '{name}' (targets: {', '.join(sorted(backends))})")
-    return backends[name]()
+    cls = backends[name]
+    return cls(cls.configure(options))
 
 
 def _import_all():
-    from . import onnx_runtime  # noqa: F401
-    for optional in ("tvm", "vta"):
-        try:
-            __import__(f"{__name__}.{optional}")
-        except ModuleNotFoundError as exc:
-            if exc.name and exc.name.startswith(__name__):
-                continue        # backend file not present in this checkout
-            raise
+    from . import onnx_runtime, tvm, vta  # noqa: F401  (registers every backend)

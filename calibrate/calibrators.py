@@ -10,19 +10,21 @@
 Signed tensors are clipped symmetrically in magnitude (threshold t, range
 [max(min, -t), min(max, t)]); tensors that never go negative (ReLU outputs) are
 clipped at the top only.
+
+A new calibrator is one function decorated with ``@register_calibrator(name)``; the
+int8 pass offers every registered name as ``--int8-calibrator``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
 from onnxc.errors import UsageError
 
 from .stats import TensorStats
-
-CALIBRATORS = ("minmax", "percentile", "entropy", "mse")
 
 
 @dataclass(frozen=True)
@@ -65,34 +67,79 @@ class Scheme:
 
 def clip_range(stats: TensorStats, method: str = "minmax", scheme: Scheme = Scheme(),
                percentile: float = 99.99) -> tuple[float, float]:
-    """The calibrated [lo, hi] of one tensor."""
+    """The calibrated [lo, hi] of one tensor by calibrator ``method``."""
+    calibrator = CALIBRATORS.get(method)
+    if calibrator is None:
+        raise UsageError(f"unknown calibrator '{method}' (choose from {', '.join(CALIBRATORS)})")
     if stats.count == 0:
         raise ValueError(f"no statistics collected for tensor '{stats.name}'")
-    if method == "minmax" or stats.max == stats.min:
+    if stats.max == stats.min:
         return stats.min, stats.max
-    if stats.counts is None:
+    if calibrator.histograms and stats.counts is None:
         raise ValueError(f"calibrator '{method}' needs histograms; collect them")
-    if method not in CALIBRATORS:
-        raise UsageError(f"unknown calibrator '{method}' (choose from {', '.join(CALIBRATORS)})")
-    one_sided = stats.min >= 0
-    counts, width = stats.abs_histogram()         # |x| histogram, bins [i·w, (i+1)·w)
-    if method == "percentile":
-        t = _percentile_threshold(counts, width, percentile)
-    elif method == "entropy":
-        # TensorRT's setting: |x| in 2048 bins over [0, max|x|], 128 quantized levels.
-        # Exact zeros (half of a ReLU output) are left out: they are exact in any
-        # quantization, and in bin 0 they would make every wide first chunk look lossy.
-        nz = counts.copy()
-        nz[0] -= min(stats.zeros, nz[0])
-        coarse, cwidth = _rebin(nz, width, 2048)
-        # Levels on the clipped side: a non-negative tensor in uint8 really has 256.
-        levels = 256 if one_sided and not scheme.signed else 128
-        t = _entropy_threshold(coarse, cwidth, levels)
-    else:
-        return _mse_range(stats, scheme)
+    return calibrator.clip(stats, scheme, percentile)
+
+
+# ----------------------------------------------------------------------------------------
+# The registry: a calibrator is a function (stats, scheme, percentile) -> (lo, hi).
+
+
+@dataclass(frozen=True)
+class Calibrator:
+    name: str
+    clip: Callable
+    histograms: bool = True        # needs TensorStats histograms (int8 collects them)
+
+
+CALIBRATORS: dict[str, Calibrator] = {}
+
+
+def register_calibrator(name: str, histograms: bool = True):
+    """Decorator: ``clip(stats, scheme, percentile) -> (lo, hi)`` becomes ``--int8-calibrator
+    NAME``."""
+    def decorate(clip):
+        if name in CALIBRATORS:
+            raise RuntimeError(f"calibrator registered twice: {name!r}")
+        CALIBRATORS[name] = Calibrator(name, clip, histograms)
+        return clip
+    return decorate
+
+
+@register_calibrator("minmax", histograms=False)
+def _minmax(stats, scheme, percentile):
+    return stats.min, stats.max
+
+
+def _clip_magnitude(stats, t: float, width: float) -> tuple[float, float]:
+    """Clip at magnitude ``t`` (at least one histogram bin, at most the observed range)."""
     max_abs = max(abs(stats.min), abs(stats.max))
     t = min(max(t, width), max_abs)
     return max(stats.min, -t), min(stats.max, t)
+
+
+@register_calibrator("percentile")
+def _percentile(stats, scheme, percentile):
+    counts, width = stats.abs_histogram()         # |x| histogram, bins [i·w, (i+1)·w)
+    return _clip_magnitude(stats, _percentile_threshold(counts, width, percentile), width)
+
+
+@register_calibrator("entropy")
+def _entropy(stats, scheme, percentile):
+    counts, width = stats.abs_histogram()
+    # TensorRT's setting: |x| in 2048 bins over [0, max|x|], 128 quantized levels.
+    # Exact zeros (half of a ReLU output) are left out: they are exact in any
+    # quantization, and in bin 0 they would make every wide first chunk look lossy.
+    nz = counts.copy()
+    nz[0] -= min(stats.zeros, nz[0])
+    coarse, cwidth = _rebin(nz, width, 2048)
+    # Levels on the clipped side: a non-negative tensor in uint8 really has 256.
+    levels = 256 if stats.min >= 0 and not scheme.signed else 128
+    return _clip_magnitude(stats, _entropy_threshold(coarse, cwidth, levels), width)
+
+
+@register_calibrator("mse")
+def _mse(stats, scheme, percentile):
+    return _mse_range(stats, scheme)
 
 
 # ----------------------------------------------------------------------------------------

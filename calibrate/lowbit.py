@@ -104,24 +104,24 @@ class LowBitPass(Pass):
     def run(self, graph, ctx, report):
         qdq.name_nodes(graph)
         weighted = qdq.weighted_layers(graph)
-        keep = qdq.resolve_keep(ctx.option("keep_float"), weighted, "first,last")
+        keep = qdq.resolve_keep(self.config.keep_float, weighted, "first,last")
         candidates = [n.name for n in weighted if n.name not in keep]
         fallback = []
-        if ctx.option("max_drop") is not None:
+        if self.config.max_drop is not None:
             from .mixed import fallback_until
 
             # Higher precision for a sensitive layer = int8 per-channel weights.
             fallback = fallback_until(
                 graph, ctx, report, candidates,
                 lambda fb: self._build(graph.copy(), candidates, set(fb), ctx)[0],
-                float(ctx.option("max_drop")), "int8 weights")
+                self.config.max_drop, "int8 weights")
         result, layers = self._build(graph, candidates, set(fallback), ctx)
         for name in sorted(keep):
             report.skip(name, "kept in float (--keep-float; first/last by default)")
         data, sizes = pack_layers(layers)
         report.files["packed_weights.npz"] = data
         self._report_storage(result, layers, sizes, fallback, report)
-        if ctx.option("format", "qdq") == "qonnx":
+        if self.config.format == "qonnx":
             from .qonnx import to_qonnx
 
             report.files["model_qonnx.onnx"] = to_qonnx(result).SerializeToString()

@@ -23,14 +23,14 @@ import platform
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxc.pipeline import Option
+from onnxc.options import Option, non_negative
 
 # Options every quantization pass (int8, ternary, binary) shares: declared once here.
 SHARED_OPTIONS = (
     Option("--keep-float", str, None,
            "layers left in float: first,last,none or node names "
            "(int8 default: none; ternary/binary default: first,last)"),
-    Option("--max-drop", float, None,
+    Option("--max-drop", non_negative, None,
            "mixed precision: top-1 drop budget (pt) on labelled data; the most "
            "sensitive layers fall back to higher precision until it holds"),
     Option("--format", str, "qdq", "also export QONNX-style Quant nodes "

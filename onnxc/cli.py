@@ -12,6 +12,7 @@ import json
 import os
 import sys
 
+from .commands import add_data_args, data_loaders, register_command
 from .errors import OnnxcError, UsageError
 
 EXAMPLES = """examples:
@@ -25,40 +26,25 @@ EXAMPLES = """examples:
 """
 
 
-def _add_data_args(p, calib: bool = True) -> None:
-    g = p.add_argument_group("data (npz with 'images' [N×C×H×W] and optional 'labels')")
-    if calib:
-        g.add_argument("--calib-data", help="calibration / recovery samples (.npz/.npy)")
-        g.add_argument("--calib-samples", type=int, default=None,
-                       help="use the first N calibration samples (default: all, max 512)")
-    g.add_argument("--eval-data", help="labelled samples: top-1 before/after is reported")
-    g.add_argument("--eval-samples", type=int, default=None, help="use the first N")
-    g.add_argument("--scale", default=None, help="multiply raw values first (e.g. 1/255)")
-    g.add_argument("--mean", default=None, help="per-channel mean, e.g. 0.485,0.456,0.406")
-    g.add_argument("--std", default=None, help="per-channel std, e.g. 0.229,0.224,0.225")
-    g.add_argument("--layout", default="NCHW", choices=("NCHW", "NHWC"),
-                   help="layout of stored images (converted to NCHW)")
 
-
-def _add_option(group, opt, seen: set) -> None:
-    if opt.flag in seen:
-        return
-    seen.add(opt.flag)
+def _add_option(group, opt, seen: list) -> None:
+    """One declared option as a flag. Values stay strings: the pass's config converts
+    and checks them, exactly as it does for the Python API."""
+    if any(opt is s or opt == s for s in seen):
+        return                    # a declaration several passes/targets share
+    seen.append(opt)
     kwargs = {"dest": opt.dest, "help": opt.help, "default": None}
-    if opt.action:
-        kwargs["action"] = opt.action
-    else:
-        kwargs["type"] = opt.type
-        if opt.choices:
-            kwargs["choices"] = opt.choices
-    if opt.default is not None and opt.help:
+    if opt.is_switch:
+        kwargs["action"] = "store_true"
+    elif opt.choices is not None:
+        kwargs["metavar"] = "{" + ",".join(map(str, opt.choices)) + "}"
+    if opt.default is not None and opt.help and not opt.is_switch:
         kwargs["help"] = f"{opt.help} (default: {opt.default})"
-    group.add_argument(opt.flag, **kwargs)
+    group.add_argument(*opt.flags, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from onnxc.backends import all_backends
-    from onnxc.pipeline import all_passes
+    from onnxc.commands import all_commands
 
     parser = argparse.ArgumentParser(
         prog="onnxc", description="Compress, verify and compile ONNX models.",
@@ -66,6 +52,22 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for command in all_commands().values():
+        command.configure(sub)
+    for p in sub.choices.values():
+        # --debug after the command too; SUPPRESS keeps a --debug given before it
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show tracebacks")
+    return parser
+
+
+# ----------------------------------------------------------------------------------------
+# onnxc compress
+
+
+def _configure_compress(sub) -> None:
+    from onnxc.backends import all_backends
+    from onnxc.pipeline import all_passes
 
     passes = all_passes()
     backends = all_backends()
@@ -89,8 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-speed-check", action="store_true",
                    help="skip timing the artifact against ONNX Runtime")
     c.add_argument("--quiet", action="store_true", help="only print the summary")
-    _add_data_args(c)
-    seen: set = set()
+    add_data_args(c)
+    seen: list = []
     for cls in passes.values():
         if cls.options:
             g = c.add_argument_group(f"pass {cls.name}")
@@ -102,78 +104,24 @@ def build_parser() -> argparse.ArgumentParser:
             for opt in cls.options:
                 _add_option(g, opt, seen)
 
-    i = sub.add_parser("inspect", help="per-layer table: op, shapes, params, MACs")
-    i.add_argument("model")
-    i.add_argument("--input-shape", action="append", metavar="NAME:D1,D2,...")
-    i.add_argument("--all", action="store_true", help="list every node, not only layers")
-    i.add_argument("--json", action="store_true", help="machine-readable output")
 
-    v = sub.add_parser("verify", help="compare two models on ONNX Runtime")
-    v.add_argument("reference")
-    v.add_argument("candidate")
-    v.add_argument("--input-shape", action="append", metavar="NAME:D1,D2,...")
-    v.add_argument("--samples", type=int, default=16, help="random samples without data")
-    v.add_argument("--tolerance", type=float, default=None,
-                   help="exit 5 if max relative error exceeds this")
-    v.add_argument("--seed", type=int, default=0)
-    _add_data_args(v, calib=False)
+def _declared_options() -> list:
+    from onnxc.backends import all_backends
+    from onnxc.pipeline import all_passes
 
-    sub.add_parser("passes", help="list passes and targets")
-    _add_extra_commands(sub)
-    return parser
-
-
-def _add_extra_commands(sub) -> None:
-    """Commands contributed by other modules (sensitivity, run, bench, ...)."""
-    from onnxc import commands
-
-    for register in commands.EXTRA_COMMANDS:
-        register(sub)
-
-
-# ----------------------------------------------------------------------------------------
-
-
-def data_loaders(args):
-    """(calibration_loader, evaluation_loader) from the data flags."""
-    from onnxc.calibrate.readers import Preprocess, load_npz
-
-    pre = Preprocess.from_strings(args.scale, args.mean, args.std, args.layout)
-    calib = eval_ = None
-    if getattr(args, "calib_data", None):
-        path, n = args.calib_data, args.calib_samples
-
-        def calib(graph):
-            return load_npz(path, graph, pre, samples=n)
-    elif getattr(args, "calib_samples", None) is not None and args.calib_samples <= 0:
-        raise UsageError("--calib-samples must be positive")
-    if args.eval_data:
-        epath, en = args.eval_data, args.eval_samples
-
-        def eval_(graph):
-            ds = load_npz(epath, graph, pre, samples=en)
-            if ds.labels is None:
-                raise UsageError(f"--eval-data {epath} has no 'labels' array")
-            return ds
-    return calib, eval_
+    return [opt for cls in list(all_passes().values()) + list(all_backends().values())
+            for opt in cls.options]
 
 
 def cmd_compress(args) -> int:
     from onnxc import frontend
-    from onnxc.compress import compress
-    from onnxc.pipeline import all_passes
+    from onnxc.compress import RUN_OPTIONS, compress
 
     options = {}
-    for cls in all_passes().values():
-        for opt in cls.options:
-            options[opt.dest] = getattr(args, opt.dest, None)
-    from onnxc.backends import all_backends
-    for cls in all_backends().values():
-        for opt in cls.options:
-            options[opt.dest] = getattr(args, opt.dest, None)
-    options["calib_samples"] = args.calib_samples
-    # Preprocessing, for passes that read their own data files (recover's --recover-data).
-    options.update(scale=args.scale, mean=args.mean, std=args.std, layout=args.layout)
+    for opt in list(_declared_options()) + list(RUN_OPTIONS):
+        value = getattr(args, opt.dest, None)
+        if value is not None and value is not False:   # False: a switch not given
+            options[opt.dest] = value
     calib, eval_ = data_loaders(args)
     shapes = frontend.parse_input_shapes(args.input_shape)
     log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
@@ -187,7 +135,6 @@ def cmd_compress(args) -> int:
     print(summary_table(result.report))
     print(f"artifact written to {args.output}")
     return 0
-
 
 def summary_table(report: dict) -> str:
     rows = [("pass", "nodes", "params", "MACs", "bytes", "max rel err", "s")]
@@ -293,30 +240,50 @@ def cmd_passes(args) -> int:
     return 0
 
 
-COMMANDS = {"compress": cmd_compress, "inspect": cmd_inspect, "verify": cmd_verify,
-            "passes": cmd_passes}
+def _configure_inspect(sub) -> None:
+    i = sub.add_parser("inspect", help="per-layer table: op, shapes, params, MACs")
+    i.add_argument("model")
+    i.add_argument("--input-shape", action="append", metavar="NAME:D1,D2,...")
+    i.add_argument("--all", action="store_true", help="list every node, not only layers")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
 
 
-class _Parser(argparse.ArgumentParser):
-    pass
+def _configure_verify(sub) -> None:
+    v = sub.add_parser("verify", help="compare two models on ONNX Runtime")
+    v.add_argument("reference")
+    v.add_argument("candidate")
+    v.add_argument("--input-shape", action="append", metavar="NAME:D1,D2,...")
+    v.add_argument("--samples", type=int, default=16, help="random samples without data")
+    v.add_argument("--tolerance", type=float, default=None,
+                   help="exit 5 if max relative error exceeds this")
+    v.add_argument("--seed", type=int, default=0)
+    add_data_args(v, calib=False)
+
+
+# Built-in commands, registered like the ones passes and backends contribute.
+register_command("compress", _configure_compress)(cmd_compress)
+register_command("inspect", _configure_inspect)(cmd_inspect)
+register_command("verify", _configure_verify)(cmd_verify)
+register_command("passes", lambda sub: sub.add_parser("passes", help="list passes and "
+                                                      "targets"))(cmd_passes)
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
+    debug = "--debug" in argv        # before parsing: errors while building the parser
     try:
         parser = build_parser()
         try:
             args = parser.parse_args(argv)
         except SystemExit as exc:      # argparse already printed its one-line usage error
             return 0 if exc.code in (0, None) else UsageError.exit_code
+        debug = bool(getattr(args, "debug", False))
         if not args.command:
             parser.print_help()
             return UsageError.exit_code
-        from onnxc import commands
+        from onnxc.commands import all_commands
 
-        handler = COMMANDS.get(args.command) or commands.HANDLERS[args.command]
-        return int(handler(args) or 0)
+        return int(all_commands()[args.command].run(args) or 0)
     except OnnxcError as exc:
         if debug:
             raise

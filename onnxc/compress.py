@@ -20,10 +20,29 @@ import onnx
 from . import __version__
 from .errors import OutputError, VerificationError
 from .ir import Graph
+from .options import Option, check_keys, configure, declare, positive_int, reserve
 from .pipeline import Context, PassManager, resolve_passes
 from .verify import compare_outputs, top1
 
 REPORT_SCHEMA_VERSION = 1
+
+# Settings of the whole run that the API takes in ``options`` too (the CLI's data flags).
+RUN_OPTIONS = (
+    Option("--calib-samples", positive_int, None,
+           "use the first N calibration samples (default: all, max 512)"),
+    Option("--scale", str, None, "multiply raw values first (e.g. 1/255)"),
+    Option("--mean", str, None, "per-channel mean, e.g. 0.485,0.456,0.406"),
+    Option("--std", str, None, "per-channel std, e.g. 0.229,0.224,0.225"),
+    Option("--layout", str, "NCHW", "layout of stored images (converted to NCHW)",
+           choices=("NCHW", "NHWC")),
+)
+declare("onnxc compress", RUN_OPTIONS)
+# Flags of the compress command that are arguments of compress(), not options.
+reserve("onnxc compress", ("--passes", "--target", "--output", "-o", "--input-shape",
+                           "--seed", "--tolerance", "--max-accuracy-drop", "--quiet",
+                           "--calib-data", "--eval-data", "--eval-samples", "--debug",
+                           "--require-speedup", "--no-speed-check",
+                           "--help", "-h"))
 
 
 @dataclass
@@ -67,8 +86,11 @@ def compress(model, passes, target: str = "onnx", out_dir: str | None = None,
              ) -> CompressResult:
     """Compress ``model`` (path, bytes or ModelProto) with ``passes`` for ``target``.
 
-    ``calibration_loader``/``evaluation_loader`` are callables ``graph -> Dataset``
-    used when the data has to be checked against the canonical graph's inputs.
+    ``options`` maps option keys (``prune_ratio``; flag names without dashes, see
+    ``onnxc compress --help``) to values, strings or typed; each pass and the backend
+    take theirs, and an unknown key is a UsageError. ``calibration_loader`` /
+    ``evaluation_loader`` are callables ``graph -> Dataset`` used when the data has to
+    be checked against the canonical graph's inputs.
     ``speed_check`` times an artifact that runs here against ONNX Runtime (see
     :mod:`onnxc.speed`); ``require_speedup`` X fails the build (VerificationError,
     nothing written) unless the artifact is X times faster than the original.
@@ -76,14 +98,18 @@ def compress(model, passes, target: str = "onnx", out_dir: str | None = None,
     from . import speed as speed_mod
     from onnxc import frontend
     from onnxc.backends import get_backend
+    from onnxc.calibrate.readers import Preprocess
 
     started = time.perf_counter()
-    options = dict(options or {})
+    options = {k: v for k, v in (options or {}).items() if v is not None}
     if out_dir is not None:
         check_output_dir(out_dir)
-    pass_list = resolve_passes(list(passes))
-    backend = get_backend(target)
-    speed_mod.validate_required(require_speedup, target, options)
+    pass_list = resolve_passes(list(passes), options)
+    backend = get_backend(target, options)
+    check_keys(options)
+    run = configure("onnxc compress", RUN_OPTIONS, options)
+    preprocess = Preprocess.from_strings(run.scale, run.mean, run.std, run.layout)
+    speed_mod.validate_required(require_speedup, target, backend.config)
     input_hash = _sha256(model)
 
     notes: list = []
@@ -92,19 +118,20 @@ def compress(model, passes, target: str = "onnx", out_dir: str | None = None,
         calibration = calibration_loader(graph)
     if evaluation is None and evaluation_loader is not None:
         evaluation = evaluation_loader(graph)
-    ctx = Context(options, seed=seed, calibration=calibration, evaluation=evaluation,
-                  original=graph.copy(), log=log)
+    ctx = Context(seed=seed, calibration=calibration, evaluation=evaluation,
+                  original=graph.copy(), log=log, calib_samples=run.calib_samples,
+                  preprocess=preprocess)
     # Rank / channel rounding defaults follow the target's kernels (passes read it).
     ctx.channel_multiple = getattr(backend, "channel_multiple", 1)
     for msg in notes:
         ctx.log(f"  frontend: {msg}")
     backend.validate(ctx)
 
-    manager = PassManager(pass_list, tolerance=tolerance)
-    final, reports = manager.run(graph, ctx)
-    original_stats, final_stats = manager.original_stats, manager.final_stats
-    verifier = manager.verifier
-    overall = compare_outputs(manager.original_outputs, manager.final_outputs)
+    result = PassManager(pass_list, tolerance=tolerance, backend=backend).run(graph, ctx)
+    final, reports = result.graph, result.reports
+    original_stats, final_stats = result.original_stats, result.final_stats
+    verifier = result.verifier
+    overall = compare_outputs(result.original_outputs, result.final_outputs)
     accuracy = None
     if evaluation is not None and evaluation.labels is not None:
         before = top1(ctx.original, evaluation)
@@ -119,7 +146,9 @@ def compress(model, passes, target: str = "onnx", out_dir: str | None = None,
         "input": {"path": str(model) if isinstance(model, (str, os.PathLike)) else None,
                   "sha256": input_hash},
         "target": target,
-        "options": {k: v for k, v in options.items() if v is not None},
+        "options": options,                       # as given; passes[].config has all
+        "target_config": backend.config.as_dict(),
+        "run_config": run.as_dict(),
         "frontend_notes": notes,
         "passes": [r.as_dict() for r in reports],
         "original": original_stats.as_dict(),

@@ -1,10 +1,11 @@
 """Pass contract, registry, context and pass manager.
 
 Modelled on TVM's ``tvm.transform`` (a pass is a named first-class object with
-requirements and options read from a context) and onnxslim's pattern registry
-(one file per pass, registered by a decorator). Adding a pass means writing one
-file in ``passes/`` with a ``@register_pass`` class and importing it in
-``passes/__init__.py``.
+declared requirements, run under a context), Olive's per-pass config (declared,
+typed options; see ``options.py``) and onnxslim's pattern registry (one file per
+pass, registered by a decorator). Adding a pass means writing one file in
+``passes/`` with a ``@register_pass`` class and importing it in
+``passes/__init__.py``. docs/ARCHITECTURE.md has the whole flow.
 """
 
 from __future__ import annotations
@@ -12,36 +13,15 @@ from __future__ import annotations
 import fnmatch
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
 from .errors import BackendError, ModelError, UsageError, VerificationError
 from .ir import Graph
-
-# ----------------------------------------------------------------------------------------
-# Options
-
-
-@dataclass(frozen=True)
-class Option:
-    """A pass option, exposed as a CLI flag and read with ``ctx.option(dest)``.
-
-    ``flag`` is the CLI spelling (``--prune-ratio``); ``dest`` the key in the context.
-    """
-
-    flag: str
-    type: Callable = str
-    default: Any = None
-    help: str = ""
-    choices: tuple | None = None
-    action: str | None = None      # e.g. "store_true"
-
-    @property
-    def dest(self) -> str:
-        return self.flag.lstrip("-").replace("-", "_")
-
+from .options import Config, Option, configure, declare  # noqa: F401  (Option: for pass files)
 
 # ----------------------------------------------------------------------------------------
 # Reports
@@ -63,6 +43,7 @@ class PassReport:
     extra: dict = field(default_factory=dict)     # pass-specific figures for report.json
     # Extra files the backend writes into the artifact (e.g. packed 2-bit weights).
     files: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)    # every option the pass used, defaults too
 
     def note(self, msg: str) -> None:
         self.notes.append(msg)
@@ -74,7 +55,7 @@ class PassReport:
         return {"name": self.name, "exact": self.exact, "seconds": round(self.seconds, 4),
                 "before": self.before, "after": self.after, "error": self.error,
                 "changed": self.changed, "notes": self.notes, "skipped": self.skipped,
-                "extra": self.extra, "files": sorted(self.files)}
+                "extra": self.extra, "files": sorted(self.files), "config": self.config}
 
 
 # ----------------------------------------------------------------------------------------
@@ -82,23 +63,26 @@ class PassReport:
 
 
 class Context:
-    """Options, data and the reference model shared by all passes of one run."""
+    """Data, settings and the reference model shared by all passes of one run.
 
-    def __init__(self, options: dict | None = None, seed: int = 0,
-                 calibration=None, evaluation=None, original: Graph | None = None,
-                 log: Callable[[str], None] | None = None, progress: bool = True):
-        self.options = dict(options or {})
+    Pass options are not here: each pass reads its own typed ``self.config``."""
+
+    def __init__(self, seed: int = 0, calibration=None, evaluation=None,
+                 original: Graph | None = None, log: Callable[[str], None] | None = None,
+                 progress: bool = True, calib_samples: int | None = None,
+                 preprocess=None):
         self.seed = seed
         self.calibration = calibration      # calibrate.readers.Dataset or None
         self.evaluation = evaluation        # labelled Dataset or None
         self.original = original            # input of the pipeline (teacher, reference)
         self.progress = progress
+        self.calib_samples = calib_samples  # --calib-samples: cap for calibration passes
+        # --scale/--mean/--std/--layout (calibrate.readers.Preprocess), for passes that
+        # read their own data files (recover's --recover-data).
+        self.preprocess = preprocess
         self._log = log or (lambda msg: print(msg, file=sys.stderr))
         self._warned: set = set()
-
-    def option(self, dest: str, default: Any = None) -> Any:
-        value = self.options.get(dest)
-        return default if value is None else value
+        self._memo: dict = {}
 
     def log(self, msg: str) -> None:
         self._log(msg)
@@ -107,6 +91,12 @@ class Context:
         if msg not in self._warned:
             self._warned.add(msg)
             self._log(f"warning: {msg}")
+
+    def memo(self, key, make: Callable):
+        """``make()`` once per run: a file a pass loads in validate and again in run."""
+        if key not in self._memo:
+            self._memo[key] = make()
+        return self._memo[key]
 
     def rng(self, salt: int = 0) -> np.random.Generator:
         return np.random.default_rng(self.seed + salt)
@@ -119,11 +109,107 @@ class Context:
             if samples is None or samples >= len(self.calibration):
                 return self.calibration      # a pass asking for more gets what there is
             return self.calibration.take(samples)
-        n = samples or int(self.option("calib_samples", 64))
+        n = samples or self.calib_samples or 64
         self.synthetic_calibration = True     # the artifact's README and report say so
-        self.warn("no --calib-data given: calibrating on seeded RANDOM inputs; "
-                  "accuracy of data-driven passes will suffer")
+        self.warn(RANDOM_DATA_WARNING)
         return random_dataset(graph, n, seed=self.seed)
+
+
+RANDOM_DATA_WARNING = ("no --calib-data given: calibrating on seeded RANDOM inputs; "
+                       "accuracy of data-driven passes will suffer")
+
+
+# ----------------------------------------------------------------------------------------
+# Requirements: what a pass or backend needs from the rest of the run
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a run is about to do; requirements are checked against it before any pass."""
+
+    passes: list             # configured Pass instances, in run order
+    backend: object | None   # configured Backend instance, or None outside compress
+    ctx: Context
+
+    def find(self, name: str):
+        return next((p for p in self.passes if p.name == name), None)
+
+
+class Requirement:
+    """``check(plan, owner)`` returns None when met, else one line saying what is missing
+    (a UsageError), or warns through ``plan.ctx`` when the need is soft."""
+
+    def check(self, plan: Plan, owner) -> str | None:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class CalibrationData(Requirement):
+    """Calibration data (``--calib-data``). ``when(config)`` says whether this config needs
+    it; without it, ``fallback="random"`` warns and runs on seeded random inputs,
+    ``fallback=None`` is an error carrying ``message``."""
+
+    when: Callable | None = None
+    fallback: str | None = "random"
+    message: str = ""
+
+    def check(self, plan, owner):
+        if plan.ctx.calibration is not None or (self.when and not self.when(owner.config)):
+            return None
+        if self.fallback == "random":
+            plan.ctx.warn(RANDOM_DATA_WARNING)
+            return None
+        return self.message or f"{owner.name} needs calibration data: give --calib-data FILE"
+
+
+@dataclass(frozen=True)
+class PassWith(Requirement):
+    """The run includes pass ``name`` with these option values (when it runs at all, or
+    always with ``present=True``); ``hint`` tells the user what to add."""
+
+    name: str
+    settings: tuple = ()       # ((dest, allowed values), ...)
+    hint: str = ""
+    present: bool = False
+
+    def check(self, plan, owner):
+        p = plan.find(self.name)
+        if p is None:
+            if self.present:
+                return f"{_kind(owner)} '{owner.name}' needs the {self.name} pass: {self.hint}"
+            return None
+        bad = [(dest, allowed) for dest, allowed in self.settings
+               if p.config[dest] not in allowed]
+        if not bad:
+            return None
+        flags = {opt.dest: opt.flag for opt in p.options}
+
+        def shown(dest, values):
+            if all(isinstance(v, bool) for v in values):
+                return flags[dest] if values[0] else f"no {flags[dest]}"
+            return f"{flags[dest]} {'/'.join(map(str, values))}"
+        want = ", ".join(shown(d, allowed) for d, allowed in bad)
+        # A missing switch says it all; a wrong choice names what was given.
+        got = ", ".join(shown(d, (p.config[d],)) for d, allowed in bad
+                        if not all(isinstance(v, bool) for v in allowed))
+        return (f"{_kind(owner)} '{owner.name}' needs {self.name} with {want}"
+                + (f" (given: {got})" if got else "")
+                + (f": {self.hint}" if self.hint else ""))
+
+
+def _kind(owner) -> str:
+    return "pass" if isinstance(owner, Pass) else "target"
+
+
+def check_requirements(plan: Plan) -> None:
+    """Every pass's and the backend's requirements, before any pass runs."""
+    # The backend first: its errors come before the passes' warnings.
+    owners = ([plan.backend] if plan.backend is not None else []) + list(plan.passes)
+    for owner in owners:
+        for req in owner.requires:
+            problem = req.check(plan, owner)
+            if problem:
+                raise UsageError(problem)
 
 
 # ----------------------------------------------------------------------------------------
@@ -135,20 +221,34 @@ class Pass:
 
     Subclasses set ``name`` (the CLI name), ``summary`` (one line for
     ``onnxc passes``), ``order`` (canonical position), ``exact`` (the verifier
-    then requires output error ≤ tolerance), ``options``, ``conflicts`` and
-    implement :meth:`run`.
+    then requires output error ≤ tolerance), ``options`` (declared ``Option``s),
+    ``requires`` (``Requirement``s checked before any pass runs), ``conflicts`` and
+    implement :meth:`run`, reading options from ``self.config``.
+
+    An instance is one configured application of the pass: it holds its frozen
+    config and nothing else, so two runs never share state.
     """
 
     name: str = ""
     summary: str = ""
     order: int = 100
     exact: bool = False
-    needs_data: bool = False            # uses calibration data (random fallback warns)
     options: tuple = ()
+    requires: tuple = ()
     conflicts: tuple = ()
 
+    def __init__(self, config: Config | Mapping | None = None):
+        if not isinstance(config, Config):
+            config = self.configure(config)
+        self.config = config
+
+    @classmethod
+    def configure(cls, values: Mapping | None = None) -> Config:
+        """This pass's typed config from raw values (CLI strings or API values)."""
+        return configure(f"pass '{cls.name}'", cls.options, values)
+
     def validate(self, ctx: Context) -> None:
-        """Check options before any pass runs; raise UsageError with one line."""
+        """Check option combinations before any pass runs; raise UsageError with one line."""
 
     def run(self, graph: Graph, ctx: Context, report: PassReport) -> Graph:
         raise NotImplementedError
@@ -160,6 +260,7 @@ PASSES: dict[str, type[Pass]] = {}
 def register_pass(cls: type[Pass]) -> type[Pass]:
     if not cls.name or cls.name in PASSES:
         raise RuntimeError(f"pass name missing or registered twice: {cls.name!r}")
+    declare(f"pass '{cls.name}'", cls.options)
     PASSES[cls.name] = cls
     return cls
 
@@ -170,8 +271,10 @@ def all_passes() -> dict[str, type[Pass]]:
     return dict(sorted(PASSES.items(), key=lambda kv: (kv[1].order, kv[0])))
 
 
-def resolve_passes(names: list[str]) -> list[Pass]:
-    """Instantiate passes by CLI name in canonical order; reject unknown/conflicting sets."""
+def resolve_passes(names: list[str], options: Mapping | None = None) -> list[Pass]:
+    """Configured passes by CLI name in canonical order; rejects unknown/conflicting sets.
+
+    ``options`` holds raw values by key for any pass (each takes its own)."""
     registry = all_passes()
     wanted = []
     for raw in names:
@@ -190,41 +293,62 @@ def resolve_passes(names: list[str]) -> list[Pass]:
                 raise UsageError(f"passes '{name}' and '{other}' cannot be combined")
     if "cleanup" not in wanted:
         wanted.insert(0, "cleanup")
-    return [registry[n]() for n in sorted(wanted, key=lambda n: (registry[n].order, n))]
+    return [registry[n](registry[n].configure(options))
+            for n in sorted(wanted, key=lambda n: (registry[n].order, n))]
 
 
 # ----------------------------------------------------------------------------------------
 # Pass manager
 
 
+@dataclass
+class PipelineResult:
+    """What :meth:`PassManager.run` produced."""
+
+    graph: Graph
+    reports: list
+    original_stats: object = None         # ir.Stats of the input graph
+    final_stats: object = None
+    original_outputs: list | None = None  # verifier outputs (None without verification)
+    final_outputs: list | None = None
+    verifier: object = None
+
+
 class PassManager:
     """Runs passes in order, verifying each against its own input graph."""
 
-    def __init__(self, passes: list[Pass], tolerance: float = 1e-5, verify: bool = True):
+    def __init__(self, passes: list[Pass], tolerance: float = 1e-5, verify: bool = True,
+                 backend=None):
         self.passes = passes
         self.tolerance = tolerance
         self.verify = verify
+        self.backend = backend
 
-    def run(self, graph: Graph, ctx: Context) -> tuple[Graph, list[PassReport]]:
-        from .verify import Verifier, compare_outputs
-
+    def check(self, ctx: Context) -> None:
+        """Options and requirements of every pass (and the backend), before any runs."""
+        check_requirements(Plan(self.passes, self.backend, ctx))
         for p in self.passes:
             p.validate(ctx)
-        self.verifier = Verifier.for_context(graph, ctx) if self.verify else None
+
+    def run(self, graph: Graph, ctx: Context) -> PipelineResult:
+        from .verify import Verifier, compare_outputs
+
+        self.check(ctx)
+        verifier = Verifier.for_context(graph, ctx) if self.verify else None
         reports = []
         current = graph
         model = previous = current.to_onnx()   # one export per graph: size, verification
-        self.original_stats = stats = current.stats(model_bytes=model.ByteSize())
+        original_stats = stats = current.stats(model_bytes=model.ByteSize())
         # Each graph runs once: a pass's output outputs are the next pass's reference.
         try:
-            self.original_outputs = reference = \
-                self.verifier.outputs(model) if self.verifier else None
+            original_outputs = reference = verifier.outputs(model) if verifier else None
         except BackendError as exc:
             # Nothing has been rewritten yet: a model ORT cannot run is the input's
             # fault (weights of the wrong size, bad attributes the checker lets through).
             raise ModelError(f"the input model does not run: {exc}") from exc
         for p in self.passes:
-            report = PassReport(p.name, p.exact, before=stats.as_dict())
+            report = PassReport(p.name, p.exact, before=stats.as_dict(),
+                                config=p.config.as_dict())
             start = time.perf_counter()
             result = p.run(current, ctx, report) or current
             result.refresh()
@@ -232,9 +356,9 @@ class PassManager:
             model = result.to_onnx()
             stats = result.stats(model_bytes=model.ByteSize())
             report.after = stats.as_dict()
-            if self.verifier is not None:
+            if verifier is not None:
                 # An unchanged graph (same protobuf) needs no second run.
-                outputs = reference if model == previous else self.verifier.outputs(model)
+                outputs = reference if model == previous else verifier.outputs(model)
                 cmp = compare_outputs(reference, outputs)
                 reference = outputs
                 report.error = cmp.as_dict()
@@ -248,6 +372,5 @@ class PassManager:
                     + (f"  err {report.error['max_rel']:.2e}" if report.error else ""))
             reports.append(report)
             current, previous = result, model
-        self.final_stats = stats
-        self.final_outputs = reference
-        return current, reports
+        return PipelineResult(current, reports, original_stats, stats, original_outputs,
+                              reference, verifier)

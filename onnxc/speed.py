@@ -74,14 +74,15 @@ def artifact_runner(target: str, out_dir: str):
     return None, f"the {target} artifact is not timed here (no native runtime on this machine)"
 
 
-def can_time(target: str, options: dict) -> tuple[bool, str]:
-    """Whether this machine can time a ``target`` artifact, before anything is built."""
+def can_time(target: str, config) -> tuple[bool, str]:
+    """Whether this machine can time a ``target`` artifact, before anything is built
+    (``config``: the configured backend's options)."""
     if target == "onnx":
         return True, ""
     if target in ("x86", "arm", "cuda"):
         from onnxc.backends.tvm import targets
 
-        spec = targets.resolve(target, options)
+        spec = targets.resolve(target, config)
         if spec.runs_here:
             return True, ""
         return False, f"a {target} artifact does not run on this machine"
@@ -194,12 +195,12 @@ def check_required(speed: dict, required: float | None) -> None:
             f"ms, batch {speed['batch']}), less than --require-speedup {required:g}")
 
 
-def validate_required(required, target: str, options: dict) -> None:
+def validate_required(required, target: str, config) -> None:
     """Fail before any work when ``--require-speedup`` cannot be checked or is invalid."""
     if required is None:
         return
     if not required > 0:
         raise UsageError(f"--require-speedup must be a positive factor, got {required:g}")
-    ok, reason = can_time(target, options)
+    ok, reason = can_time(target, config)
     if not ok:
         raise UsageError(f"--require-speedup needs an artifact that runs here: {reason}")

@@ -33,7 +33,7 @@ class Binary(LowBitPass):
         return binarize(w)
 
     def rewrite_input(self, graph, node, ctx):
-        if not ctx.option("binary_activations", False):
+        if not self.config.binary_activations:
             return
         x = node.inputs[0]
         if x.shape is None or len(x.shape) < 2:

@@ -31,13 +31,16 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxc.errors import UnsupportedError, UsageError
-from onnxc.pipeline import Option, Pass, register_pass
+from onnxc.options import positive_int
+from onnxc.pipeline import CalibrationData, Option, Pass, register_pass
 
 from ._lowrank_math import ridge_fit
 
 _ACTIVATIONS = {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Clip", "Elu"}
 _FINAL = {"Softmax", "LogSoftmax"}
 FORMS = ("hidden", "collapse", "auto")
+AUTO_NEEDS_DATA = ("gap: --gap-form auto chooses on held-out calibration data and needs "
+                   "--calib-data")
 # Ridge strengths (relative to the mean feature power) tried on the held-out share of the
 # calibration set; the pooled features are few (C) but strongly correlated.
 RIDGES = (1e-4, 1e-3, 1e-2, 1e-1)
@@ -104,7 +107,10 @@ class GlobalAveragePoolHead(Pass):
     summary = "replace a flatten->FC classifier head by GlobalAveragePool->FC (fitted)"
     order = 20
     exact = False
-    needs_data = True
+    # Without data the fit is data-free (and warns), except --gap-form auto, which chooses
+    # on held-out data: that fails before any pass runs.
+    requires = (CalibrationData(when=lambda config: config.gap_form == "auto", fallback=None,
+                                message=AUTO_NEEDS_DATA),)
     options = (
         Option("--gap-collapse", action="store_true",
                help="replace the whole FC stack by one FC (channels -> classes); "
@@ -113,10 +119,10 @@ class GlobalAveragePoolHead(Pass):
                help="hidden (default: keep the FC stack, first FC reads C values), "
                     "collapse (one FC), or auto (needs data: fit both, keep the one with "
                     "the lower logit error on the held-out 20%% of the calibration set)"),
-        Option("--gap-grid", int, 1,
+        Option("--gap-grid", positive_int, 1,
                help="pool to a K x K grid of regional averages (AveragePool) instead of "
                     "one global average (K=1, default); H and W must be divisible by K"),
-        Option("--gap-samples", int, 512, help="calibration samples for the fit"),
+        Option("--gap-samples", positive_int, 512, help="calibration samples for the fit"),
         Option("--gap-data-free", action="store_true",
                help="ignore calibration data: sum the first FC's weights over positions"),
         Option("--gap-fit", str, "lstsq", choices=("lstsq", "kl"),
@@ -125,19 +131,10 @@ class GlobalAveragePoolHead(Pass):
     )
 
     def validate(self, ctx) -> None:
-        self._form(ctx)
-        fit = ctx.option("gap_fit", "lstsq")
-        if fit not in ("lstsq", "kl"):
-            raise UsageError(f"--gap-fit must be lstsq or kl, got {fit!r}")
-        _positive_int("--gap-grid", ctx.option("gap_grid", 1))
-        _positive_int("--gap-samples", ctx.option("gap_samples", 512))
+        self._form()
 
-    @staticmethod
-    def _form(ctx) -> str:
-        form = ctx.option("gap_form", None)
-        collapse = bool(ctx.option("gap_collapse", False))
-        if form is not None and form not in FORMS:
-            raise UsageError(f"--gap-form must be one of {', '.join(FORMS)}, got {form!r}")
+    def _form(self) -> str:
+        form, collapse = self.config.gap_form, self.config.gap_collapse
         if collapse and form not in (None, "collapse"):
             raise UsageError(f"--gap-collapse contradicts --gap-form {form}")
         return "collapse" if collapse else (form or "hidden")
@@ -150,13 +147,12 @@ class GlobalAveragePoolHead(Pass):
             detail = f": {reasons[0][0]}: {reasons[0][1]}" if reasons else \
                 " (no Flatten/Reshape of a 4-D feature map into a Gemm/MatMul)"
             raise UnsupportedError("gap: no plain classifier head to replace" + detail)
-        form = self._form(ctx)
+        form = self._form()
         collapse = form == "collapse"
-        data_free = bool(ctx.option("gap_data_free", False)) or ctx.calibration is None
+        data_free = self.config.gap_data_free or ctx.calibration is None
         if form == "auto" and data_free:
-            raise UsageError("gap: --gap-form auto chooses on held-out calibration data "
-                             "and needs --calib-data")
-        grid = int(ctx.option("gap_grid", 1))
+            raise UsageError(AUTO_NEEDS_DATA)
+        grid = self.config.gap_grid
         for head in heads:
             if head.height % grid or head.width % grid:
                 raise UsageError(f"gap: --gap-grid {grid} does not divide the "
@@ -171,11 +167,11 @@ class GlobalAveragePoolHead(Pass):
                 raise UsageError("gap: --gap-collapse of a head with activations needs "
                                  "calibration data (--calib-data); without it only the "
                                  "first FC can be refitted")
-        if data_free and not ctx.option("gap_data_free", False):
+        if data_free and not self.config.gap_data_free:
             ctx.warn("gap: no --calib-data: data-free fit (first FC's weights summed over "
                      "positions); logits will move more than with a data fit")
         acts = {} if data_free else self._activations(graph, ctx, heads, grid)
-        kl = ctx.option("gap_fit", "lstsq") == "kl"
+        kl = self.config.gap_fit == "kl"
 
         summaries = []
         for head in heads:
@@ -303,7 +299,7 @@ class GlobalAveragePoolHead(Pass):
     def _activations(self, graph, ctx, heads, grid=1) -> dict:
         from ._activations import collect
 
-        n = int(ctx.option("gap_samples", 512))
+        n = self.config.gap_samples
         if ctx.calibration is not None:
             n = min(n, len(ctx.calibration))
         data = ctx.calibration_data(graph, n)
@@ -578,12 +574,3 @@ def _compose_linear(steps) -> list:
             out.append(s)
     return out
 
-
-def _positive_int(flag: str, value) -> None:
-    """One-line usage error unless ``value`` is a positive whole number."""
-    try:
-        ok = int(value) == float(value) and int(value) > 0
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise UsageError(f"{flag} must be a positive integer, got {value!r}")

@@ -29,7 +29,7 @@ from onnxc.calibrate import qdq
 from onnxc.calibrate.calibrators import CALIBRATORS, Scheme, clip_range
 from onnxc.calibrate.stats import collect
 from onnxc.errors import UsageError
-from onnxc.pipeline import Option, Pass, register_pass
+from onnxc.pipeline import CalibrationData, Option, Pass, register_pass
 
 MAX_CALIB = 512
 # Nodes computed in int8 when all their float activation inputs are quantized.
@@ -137,25 +137,28 @@ class Int8(Pass):
     summary = "static int8 PTQ (QDQ, per-channel weights, calibrated activations)"
     order = 60
     exact = False
-    needs_data = True
     conflicts = ("ternary", "binary")
+    # Static mode calibrates activation ranges; without --calib-data on random inputs.
+    requires = (CalibrationData(when=lambda config: config.int8_mode == "static"),)
+    # The flags had no prefix before; the old spellings stay as aliases.
     options = (
-        Option("--calibrator", str, "minmax", "activation range calibrator",
-               choices=CALIBRATORS),
-        Option("--percentile", float, 99.99, "percentile for --calibrator percentile"),
-        Option("--pow2-scales", action="store_true",
+        Option("--int8-calibrator", str, "minmax", "activation range calibrator",
+               choices=CALIBRATORS, aliases=("--calibrator",)),
+        Option("--int8-percentile", float, 99.99,
+               "percentile for --int8-calibrator percentile", aliases=("--percentile",)),
+        Option("--int8-pow2-scales", action="store_true", aliases=("--pow2-scales",),
                help="power-of-two scales and int8 zero-point-0 activations (shift requant)"),
-        Option("--act-type", str, "auto", "activation type (auto: uint8, int8 with pow2)",
-               choices=("auto", "uint8", "int8")),
-        Option("--weight-granularity", str, "channel", "int8 weight scales",
-               choices=("channel", "tensor")),
-        Option("--reduce-range", str, "auto",
+        Option("--int8-act-type", str, "auto", "activation type (auto: uint8, int8 with pow2)",
+               choices=("auto", "uint8", "int8"), aliases=("--act-type",)),
+        Option("--int8-weight-granularity", str, "channel", "int8 weight scales",
+               choices=("channel", "tensor"), aliases=("--weight-granularity",)),
+        Option("--int8-reduce-range", str, "auto",
                "7-bit weights so u8·s8 kernels cannot saturate (auto: on x86 without VNNI)",
-               choices=("auto", "on", "off")),
-        Option("--bias-correction", str, "on",
+               choices=("auto", "on", "off"), aliases=("--reduce-range",)),
+        Option("--int8-bias-correction", str, "on",
                "fold the mean output error of weight rounding into the int32 bias "
                "(per output channel, from the calibration inputs' channel means)",
-               choices=("on", "off")),
+               choices=("on", "off"), aliases=("--bias-correction",)),
         Option("--int8-mode", str, "static",
                "static: calibrated QDQ; dynamic: int8 weights, activations quantized at "
                "run time (MatMul/Gemm only; for MatMul-heavy models, no data needed)",
@@ -163,42 +166,42 @@ class Int8(Pass):
     ) + qdq.SHARED_OPTIONS
 
     def validate(self, ctx):
-        p = ctx.option("percentile", 99.99)
+        p = self.config.int8_percentile
         if not 0 < p <= 100:
-            raise UsageError(f"--percentile {p} must be in (0, 100]")
-        drop = ctx.option("max_drop")
-        if drop is not None and drop < 0:
-            raise UsageError(f"--max-drop {drop} must be ≥ 0")
+            raise UsageError(f"--int8-percentile {p} must be in (0, 100]")
 
     # -- options -------------------------------------------------------------------------
-    def _config(self, ctx):
-        pow2 = bool(ctx.option("pow2_scales", False))
-        act = ctx.option("act_type", "auto")
+    def _scheme(self):
+        cfg = self.config
+        pow2 = cfg.int8_pow2_scales
+        act = cfg.int8_act_type
         signed = act == "int8" or (act == "auto" and pow2)
-        rr = ctx.option("reduce_range", "auto")
+        rr = cfg.int8_reduce_range
         reduce = rr == "on" or (rr == "auto" and not qdq.has_vnni())
         return Scheme(signed=signed, pow2=pow2), reduce
 
     def run(self, graph, ctx, report):
-        if ctx.option("int8_mode", "static") == "dynamic":
+        cfg = self.config
+        if cfg.int8_mode == "dynamic":
             return self._dynamic(graph, ctx, report)
-        scheme, reduce = self._config(ctx)
-        method = ctx.option("calibrator", "minmax")
-        percentile = float(ctx.option("percentile", 99.99))
-        per_channel = ctx.option("weight_granularity", "channel") == "channel"
+        scheme, reduce = self._scheme()
+        method = cfg.int8_calibrator
+        percentile = cfg.int8_percentile
+        per_channel = cfg.int8_weight_granularity == "channel"
         qdq.name_nodes(graph)
         weighted = qdq.weighted_layers(graph)
-        keep = qdq.resolve_keep(ctx.option("keep_float"), weighted, "none")
+        keep = qdq.resolve_keep(cfg.keep_float, weighted, "none")
         candidates = {n.name for n in graph.nodes if n.op in COMPUTE_OPS} - keep
         full = Plan(graph, candidates, scheme.signed)
 
         data = calibration_set(ctx, graph)
-        correct = ctx.option("bias_correction", "on") == "on"
+        correct = cfg.int8_bias_correction == "on"
         # Bias correction needs E[x] per input channel of every quantized weighted layer.
         layer_inputs = sorted({n.inputs[0].name for n in weighted if n.name in full.layers}) \
             if correct else []
         stats = collect(graph.to_onnx(), full.stat_tensors(), data, progress=ctx.progress,
-                        histograms=method != "minmax", channel_means=layer_inputs)
+                        histograms=CALIBRATORS[method].histograms,
+                        channel_means=layer_inputs)
         means = {name: stats[name].channel_mean() for name in layer_inputs}
         outputs = {t.name for t in graph.gs.outputs}
         # Never clip what the user reads: graph outputs keep their observed range.
@@ -212,13 +215,13 @@ class Int8(Pass):
                               means if correct else None), plan
 
         fallback = []
-        if ctx.option("max_drop") is not None:
+        if cfg.max_drop is not None:
             from onnxc.calibrate.mixed import fallback_until
 
             fallback = fallback_until(graph, ctx, report, [n.name for n in weighted
                                                              if n.name in candidates],
                                       lambda kept: build(candidates - set(kept))[0],
-                                      float(ctx.option("max_drop")), "float")
+                                      cfg.max_drop, "float")
         result, plan = build(candidates - set(fallback))
         for name, reason in plan.skipped.items():
             report.skip(name, reason)
@@ -246,7 +249,7 @@ class Int8(Pass):
         })
         if scheme.pow2:
             report.extra["shifts"] = requant_shifts(result)
-        if ctx.option("format", "qdq") == "qonnx":
+        if cfg.format == "qonnx":
             from onnxc.calibrate.qonnx import to_qonnx
 
             report.files["model_qonnx.onnx"] = to_qonnx(result).SerializeToString()
@@ -257,10 +260,10 @@ class Int8(Pass):
     def _dynamic(self, graph, ctx, report):
         """MatMul/Gemm → DynamicQuantizeLinear + MatMulInteger + Cast + Mul (+ Add bias):
         the pattern ONNX Runtime fuses into DynamicQuantizeMatMul / MatMulIntegerToFloat."""
-        _, reduce = self._config(ctx)
+        _, reduce = self._scheme()
         qdq.name_nodes(graph)
         weighted = qdq.weighted_layers(graph)
-        keep = qdq.resolve_keep(ctx.option("keep_float"), weighted, "none")
+        keep = qdq.resolve_keep(self.config.keep_float, weighted, "none")
         done = []
         for node in weighted:
             if node.name in keep:
@@ -329,7 +332,7 @@ def dynamic_matmul(graph, node, w, bias, qmax: int) -> None:
 def calibration_set(ctx, graph):
     """The calibration samples: --calib-samples if given, else at most MAX_CALIB (more
     rarely moves a range, and statistics cost grows linearly)."""
-    n = ctx.option("calib_samples")
+    n = ctx.calib_samples
     if n is None and ctx.calibration is not None:
         n = min(len(ctx.calibration), MAX_CALIB)
     data = ctx.calibration_data(graph, n)

@@ -36,7 +36,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxc.errors import UnsupportedError, UsageError
-from onnxc.pipeline import Option, Pass, register_pass
+from onnxc.options import positive_int
+from onnxc.pipeline import CalibrationData, Option, Pass, register_pass
 
 from . import _lowrank_math as lm
 
@@ -158,7 +159,7 @@ class LowRank(Pass):
     summary = "split FC/conv layers into low-rank sequences (SVD, Tucker-2, CP)"
     order = 40
     exact = False
-    needs_data = False         # data only with --lowrank-data-aware (random fallback warns)
+    requires = (CalibrationData(when=lambda config: config.lowrank_data_aware),)
     options = (
         Option("--lowrank-method", str, "auto", choices=METHODS,
                help="conv decomposition: auto (= tucker2), svd, tucker2 or cp; FC layers "
@@ -170,20 +171,21 @@ class LowRank(Pass):
                     f"(the default rule, {DEFAULT_ENERGY})"),
         Option("--lowrank-flops", float, None,
                help="remove this fraction of the eligible layers' MACs, in (0, 1)"),
-        Option("--lowrank-rank", int, None, help="fixed rank for every layer (capped)"),
+        Option("--lowrank-rank", positive_int, None,
+               help="fixed rank for every layer (capped)"),
         Option("--lowrank-vbmf", action="store_true",
                help="choose ranks by empirical VBMF (svd, tucker2)"),
         Option("--lowrank-data-aware", action="store_true",
                help="use calibration activations (--calib-data): whitened SVD for FC and "
                     "1x1 layers; Tucker-2/CP refit their last 1x1 to the conv's outputs"),
-        Option("--lowrank-samples", int, 256,
+        Option("--lowrank-samples", positive_int, 256,
                help="calibration samples for --lowrank-data-aware"),
         Option("--lowrank-als-iters", int, None,
                help="ALS refinement rounds: HOOI for tucker2 (default 10), CP-ALS for cp "
                     "(default 50)"),
         Option("--lowrank-force", action="store_true",
                help="split eligible layers even where that does not save MACs"),
-        Option("--lowrank-multiple", int, None,
+        Option("--lowrank-multiple", positive_int, None,
                help="round every rank up to a multiple of this; capped at the full rank "
                     "(default: the target's channel block, 8 for onnx/x86/arm/cuda, else "
                     "1; 1 turns rounding off)"),
@@ -193,37 +195,11 @@ class LowRank(Pass):
     def validate(self, ctx) -> None:
         self._settings(ctx)
 
-    def _settings(self, ctx) -> dict:
-        def number(dest, kind):
-            value = ctx.option(dest)
-            if value is None:
-                return None
-            try:
-                out = kind(value)
-            except (TypeError, ValueError):
-                raise UsageError(f"--{dest.replace('_', '-')} must be a number, "
-                                 f"got {value!r}") from None
-            if kind is int and out != float(value):
-                raise UsageError(f"--{dest.replace('_', '-')} must be an integer, "
-                                 f"got {value!r}")
-            return out
-
-        method = str(ctx.option("lowrank_method", "auto"))
-        if method not in METHODS:
-            raise UsageError(f"--lowrank-method must be one of {', '.join(METHODS)}, "
-                             f"got '{method}'")
-        layers = str(ctx.option("lowrank_layers", "all"))
-        if layers not in ("all", "conv", "fc"):
-            raise UsageError(f"--lowrank-layers must be all, conv or fc, got '{layers}'")
-        energy = number("lowrank_energy", float)
-        flops = number("lowrank_flops", float)
-        rank = number("lowrank_rank", int)
-        vbmf = bool(ctx.option("lowrank_vbmf", False))
-        iters = number("lowrank_als_iters", int)
-        samples = number("lowrank_samples", int)
-        multiple = number("lowrank_multiple", int)
-        if multiple is not None and multiple < 1:
-            raise UsageError(f"--lowrank-multiple must be a positive integer, got {multiple}")
+    def _settings(self, ctx=None) -> dict:
+        cfg = self.config
+        method, layers = cfg.lowrank_method, cfg.lowrank_layers
+        energy, flops, rank = cfg.lowrank_energy, cfg.lowrank_flops, cfg.lowrank_rank
+        vbmf, iters = cfg.lowrank_vbmf, cfg.lowrank_als_iters
         rules = [f for f, v in (("--lowrank-energy", energy), ("--lowrank-flops", flops),
                                 ("--lowrank-rank", rank), ("--lowrank-vbmf", vbmf or None))
                  if v is not None]
@@ -234,12 +210,8 @@ class LowRank(Pass):
         if flops is not None and not 0 < flops < 1:
             raise UsageError(f"--lowrank-flops is the fraction of MACs to remove and must "
                              f"be in (0, 1), got {flops}")
-        if rank is not None and rank < 1:
-            raise UsageError(f"--lowrank-rank must be a positive integer, got {rank}")
         if iters is not None and not 0 <= iters <= 10_000:
             raise UsageError(f"--lowrank-als-iters must be in [0, 10000], got {iters}")
-        if samples is not None and samples < 1:
-            raise UsageError(f"--lowrank-samples must be positive, got {samples}")
         conv_method = "tucker2" if method == "auto" else method
         if conv_method == "cp" and layers != "fc" and (energy is not None or vbmf
                                                         or not rules):
@@ -250,14 +222,13 @@ class LowRank(Pass):
             energy = DEFAULT_ENERGY
         return {"conv_method": conv_method, "layers": layers, "energy": energy,
                 "flops": flops, "rank": rank, "vbmf": vbmf, "iters": iters,
-                "samples": samples or 256, "data_aware": bool(ctx.option(
-                    "lowrank_data_aware", False)),
-                "force": bool(ctx.option("lowrank_force", False)),
+                "samples": cfg.lowrank_samples, "data_aware": cfg.lowrank_data_aware,
+                "force": cfg.lowrank_force,
                 # Default: the target's kernel block. Unrounded ranks are what ORT's
                 # blocked kernels run worst: ResNet-56 at --lowrank-flops 0.5 ran 0.70x
-                # as fast as the original with ranks as they fell, faster with multiples
-                # of 8 (tools/bench_defaults.py).
-                "multiple": multiple or int(getattr(ctx, "channel_multiple", 1) or 1)}
+                # as fast as the original with ranks as they fell (tools/bench_defaults.py).
+                "multiple": cfg.lowrank_multiple or int(getattr(ctx, "channel_multiple", 1)
+                                                        or 1)}
 
     # -- the pass ---------------------------------------------------------------------
     def run(self, graph, ctx, report):

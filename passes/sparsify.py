@@ -21,6 +21,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxc.errors import UsageError
+from onnxc.options import fraction
 from onnxc.pipeline import Option, Pass, register_pass
 
 WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
@@ -81,22 +82,17 @@ class Sparsify(Pass):
     order = 35
     exact = False
     options = (
-        Option("--sparsity", float, 0.5, "share of weights set to zero, in [0, 1)"),
+        Option("--sparsity", fraction, 0.5, "share of weights set to zero, in [0, 1)"),
         Option("--sparsify-global", None, None, "one magnitude threshold over all layers "
                "instead of the same sparsity in each", action="store_true"),
     )
 
-    def validate(self, ctx):
-        v = ctx.option("sparsity")
-        if v is not None and not 0.0 <= float(v) < 1.0:
-            raise UsageError(f"--sparsity must be in [0, 1), got {v}")
-
     def run(self, graph, ctx, report):
-        sparsity = float(ctx.option("sparsity", 0.5))
+        sparsity = self.config.sparsity
         weights = sparse_weights(graph)
         if not weights:
             raise UsageError("sparsify: the model has no Conv/Gemm/MatMul weight tensors")
-        if ctx.option("sparsify_global", False):
+        if self.config.sparsify_global:
             mags = np.concatenate([np.abs(t.values).ravel() for t in weights])
             k = int(np.floor(sparsity * mags.size))
             thr = np.partition(mags, k - 1)[k - 1] if k > 0 else -1.0

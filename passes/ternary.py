@@ -10,6 +10,7 @@ No recovery here: accuracy drops until the ``recover`` pass fine-tunes.
 from __future__ import annotations
 
 from onnxc.calibrate.lowbit import LowBitPass, ternarize
+from onnxc.errors import UsageError
 from onnxc.pipeline import Option, register_pass
 
 
@@ -25,15 +26,9 @@ class Ternary(LowBitPass):
     )
 
     def validate(self, ctx):
-        from onnxc.errors import UsageError
-
-        t = ctx.option("ternary_threshold", 0.7)
+        t = self.config.ternary_threshold
         if not 0 <= t < 10:
             raise UsageError(f"--ternary-threshold {t} must be in [0, 10)")
 
     def encode(self, w):
-        return ternarize(w, self._threshold)
-
-    def run(self, graph, ctx, report):
-        self._threshold = float(ctx.option("ternary_threshold", 0.7))
-        return super().run(graph, ctx, report)
+        return ternarize(w, self.config.ternary_threshold)

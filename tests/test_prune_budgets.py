@@ -111,7 +111,7 @@ def test_unreachable_flops_budget_prunes_as_far_as_allowed():
 @pytest.mark.parametrize("args,msg", [
     (["--prune-params", "1.0"], "--prune-params must be in [0, 1)"),
     (["--prune-params", "-0.2"], "--prune-params must be in [0, 1)"),
-    (["--prune-params", "half"], "--prune-params: invalid float value"),
+    (["--prune-params", "half"], "--prune-params must be a number"),
     (["--prune-params", "0.5", "--prune-ratio", "0.5"], "either --prune-ratio or --prune-params"),
 ])
 def test_bad_params_values_are_one_line_usage_errors(tmp_path, args, msg):

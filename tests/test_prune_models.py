@@ -55,8 +55,8 @@ def prune_light(name: str, ratio: float = 0.3):
     before = graph.stats(with_bytes=False).macs
     reference = graph.copy()
     report = PassReport("prune", False)
-    pruned = Prune().run(graph, Context({"prune_ratio": ratio, "prune_residual": True}),
-                         report).refresh()
+    pruned = Prune({"prune_ratio": ratio, "prune_residual": True}).run(
+        graph, Context(), report).refresh()
     return reference, pruned, before, report
 
 

@@ -48,10 +48,10 @@ def train128(teacher, cifar_train_path):
 
 
 def _recover(student, teacher, data, **opts):
-    ctx = Context({**FAST, **opts}, seed=0, calibration=data, original=teacher,
-                  progress=False, log=lambda m: None)
+    ctx = Context(seed=0, calibration=data, original=teacher, progress=False,
+                  log=lambda m: None)
     report = PassReport("recover", False)
-    out = Recover().run(student, ctx, report)
+    out = Recover({**FAST, **opts}).run(student, ctx, report)
     return out, report
 
 

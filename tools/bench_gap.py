@@ -136,8 +136,8 @@ def bench_zoo(randomize: bool) -> None:
         if randomize:
             model = randomize_weights(model)
         graph = frontend.load(model)
-        out, reports = PassManager(resolve_passes(["gap"]), verify=False).run(
-            graph, Context({}, log=lambda m: None))
+        out = PassManager(resolve_passes(["gap"]), verify=False).run(
+            graph, Context(log=lambda m: None)).graph
         proto = out.to_onnx()
         onnx.checker.check_model(proto)
         x = np.random.default_rng(0).standard_normal(

@@ -122,10 +122,11 @@ def _fc_svd_run(original, held_out, ref, label, options, calib=None):
 
     fc = [n for n in original.nodes if n.op == "Gemm"]
     fc_params = sum(original.node_stats(n).params for n in fc)
-    ctx = Context({"lowrank_layers": "fc", **options}, calibration=calib, log=lambda m: None)
+    ctx = Context(calibration=calib, log=lambda m: None)
     start = time.perf_counter()
-    out, reports = PassManager(resolve_passes(["lowrank"]), verify=False).run(
-        original.copy(), ctx)
+    passes = resolve_passes(["lowrank"], {"lowrank_layers": "fc", **options})
+    result = PassManager(passes, verify=False).run(original.copy(), ctx)
+    out, reports = result.graph, result.reports
     seconds = time.perf_counter() - start
     rows = reports[-1].extra["lowrank"]["layers"]
     after = fc_params - sum(r["params_before"] - r["params_after"] for r in rows)

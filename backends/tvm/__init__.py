@@ -19,14 +19,15 @@ import os
 import tempfile
 
 from onnxc.backends import Backend, Option, register_backend
+from onnxc.options import non_negative_int, positive
 
 from .targets import DEFAULT_CUDA_ARCH
 
 TUNE_OPTIONS = (
-    Option("--tune-trials", int, 0, "MetaSchedule trials in total (0: no tuning)"),
+    Option("--tune-trials", non_negative_int, 0, "MetaSchedule trials in total (0: no tuning)"),
     Option("--tune-trials-per-task", int, None,
            "trial cap per task (default: trials spread evenly over untuned tasks)"),
-    Option("--tune-minutes", float, None, "wall-clock tuning budget in minutes, spread over "
+    Option("--tune-minutes", positive, None, "wall-clock tuning budget in minutes, spread over "
            "the tasks by weight (occurrences x FLOPs), heaviest first; with --tune-trials "
            "both limits hold"),
     Option("--tune-db", str, None, "tuning database directory, reused across runs and "
@@ -83,23 +84,17 @@ class _TvmBackend(Backend):
         # Resolve the target now so bad flags fail before any pass runs.
         from . import targets
 
-        spec = targets.resolve(self.preset, ctx.options)
+        cfg = self.config
+        spec = targets.resolve(self.preset, cfg)
         spec.tvm_target()
         from onnxc.errors import UsageError
 
-        trials = ctx.option("tune_trials", 0)
-        if trials < 0:
-            raise UsageError("--tune-trials must be >= 0")
-        minutes = ctx.option("tune_minutes")
-        if minutes is not None and not minutes > 0:
-            raise UsageError(f"--tune-minutes must be a positive number of minutes, "
-                             f"got {minutes:g}")
-        if trials > 0 or minutes:
+        if cfg.tune_trials > 0 or cfg.tune_minutes:
             from .tuning import parse_tracker
 
-            if ctx.option("rpc_tracker"):
-                parse_tracker(ctx.option("rpc_tracker"))
-                if not ctx.option("rpc_key"):
+            if cfg.rpc_tracker:
+                parse_tracker(cfg.rpc_tracker)
+                if not cfg.rpc_key:
                     raise UsageError("--rpc-tracker needs --rpc-key (the device key servers "
                                      "registered)")
             elif not spec.runs_here:
@@ -111,9 +106,9 @@ class _TvmBackend(Backend):
     def build(self, graph, ctx, out_dir, report) -> None:
         from .build import compile_model
 
-        options = dict(ctx.options, seed=ctx.seed)
+        options = dict(self.config, seed=ctx.seed)
         result = compile_model(graph, self.preset, out_dir, options, log=ctx.log,
-                               tolerance=ctx.option("tvm_tolerance"))
+                               tolerance=self.config.tvm_tolerance)
         for note in result.notes:
             ctx.log(f"  tvm: {note}")
         info = result.runtime_info()
@@ -197,3 +192,6 @@ def x86_latency(model, input_shapes: dict | None = None, tune_trials: int = 0,
     figures["tuning"] = result.tuning.as_dict() if result.tuning else None
     figures["verification"] = result.verification
     return figures
+
+
+from . import commands  # noqa: E402,F401  (registers onnxc run, onnxc bench)

@@ -28,6 +28,7 @@ def _configure_bench(sub) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
+@register_command("run", _configure_run)
 def cmd_run(args) -> int:
     from .runtime import load_artifact, read_inputs
 
@@ -50,6 +51,7 @@ def cmd_run(args) -> int:
     return 0
 
 
+@register_command("bench", _configure_bench)
 def cmd_bench(args) -> int:
     from .runtime import benchmark, load_artifact, read_inputs
 
@@ -66,6 +68,3 @@ def cmd_bench(args) -> int:
           f"{figures['warmup']} warm-up)")
     return 0
 
-
-register_command("run", _configure_run, cmd_run)
-register_command("bench", _configure_bench, cmd_bench)

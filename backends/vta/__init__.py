@@ -22,7 +22,10 @@ import os
 import numpy as np
 
 from onnxc.backends import Backend, Option, register_backend
+from onnxc.backends.tvm import X86Backend
 from onnxc.errors import UnsupportedError
+from onnxc.options import non_negative_int
+from onnxc.pipeline import PassWith
 
 from .config import DEFAULT, VtaConfig
 
@@ -118,26 +121,28 @@ class VtaBackend(Backend):
         Option("--vta-residual", None, None, "also run residual Adds (DQ + DQ -> Q) on "
                "VTA, as a 1x1 GEMM with identity weights over both inputs",
                action="store_true"),
-        Option("--vta-verify-samples", int, 8, "samples simulated at build time to check "
-               "the artifact against ONNX Runtime and the integer reference"),
-    )
+        Option("--vta-verify-samples", non_negative_int, 8, "samples simulated at build "
+               "time to check the artifact against ONNX Runtime and the integer reference"),
+    ) + X86Backend.options       # --vta-host x86/arm compiles the host segments with TVM
+    # VTA computes int8 x int8 with shift requantisation: an int8 pass in the run must
+    # produce that, or no layer could go to VTA (a model quantized before is checked by
+    # the partitioner, layer by layer).
+    requires = (PassWith("int8", (("int8_pow2_scales", (True,)),
+                                  ("int8_act_type", ("auto", "int8")),
+                                  ("int8_mode", ("static",))),
+                         hint="VTA takes int8 activations with power-of-two scales"),)
 
     def validate(self, ctx) -> None:
-        config_from_options(ctx.options)
-        n = ctx.option("vta_verify_samples", 8)
-        if n < 0:
-            from onnxc.errors import UsageError
-
-            raise UsageError("--vta-verify-samples must be >= 0")
+        config_from_options(self.config)
 
     def build(self, graph, ctx, out_dir, report) -> None:
         import gc
 
         from .runtime import PROGRAM_FILE, VtaArtifact, save_layer
 
-        cfg = config_from_options(ctx.options)
+        cfg = config_from_options(self.config)
         host, programs, placement, layer_reports = compile_graph(
-            graph, cfg, residual=bool(ctx.option("vta_residual", False)))
+            graph, cfg, residual=self.config.vta_residual)
         vta_dir = os.path.join(out_dir, "vta")
         os.makedirs(vta_dir, exist_ok=True)
         _save_host(host, os.path.join(vta_dir, "host.onnx"))
@@ -146,12 +151,13 @@ class VtaBackend(Backend):
             entry = save_layer(prog, vta_dir, i)
             entry["stats"] = rep
             entries.append(entry)
-        host_kind = ctx.option("vta_host", "onnx")
+        host_kind = self.config.vta_host
         meta = {"config": cfg.as_dict(), "host": host_kind, "placement": placement,
                 "layers": entries}
         if host_kind != "onnx":
             meta["host_libraries"] = _compile_host(os.path.join(vta_dir, "host.onnx"),
-                                                   host_kind, out_dir, ctx)
+                                                   host_kind, out_dir, ctx,
+                                                   self.config)
         with open(os.path.join(out_dir, PROGRAM_FILE), "w") as f:
             json.dump(meta, f, indent=1, default=_jsonable)
         summary = {
@@ -168,7 +174,7 @@ class VtaBackend(Backend):
                 f"padded to BLOCK={cfg.block}); prune with --prune-multiple {cfg.block} to "
                 f"avoid it")
         # Build-time check: run the artifact just written on a few samples.
-        n = int(ctx.option("vta_verify_samples", 8))
+        n = self.config.vta_verify_samples
         if n:
             art = VtaArtifact(out_dir)
             summary["verification"] = verify_artifact(art, graph, ctx, n)
@@ -226,7 +232,7 @@ def verify_artifact(art, graph, ctx, n: int) -> dict:
     return result
 
 
-def _compile_host(host_path: str, target: str, out_dir: str, ctx) -> dict:
+def _compile_host(host_path: str, target: str, out_dir: str, ctx, options) -> dict:
     """Compile every host segment with the TVM backend; {segment index: directory}."""
     import onnx
 
@@ -244,7 +250,7 @@ def _compile_host(host_path: str, target: str, out_dir: str, ctx) -> dict:
         rel = os.path.join("vta", f"host_{k:02d}")
         ctx.log(f"  vta: compiling host segment {k} ({len(model.graph.node)} nodes) for "
                 f"{target}")
-        compile_model(model, target, os.path.join(out_dir, rel), options=ctx.options,
+        compile_model(model, target, os.path.join(out_dir, rel), options=dict(options),
                       log=ctx.log)
         libs[str(k)] = rel
     return libs
@@ -296,3 +302,6 @@ def _jsonable(obj):
     if isinstance(obj, np.ndarray):
         return obj.tolist()
     return str(obj)
+
+
+from . import commands  # noqa: E402,F401  (registers onnxc vta-sim)

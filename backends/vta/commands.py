@@ -14,7 +14,7 @@ from onnxc.errors import DataError, OutputError, UsageError
 
 
 def _configure(sub) -> None:
-    from onnxc.cli import _add_data_args
+    from onnxc.commands import add_data_args
 
     p = sub.add_parser("vta-sim", help="run a --target vta artifact in the VTA simulator")
     p.add_argument("artifact", help="artifact directory written by onnxc compress --target vta")
@@ -25,9 +25,10 @@ def _configure(sub) -> None:
     p.add_argument("--schedule", default="load-first",
                    help="module interleaving of the functional run: load-first, "
                         "compute-first, store-first or an integer seed (random)")
-    _add_data_args(p, calib=False)
+    add_data_args(p, calib=False)
 
 
+@register_command("vta-sim", _configure)
 def cmd_vta_sim(args) -> int:
     from onnxc.backends.vta import isa
     from onnxc.backends.vta.runtime import load_artifact
@@ -55,7 +56,7 @@ def cmd_vta_sim(args) -> int:
         feeds = {name: x}
     elif args.eval_data:
         from onnxc import frontend
-        from onnxc.cli import data_loaders
+        from onnxc.commands import data_loaders
 
         _, eval_ = data_loaders(args)
         ds = eval_(frontend.load(f"{args.artifact}/model.onnx"))
@@ -118,5 +119,3 @@ def layer_table(art) -> str:
         lines.append(f"note: {art.host_note}")
     return "\n".join(lines)
 
-
-register_command("vta-sim", _configure, cmd_vta_sim)

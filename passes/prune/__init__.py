@@ -24,26 +24,13 @@ import json
 import numpy as np
 
 from onnxc.errors import DataError, UnsupportedError, UsageError
-from onnxc.pipeline import Option, Pass, register_pass
+from onnxc.options import fraction, positive_int
+from onnxc.pipeline import CalibrationData, Option, Pass, register_pass
 
 from .allocate import MAX_RATIO, Allocator
+from .criteria import CRITERIA
 from .criteria import scores as criterion_scores
 from .groups import DependencyGraph, rewrite
-
-CRITERIA = ("l1", "l2", "fpgm", "bn_gamma", "apoz", "thinet")
-
-
-def _fraction(ctx, dest, flag):
-    v = ctx.option(dest)
-    if v is None:
-        return None
-    try:
-        v = float(v)
-    except (TypeError, ValueError):
-        raise UsageError(f"{flag} must be a number, got {v!r}") from None
-    if not 0.0 <= v < 1.0:
-        raise UsageError(f"{flag} must be in [0, 1), got {v}")
-    return v
 
 
 def name_nodes(graph) -> None:
@@ -83,24 +70,19 @@ def prunable_groups(dg, skip_patterns, report=None, residual=True):
     return out
 
 
-def calibration(ctx, graph, samples: int):
-    if ctx.calibration is not None:
-        return ctx.calibration.take(min(samples, len(ctx.calibration)))
-    return ctx.calibration_data(graph, samples)
-
-
 @register_pass
 class Prune(Pass):
     name = "prune"
     summary = "remove whole channels/filters, rewriting every consumer (structured)"
     order = 30
     exact = False
+    requires = (CalibrationData(when=lambda c: CRITERIA[c.prune_criterion].needs_data),)
     options = (
-        Option("--prune-ratio", float, None, "share of channels removed in each group, "
+        Option("--prune-ratio", fraction, None, "share of channels removed in each group, "
                "in [0, 1) (default 0.5 when --prune-flops is not given)"),
-        Option("--prune-flops", float, None, "share of MACs to remove, in [0, 1); "
+        Option("--prune-flops", fraction, None, "share of MACs to remove, in [0, 1); "
                "per-group ratios are allocated to reach it"),
-        Option("--prune-params", float, None, "share of parameters to remove, in [0, 1); "
+        Option("--prune-params", fraction, None, "share of parameters to remove, in [0, 1); "
                "alone or with --prune-flops (both budgets are met)"),
         Option("--prune-global", None, None, "rank channels across groups instead of the "
                "same ratio in each", action="store_true"),
@@ -110,61 +92,45 @@ class Prune(Pass):
                "layers share through residual Add/Sum (e.g. a ResNet trunk); off by "
                "default: every block reads and writes them", action="store_true"),
         Option("--prune-criterion", str, "l1", "channel importance", choices=CRITERIA),
-        Option("--prune-min-channels", int, 1, "keep at least this many channels per group"),
-        Option("--prune-multiple", int, None, "round kept channel counts up to a multiple "
+        Option("--prune-min-channels", positive_int, 1, "keep at least this many channels per group"),
+        Option("--prune-multiple", positive_int, None, "round kept channel counts up to a multiple "
                "of this (e.g. 16 for VTA); default: 8 for groups of >= 16 channels "
                "(CPU SIMD blocks), 1 disables"),
         Option("--prune-ort-layout", None, None, "rewrite zero channel Pads (ResNet "
                "option-A shortcuts) as exact 1x1 selection convs so ONNX Runtime keeps the "
                "residual trunk in its NCHWc conv blocks", action="store_true"),
-        Option("--prune-samples", int, 256, "calibration samples for apoz/thinet"),
+        Option("--prune-samples", positive_int, 256, "calibration samples for apoz/thinet"),
         Option("--prune-sensitivity", str, None, "JSON from 'onnxc sensitivity --json' to "
                "allocate --prune-flops by measured per-group error"),
     )
 
     def validate(self, ctx):
-        ratio = _fraction(ctx, "prune_ratio", "--prune-ratio")
-        flops = _fraction(ctx, "prune_flops", "--prune-flops")
-        params = _fraction(ctx, "prune_params", "--prune-params")
-        if ratio is not None and flops is not None:
+        cfg = self.config
+        if cfg.prune_ratio is not None and cfg.prune_flops is not None:
             raise UsageError("give either --prune-ratio or --prune-flops, not both")
-        if ratio is not None and params is not None:
+        if cfg.prune_ratio is not None and cfg.prune_params is not None:
             raise UsageError("give either --prune-ratio or --prune-params, not both")
-        for dest, flag in (("prune_min_channels", "--prune-min-channels"),
-                           ("prune_multiple", "--prune-multiple"),
-                           ("prune_samples", "--prune-samples")):
-            v = ctx.option(dest)
-            if v is not None and int(v) < 1:
-                raise UsageError(f"{flag} must be at least 1, got {v}")
-        crit = ctx.option("prune_criterion", "l1")
-        if crit not in CRITERIA:
-            raise UsageError(f"--prune-criterion must be one of {', '.join(CRITERIA)}, "
-                             f"got '{crit}'")
-        sens = ctx.option("prune_sensitivity")
-        if sens is not None:
-            if flops is None and params is None:
+        if cfg.prune_sensitivity is not None:
+            if cfg.prune_flops is None and cfg.prune_params is None:
                 raise UsageError("--prune-sensitivity needs --prune-flops or --prune-params")
-            load_curves(sens)
+            load_curves(cfg.prune_sensitivity)
 
     def run(self, graph, ctx, report):
-        ratio = _fraction(ctx, "prune_ratio", "--prune-ratio")
-        flops = _fraction(ctx, "prune_flops", "--prune-flops")
-        params = _fraction(ctx, "prune_params", "--prune-params")
+        cfg = self.config
+        ratio, flops, params = cfg.prune_ratio, cfg.prune_flops, cfg.prune_params
         if ratio is None and flops is None and params is None:
             ratio = 0.5
             report.note("no --prune-ratio/--prune-flops given: pruning 50% per group")
-        criterion = ctx.option("prune_criterion", "l1")
-        use_global = bool(ctx.option("prune_global", False))
-        skip = [p.strip() for p in (ctx.option("prune_skip") or "").split(",") if p.strip()]
-        min_ch = int(ctx.option("prune_min_channels", 1))
-        multiple = ctx.option("prune_multiple")
-        multiple = None if multiple is None else int(multiple)
-        samples = int(ctx.option("prune_samples", 256))
+        criterion = cfg.prune_criterion
+        use_global = cfg.prune_global
+        skip = [p.strip() for p in (cfg.prune_skip or "").split(",") if p.strip()]
+        min_ch = cfg.prune_min_channels
+        multiple = cfg.prune_multiple
+        samples = cfg.prune_samples
 
         name_nodes(graph)
         dg = DependencyGraph(graph)
-        groups = prunable_groups(dg, skip, report,
-                                 residual=bool(ctx.option("prune_residual", False)))
+        groups = prunable_groups(dg, skip, report, residual=cfg.prune_residual)
         if not groups:
             reasons = sorted({g.blocked for g in dg.groups if g.blocked})
             why = f" ({reasons[0]})" if reasons else \
@@ -182,8 +148,8 @@ class Prune(Pass):
         before = graph.stats(with_bytes=False)
         base_params = before.params
         curves = None
-        if ctx.option("prune_sensitivity"):
-            curves = match_curves(load_curves(ctx.option("prune_sensitivity")), groups)
+        if cfg.prune_sensitivity:
+            curves = match_curves(load_curves(cfg.prune_sensitivity), groups)
         if params is not None or curves is not None:
             removed, how = alloc.for_budgets(base, base_params, flops, params,
                                              use_global, curves)
@@ -227,13 +193,10 @@ class Prune(Pass):
         else:
             removed = alloc.select(ratio, use_global)
 
-        if criterion == "thinet":
-            from .thinet import thinet_prune
-
-            counts = {id(sg): int(removed[sg].sum()) for g in groups for sg in g.subgroups}
-            graph, removed = thinet_prune(graph, dg, groups, counts,
-                                          calibration(ctx, graph, samples), ctx, report,
-                                          alloc.legal)
+        custom = CRITERIA[criterion].rewrite
+        if custom is not None:
+            graph, removed = custom(graph, dg, groups, removed, ctx, report, samples,
+                                    alloc.legal)
         else:
             rewrite(graph, dg, removed)
 
@@ -244,7 +207,7 @@ class Prune(Pass):
                 per_group.append({"group": g.label, "channels": int(len(g.classes)),
                                   "removed": n})
         graph.refresh()            # shapes are stale after the rewrite: MACs need them
-        if ctx.option("prune_ort_layout", False):
+        if cfg.prune_ort_layout:
             from .layout import channel_pads_as_convs
 
             n_pads = channel_pads_as_convs(graph)
@@ -299,3 +262,6 @@ def match_curves(curves: dict, groups) -> dict:
         raise DataError("--prune-sensitivity: no group of this model appears in the file "
                         "(was it measured on another model or pass list?)")
     return out
+
+
+from . import sensitivity  # noqa: E402,F401  (registers onnxc sensitivity)

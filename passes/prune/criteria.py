@@ -12,9 +12,16 @@ average over every source slot of a class:
 - ``apoz``: 1 − average percentage of zeros after ReLU on calibration data (Hu et al.).
 
 ``thinet`` chooses channels by reconstruction error instead (see ``thinet.py``).
+
+A new criterion is one function decorated with ``@register_criterion(name)``; prune
+offers every registered name as ``--prune-criterion`` (and ``onnxc sensitivity
+--criterion`` those that only score).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -134,15 +141,84 @@ def apoz_scores(dg, graph, dataset) -> np.ndarray:
     return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
+# ----------------------------------------------------------------------------------------
+# The registry
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """``score(dg, graph, ctx, samples)`` gives one score per class (higher = keep).
+    ``rewrite``, when set, replaces the plain slicing rewrite: it picks the channels
+    itself within the allocated counts (see thinet)."""
+
+    name: str
+    score: Callable
+    needs_data: bool = False       # reads calibration activations (random fallback warns)
+    rewrite: Callable | None = None
+
+
+CRITERIA: dict[str, Criterion] = {}
+
+
+def register_criterion(name: str, needs_data: bool = False, rewrite: Callable | None = None):
+    """Decorator: ``score(dg, graph, ctx, samples)`` becomes ``--prune-criterion NAME``."""
+    def decorate(score):
+        if name in CRITERIA:
+            raise RuntimeError(f"pruning criterion registered twice: {name!r}")
+        CRITERIA[name] = Criterion(name, score, needs_data, rewrite)
+        return score
+    return decorate
+
+
+def calibration(ctx, graph, samples: int):
+    """Up to ``samples`` calibration samples (random inputs, with a warning, without)."""
+    if ctx.calibration is not None:
+        return ctx.calibration.take(min(samples, len(ctx.calibration)))
+    return ctx.calibration_data(graph, samples)
+
+
 def scores(criterion: str, dg, graph, ctx, samples: int) -> np.ndarray:
-    rng = ctx.rng(3)
-    if criterion in ("l1", "l2", "fpgm"):
-        return filter_scores(dg, criterion, rng)
-    if criterion == "bn_gamma":
-        return bn_gamma_scores(dg, rng)
-    if criterion == "apoz":
-        return apoz_scores(dg, graph, ctx.calibration_data(graph, samples))
-    if criterion == "thinet":
-        # Allocation ranks by l2; thinet then picks the channels within each subgroup.
-        return filter_scores(dg, "l2", rng)
-    raise UsageError(f"unknown --prune-criterion '{criterion}'")
+    if criterion not in CRITERIA:
+        raise UsageError(f"unknown --prune-criterion '{criterion}'")
+    return CRITERIA[criterion].score(dg, graph, ctx, samples)
+
+
+@register_criterion("l1")
+def _l1(dg, graph, ctx, samples):
+    return filter_scores(dg, "l1", ctx.rng(3))
+
+
+@register_criterion("l2")
+def _l2(dg, graph, ctx, samples):
+    return filter_scores(dg, "l2", ctx.rng(3))
+
+
+@register_criterion("fpgm")
+def _fpgm_scores(dg, graph, ctx, samples):
+    return filter_scores(dg, "fpgm", ctx.rng(3))
+
+
+@register_criterion("bn_gamma")
+def _bn_gamma(dg, graph, ctx, samples):
+    return bn_gamma_scores(dg, ctx.rng(3))
+
+
+@register_criterion("apoz", needs_data=True)
+def _apoz(dg, graph, ctx, samples):
+    return apoz_scores(dg, graph, ctx.calibration_data(graph, samples))
+
+
+def _thinet_rewrite(graph, dg, groups, removed, ctx, report, samples, legal):
+    """ThiNet picks, within each subgroup's allocated count, the channels whose removal
+    its consumers reconstruct best, and refits them (``thinet.py``)."""
+    from .thinet import thinet_prune
+
+    counts = {id(sg): int(removed[sg].sum()) for g in groups for sg in g.subgroups}
+    return thinet_prune(graph, dg, groups, counts, calibration(ctx, graph, samples), ctx,
+                        report, legal)
+
+
+@register_criterion("thinet", needs_data=True, rewrite=_thinet_rewrite)
+def _thinet_allocation(dg, graph, ctx, samples):
+    # Allocation ranks by l2; thinet then picks the channels within each subgroup.
+    return filter_scores(dg, "l2", ctx.rng(3))

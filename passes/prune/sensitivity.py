@@ -28,8 +28,12 @@ def configure(sub) -> None:
                         "prune; default fold_bn)")
     p.add_argument("--ratios", default="0.25,0.5,0.75",
                    help="comma-separated pruning ratios in (0, 1)")
-    p.add_argument("--criterion", default="l1", choices=("l1", "l2", "fpgm", "bn_gamma",
-                                                         "apoz"))
+    from .criteria import CRITERIA
+
+    # Criteria that only score channels; one that rewrites itself (thinet) has no
+    # zeroing to simulate here.
+    p.add_argument("--criterion", default="l1",
+                   choices=[name for name, c in CRITERIA.items() if c.rewrite is None])
     p.add_argument("--residual", action="store_true",
                    help="also measure residual groups (see --prune-residual)")
     p.add_argument("--samples", type=int, default=128, help="samples to evaluate on")
@@ -37,9 +41,9 @@ def configure(sub) -> None:
     p.add_argument("--json", default=None, help="write curves for --prune-sensitivity")
     p.add_argument("--input-shape", action="append", metavar="NAME:D1,D2,...")
     p.add_argument("--seed", type=int, default=0)
-    from onnxc.cli import _add_data_args
+    from onnxc.commands import add_data_args
 
-    _add_data_args(p)
+    add_data_args(p)
 
 
 def parse_ratios(text: str) -> list:
@@ -169,10 +173,11 @@ def plot(rows, ratios, path) -> None:
         plt.close(fig)
 
 
+@register_command("sensitivity", configure)
 def handler(args) -> int:
     from onnxc import frontend
     from onnxc.calibrate.readers import random_dataset
-    from onnxc.cli import data_loaders
+    from onnxc.commands import data_loaders
     from onnxc.pipeline import Context, PassManager, resolve_passes
 
     from . import name_nodes, prunable_groups
@@ -191,8 +196,8 @@ def handler(args) -> int:
     ds = ds.take(min(args.samples, len(ds))) if ds is not None \
         else random_dataset(graph, args.samples, seed=args.seed)
     log = (lambda m: print(m, file=sys.stderr))
-    ctx = Context({}, seed=args.seed, calibration=ds, log=log)
-    graph, _ = PassManager(resolve_passes(passes), verify=False).run(graph, ctx)
+    ctx = Context(seed=args.seed, calibration=ds, log=log)
+    graph = PassManager(resolve_passes(passes), verify=False).run(graph, ctx).graph
     name_nodes(graph)
     dg = DependencyGraph(graph)
     groups = prunable_groups(dg, [], None, residual=args.residual)
@@ -213,5 +218,3 @@ def handler(args) -> int:
         print(f"curves written to {args.json}")
     return 0
 
-
-register_command("sensitivity", configure, handler)

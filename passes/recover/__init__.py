@@ -20,20 +20,11 @@ import os
 import numpy as np
 
 from onnxc.errors import DataError, UsageError
-from onnxc.pipeline import Option, Pass, register_pass
+from onnxc.options import non_negative, positive, positive_int
+from onnxc.pipeline import CalibrationData, Option, Pass, register_pass
 
-# torch is imported only when the pass runs (in run/_config/_hints), so listing passes
+# torch is imported only when the pass runs (in run/_distill_config/_hints), so listing passes
 # or running other passes never pays torch's import time.
-
-
-def _positive(kind):
-    def parse(text):
-        value = kind(text)
-        if value <= 0:
-            raise ValueError(f"must be positive, got {text}")
-        return value
-    parse.__name__ = kind.__name__     # argparse names the type in its error message
-    return parse
 
 
 def structure(graph) -> list:
@@ -53,7 +44,11 @@ class Recover(Pass):
     summary = "distil the compressed model from the original (KD + hints, QAT for QDQ)"
     order = 70
     exact = False
-    needs_data = True
+    requires = (CalibrationData(
+        when=lambda config: config.recover_data is None, fallback=None,
+        message="recover needs training images: give --recover-data FILE or "
+                "--calib-data FILE (it never trains on random inputs)"),)
+    # --recover-data / --recover-teacher also take a Dataset / Graph from the Python API.
     options = (
         Option("--recover-data", str, None,
                "npz/npy training images for recovery (default: --calib-data); labels "
@@ -61,58 +56,52 @@ class Recover(Pass):
         Option("--recover-teacher", str, None,
                "teacher .onnx when the input is already compressed (default: the "
                "pipeline's input model)"),
-        Option("--recover-epochs", _positive(float), 8.0, "passes over the recovery data"),
-        Option("--recover-minutes", _positive(float), None,
+        Option("--recover-epochs", positive, 8.0, "passes over the recovery data"),
+        Option("--recover-minutes", positive, None,
                "wall-clock cap; the LR schedule is fitted to it (then not bit-reproducible)"),
-        Option("--recover-lr", _positive(float), None,
+        Option("--recover-lr", positive, None,
                "peak learning rate, cosine decay (default: 0.01 sgd, 0.001 adam)"),
         Option("--recover-optimizer", str, "sgd", "sgd (Nesterov momentum) or adam",
                choices=("sgd", "adam")),
-        Option("--recover-batch", _positive(int), 32,
+        Option("--recover-batch", positive_int, 32,
                "batch size (32 beat 64 per epoch: more updates from little data)"),
-        Option("--recover-temperature", _positive(float), 4.0, "distillation temperature"),
+        Option("--recover-temperature", positive, 4.0, "distillation temperature"),
         Option("--recover-hints", str, "auto",
                "feature hints: auto (last shared activation per resolution), all (every "
                "shared block output), none, or comma-separated tensor names"),
-        Option("--recover-hint-weight", float, 1.0, "weight of the feature-hint loss"),
-        Option("--recover-label-weight", float, 0.0,
+        Option("--recover-hint-weight", non_negative, 1.0, "weight of the feature-hint loss"),
+        Option("--recover-label-weight", non_negative, 0.0,
                "weight of cross-entropy on the data's labels (0: pure distillation)"),
         Option("--recover-augment", str, "flip,crop",
                "image augmentation: comma-separated flip,crop,mixup, or none"),
         Option("--recover-scales", str, "learn",
                "per-channel α of ternary/binary weights: learn (TTQ-style) or fixed",
                choices=("learn", "fixed")),
-        Option("--recover-threads", _positive(int), 2, "torch threads for training"),
+        Option("--recover-threads", positive_int, 2, "torch threads for training"),
     )
 
     # -- options and data ----------------------------------------------------------------
     def validate(self, ctx) -> None:
-        path = ctx.option("recover_data")
-        if isinstance(path, str):
-            if not os.path.exists(path):
-                raise DataError(f"--recover-data file not found: {path}")
-        elif path is None and ctx.calibration is None:
-            raise UsageError("recover needs training images: give --recover-data FILE or "
-                             "--calib-data FILE (it never trains on random inputs)")
-        aug = ctx.option("recover_augment", "flip,crop")
+        path = self.config.recover_data
+        if isinstance(path, str) and not os.path.exists(path):
+            raise DataError(f"--recover-data file not found: {path}")
+        aug = self.config.recover_augment
         kinds = {a.strip() for a in str(aug).split(",") if a.strip()} - {"none"}
         if kinds - {"flip", "crop", "mixup"}:
             raise UsageError(f"--recover-augment '{aug}': use flip, crop, mixup or none")
-        for dest in ("recover_hint_weight", "recover_label_weight"):
-            if float(ctx.option(dest, 0.0)) < 0:
-                raise UsageError(f"--{dest.replace('_', '-')} must not be negative")
         teacher = self._teacher(ctx)
         if teacher is not None:
             self._dataset(ctx, teacher)          # bad files fail before any pass runs
 
     def _teacher(self, ctx):
         """The teacher graph: --recover-teacher if given, else the pipeline's input."""
-        spec = ctx.option("recover_teacher")
+        spec = self.config.recover_teacher
         if spec is None:
             return ctx.original
-        cached = getattr(self, "_teacher_cache", None)
-        if cached is not None and cached[0] is spec:
-            return cached[1]
+        return ctx.memo(("recover_teacher", id(spec)), lambda: self._load_teacher(spec, ctx))
+
+    @staticmethod
+    def _load_teacher(spec, ctx):
         from onnxc import frontend
         from onnxc.ir import Graph
 
@@ -128,13 +117,12 @@ class Recover(Pass):
             if want != have:
                 raise UsageError(f"--recover-teacher inputs {have} do not match the "
                                  f"model's inputs {want}")
-        self._teacher_cache = (spec, graph)
         return graph
 
     def _dataset(self, ctx, graph):
         from onnxc.calibrate.readers import Dataset, Preprocess, check_against_graph, load_npz
 
-        data = ctx.option("recover_data")
+        data = self.config.recover_data
         if isinstance(data, Dataset):          # Python API: a ready Dataset
             check_against_graph(data, graph)
             return data
@@ -144,36 +132,28 @@ class Recover(Pass):
                                  "or --calib-data FILE")
             check_against_graph(ctx.calibration, graph)
             return ctx.calibration
-        cached = getattr(self, "_data_cache", None)
-        if cached is not None and cached[0] == data:
-            return cached[1]
-        pre = Preprocess.from_strings(ctx.option("scale"), ctx.option("mean"),
-                                      ctx.option("std"), ctx.option("layout", "NCHW"))
-        ds = load_npz(data, graph, pre)
-        self._data_cache = (data, ds)
-        return ds
+        pre = ctx.preprocess or Preprocess()
+        return ctx.memo(("recover_data", data), lambda: load_npz(data, graph, pre))
 
-    def _config(self, ctx):
+    def _distill_config(self, ctx):
         from .distill import DistillConfig
 
-        aug = str(ctx.option("recover_augment", "flip,crop"))
+        cfg = self.config
+        lr = cfg.recover_lr
+        if lr is None:
+            lr = 0.001 if cfg.recover_optimizer == "adam" else 0.01
         return DistillConfig(
-            epochs=float(ctx.option("recover_epochs", 8.0)),
-            minutes=ctx.option("recover_minutes"),
-            optimizer=str(ctx.option("recover_optimizer", "sgd")),
-            lr=float(ctx.option("recover_lr",
-                                0.001 if ctx.option("recover_optimizer") == "adam" else 0.01)),
-            batch_size=int(ctx.option("recover_batch", 32)),
-            temperature=float(ctx.option("recover_temperature", 4.0)),
-            hint_weight=float(ctx.option("recover_hint_weight", 1.0)),
-            label_weight=float(ctx.option("recover_label_weight", 0.0)),
-            augment=tuple(a.strip() for a in aug.split(",") if a.strip() not in ("", "none")),
-            threads=int(ctx.option("recover_threads", 2)),
-            seed=int(ctx.seed))
+            epochs=cfg.recover_epochs, minutes=cfg.recover_minutes,
+            optimizer=cfg.recover_optimizer, lr=lr, batch_size=cfg.recover_batch,
+            temperature=cfg.recover_temperature, hint_weight=cfg.recover_hint_weight,
+            label_weight=cfg.recover_label_weight,
+            augment=tuple(a.strip() for a in cfg.recover_augment.split(",")
+                          if a.strip() not in ("", "none")),
+            threads=cfg.recover_threads, seed=int(ctx.seed))
 
     def _hints(self, ctx, student_graph, teacher_graph) -> list:
-        spec = str(ctx.option("recover_hints", "auto")).strip()
-        if spec == "none" or float(ctx.option("recover_hint_weight", 1.0)) == 0:
+        spec = self.config.recover_hints.strip()
+        if spec == "none" or self.config.recover_hint_weight == 0:
             return []
         if spec in ("auto", "all"):
             from .distill import auto_hints
@@ -202,12 +182,11 @@ class Recover(Pass):
             teacher_graph = graph.copy()
             report.note("no original model in the context: the input graph is the teacher")
         data = self._dataset(ctx, graph)
-        cfg = self._config(ctx)
+        cfg = self._distill_config(ctx)
         before = structure(graph)
 
         # raises UnsupportedError naming any bad op
-        student = TorchGraph(graph, learn_lowbit_scales=ctx.option("recover_scales",
-                                                                   "learn") == "learn",
+        student = TorchGraph(graph, learn_lowbit_scales=self.config.recover_scales == "learn",
                              float_weights=_float_weights(teacher_graph))
         if not len(student.params):
             report.note("nothing trainable in the graph; left unchanged")
@@ -218,7 +197,7 @@ class Recover(Pass):
         quant_kinds: dict = {}
         for qw in student.quant.values():
             quant_kinds[qw.kind] = quant_kinds.get(qw.kind, 0) + 1
-        source = "calibration data" if ctx.option("recover_data") is None else data.source
+        source = "calibration data" if self.config.recover_data is None else data.source
         ctx.log(f"  recover: {len(data)} samples from {source}, "
                 f"{sum(p.numel() for p in student.params):,} trainable values"
                 + (f" ({', '.join(f'{v} {k}' for k, v in quant_kinds.items())} quantized "
