@@ -195,3 +195,35 @@ def test_tune_minutes_bounds_tuning_and_reports_each_task(tmp_path):
     # heaviest task first; one round may run past its share, not the whole budget
     assert stats.per_task[0]["weight"] >= 1
     assert time.perf_counter() - started < 0.75 * 60 + 240
+
+
+def test_database_with_a_record_tvm_cannot_load_is_repaired_not_fatal(tmp_path):
+    """A record whose trace does not replay on its own workload (another TVM version,
+    a damaged line) makes MetaSchedule's JSON database fail to load as a whole."""
+    import tvm.s_tir.meta_schedule as ms
+    from tvm import tirx
+
+    from onnxc.backends.tvm import compile_model
+
+    db = tmp_path / "db"
+    seed_record_that_does_not_transfer(db)
+    anchor = db / "anchor-block"
+    workloads = (anchor / "database_workload.json").read_text().splitlines()
+    records = (anchor / "database_tuning_record.json").read_text().splitlines()
+    # The conv record's trace filed again under an empty kernel it cannot replay on.
+    empty = ms.database.Workload(tuning_normalize(tirx.PrimFunc([], tirx.Evaluate(0))))
+    (anchor / "database_workload.json").write_text(
+        "\n".join(workloads + [json.dumps(empty.as_json())]) + "\n")
+    (anchor / "database_tuning_record.json").write_text(
+        "\n".join(records + [json.dumps([len(workloads), json.loads(records[0])[1]])]) + "\n")
+    with pytest.raises(Exception):
+        ms.database.JSONDatabase(work_dir=str(anchor), module_equality="anchor-block")
+
+    result = compile_model(two_conv_model(), "x86", str(tmp_path / "art"),
+                           {"tune_db_only": True, "tune_db": str(db),
+                            "tune_equality": "anchor-block"})
+    assert result.tuning.cached == 1                  # the good record survived
+    assert list(anchor.glob("database_tuning_record.json.unreadable-*"))
+    repaired = ms.database.JSONDatabase(work_dir=str(anchor), module_equality="anchor-block")
+    assert len(repaired.get_all_tuning_records()) == 1
+    assert result.verification["max_rel"] < 1e-4

@@ -407,7 +407,7 @@ def tune(mod, target, spec, trials: int, options: dict, log):
         os.makedirs(db_dir, exist_ok=True)
     tasks = ms.relax_integration.extract_tasks(mod, target, module_equality=equality)
     kernels = sum(int(t.weight) for t in tasks)
-    db = ms.database.JSONDatabase(work_dir=db_dir, module_equality=equality)
+    db = open_database(db_dir, equality, log)
     missing = [t for t in tasks if not _has_record(db, t, target)]
     cached = len(tasks) - len(missing)
     refine = bool(options.get("tune_refine")) and cached > 0
@@ -466,6 +466,62 @@ def tune(mod, target, spec, trials: int, options: dict, log):
            else "")
         + (f"; {len(untuned)} kernel(s) built untuned" if untuned else ""))
     return mod, stats
+
+
+def open_database(db_dir: str, equality: str, log):
+    """MetaSchedule's JSON database in ``db_dir``, repaired if TVM cannot load it.
+
+    Loading replays every record's trace on its workload, and one record that does not
+    replay (written by another TVM version, or a damaged line) makes the whole load
+    fail. Then the records are read one by one, the files are kept beside as
+    ``*.unreadable-<time>`` and a database of the loadable records takes their place,
+    so a shared database costs at worst its bad records, never the build.
+    """
+    import json
+
+    import tvm.s_tir.meta_schedule as ms
+
+    try:
+        return ms.database.JSONDatabase(work_dir=db_dir, module_equality=equality)
+    except Exception as exc:     # noqa: BLE001 - TVM raises RuntimeError/ValueError alike
+        reason = T._first_line(exc)[:160]
+    paths = [os.path.join(db_dir, f"database_{kind}.json")
+             for kind in ("workload", "tuning_record")]
+    workloads, records, bad = [], [], 0
+    try:
+        with open(paths[0]) as f:
+            for line in f:
+                if line.strip():
+                    try:
+                        workloads.append(ms.database.Workload.from_json(json.loads(line)))
+                    except Exception:      # noqa: BLE001 - an unreadable workload
+                        workloads.append(None)
+        with open(paths[1]) as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                try:
+                    index, record = json.loads(line)
+                    records.append(ms.database.TuningRecord.from_json(
+                        record, workloads[index]))
+                except Exception:          # noqa: BLE001 - the record does not load
+                    bad += 1
+    except OSError as exc:
+        raise BackendError(f"the tuning database {db_dir} cannot be read "
+                           f"({exc.strerror}); give another --tune-db") from None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for path in paths:
+        if os.path.exists(path):
+            os.replace(path, f"{path}.unreadable-{stamp}")
+    db = ms.database.JSONDatabase(work_dir=db_dir, module_equality=equality)
+    for rec in records:
+        workload = db.commit_workload(rec.workload.mod)
+        db.commit_tuning_record(ms.database.TuningRecord(
+            rec.trace, workload, rec.run_secs, rec.target, rec.args_info))
+    log(f"  tune: TVM could not load the tuning database {db_dir} ({reason}); kept "
+        f"{len(records)} records, dropped {bad} that do not load (the old files are "
+        f"*.unreadable-{stamp})")
+    return db
 
 
 def prepare_module(mod, target, prepack: bool):
