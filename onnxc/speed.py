@@ -21,7 +21,7 @@ from .errors import OnnxcError, UsageError, VerificationError
 
 # Time for the timed rounds of all three runners together (warm-up not counted);
 # at least MIN_ROUNDS rounds however slow the artifact is (untuned TVM: ~0.1 s/run).
-BUDGET_SECONDS = 6.0
+BUDGET_SECONDS = 3.0
 MIN_ROUNDS, MAX_ROUNDS, WARMUP = 3, 30, 2
 
 
