@@ -121,6 +121,7 @@ def test_record_that_does_not_transfer_is_skipped_and_its_kernel_built_untuned(t
     assert result.verification["max_rel"] < 1e-4    # and the library is still right
 
 
+@pytest.mark.slow   # the fallback's set-up (TVM's intrinsics, design spaces) before the budget
 def test_cli_build_against_a_database_with_a_record_that_does_not_transfer(two_path,
                                                                          tmp_path):
     db = tmp_path / "db"
@@ -136,6 +137,26 @@ def test_cli_build_against_a_database_with_a_record_that_does_not_transfer(two_p
     assert runtime["tuned"] == "partly tuned"
     readme = (tmp_path / "a" / "README.md").read_text()
     assert "**partly tuned**" in readme and "default schedule" in readme
+
+
+def test_partly_tuned_library_says_which_kernels_run_default_schedules(tmp_path):
+    from onnxc.backends.tvm import compile_model, tuned_state
+    from onnxc.compress import deployer_readme
+
+    db = tmp_path / "db"
+    _, sibling = seed_record_that_does_not_transfer(db)
+    result = compile_model(two_conv_model(), "x86", str(tmp_path / "art"),
+                           {"tune_db_only": True, "tune_db": str(db),
+                            "tune_equality": "anchor-block"})
+    assert tuned_state(result.tuning) == "partly tuned"
+    stats = dict(result.tuning.as_dict(), measured_on="")
+    report = {"target": "x86", "passes": [], "schema_version": 1,
+              "original": {"params": 1, "macs": 1, "bytes": 1},
+              "final": {"params": 1, "macs": 1, "bytes": 1}, "compression_ratio": 1.0,
+              "error": {"max_rel": 0.0, "samples": 1}, "verification": {"data": "synthetic"},
+              "runtime": {"name": "tvm", "tuned": "partly tuned", "tuning": stats}}
+    readme = deployer_readme(report)
+    assert "**partly tuned**" in readme and "1 kernel(s) run TVM's default schedule" in readme
 
 
 def test_untuned_x86_artifact_says_so_in_readme_and_report(tiny_path, tmp_path):

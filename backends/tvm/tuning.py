@@ -346,6 +346,7 @@ def _tune_contexts(tasks, db_dir: str, seed: int):
 
 FALLBACK_DIR = "fallback"     # <tune-db>/fallback: kernels a shared record did not fit
 UNLIMITED_TRIALS = 1_000_000   # --tune-minutes alone: time, not trials, ends tuning
+MIN_SHARE_SECONDS = 10         # a task's --tune-minutes share worth a round (build + run)
 
 
 def tune(mod, target, spec, trials: int, options: dict, log):
@@ -358,9 +359,11 @@ def tune(mod, target, spec, trials: int, options: dict, log):
     ``tune_db_only`` applies what the database holds without tuning missing tasks (the
     benchmark measures from a database filled by an earlier, low-priority run).
 
-    ``tune_minutes`` is a wall-clock budget: tasks are tuned one after the other, the
-    heaviest first, each given the remaining time in proportion to its weight
-    (occurrences × FLOPs); a task's round that ends past its share ends that task.
+    ``tune_minutes`` is a wall-clock budget for the tuning rounds (the clock starts
+    after the set-up): tasks are tuned one after the other, the heaviest first, each
+    given the remaining time in proportion to its weight (occurrences × FLOPs); a
+    task's round that ends past its share ends that task, and a task whose share is
+    below ``MIN_SHARE_SECONDS`` is left untuned (its time goes to the others).
 
     A record is applied kernel by kernel. One that does not replay on a kernel (an
     anchor-block record tuned on a kernel with another fused epilogue, seen as
@@ -388,7 +391,6 @@ def tune(mod, target, spec, trials: int, options: dict, log):
     prepack = options.get("cpu_weight_prepack")
     prepack = spec.device == "cpu" if prepack is None else bool(prepack)
     minutes = float(options.get("tune_minutes") or 0) or None
-    deadline = started + 60 * minutes if minutes else None
     if trials <= 0 and minutes:
         trials = UNLIMITED_TRIALS
 
@@ -417,7 +419,7 @@ def tune(mod, target, spec, trials: int, options: dict, log):
                     max(1, math.ceil(trials / max(1, len(todo))))))
     budget = min(trials, per_task * len(todo))
     runners = _Runners(spec, options)
-    session = _Session(log, trials, per_task, deadline, minutes, options, runners)
+    session = _Session(log, trials, per_task, minutes, options, runners)
     try:
         limit = (f"up to {budget} trials" if budget < UNLIMITED_TRIALS else "no trial cap") \
             + (f" in {minutes:g} min" if minutes else "")
@@ -425,7 +427,7 @@ def tune(mod, target, spec, trials: int, options: dict, log):
             f"in {db_dir} (this or other models), "
             + (f"{len(missing)} left untuned (database only)" if db_only else
                f"{len(todo)} to tune with {limit}"
-               + (f" ({runners.name()})" if todo else "")
+               + (f" ({runners.label()})" if todo else "")
                + (", refining the cached ones" if refine else "")))
         if todo and not db_only:
             session.tune(todo, db, db_dir)
@@ -638,6 +640,11 @@ class _Runners:
             self.runner, self.runner_name = _runner(self.spec, self.options)
         return self.runner
 
+    def label(self) -> str:
+        """Where candidates will be measured (before the runner exists)."""
+        tracker = self.options.get("rpc_tracker")
+        return f"rpc {tracker} key {self.options.get('rpc_key')}" if tracker else "local"
+
     def name(self) -> str:
         if self.runner_name:
             return self.runner_name
@@ -653,9 +660,12 @@ class _Runners:
 class _Session:
     """One build's tuning: trial and time budget shared by every ``tune`` call in it."""
 
-    def __init__(self, log, trials, per_task, deadline, minutes, options, runners):
+    def __init__(self, log, trials, per_task, minutes, options, runners):
         self.log, self.trials, self.per_task = log, trials, per_task
-        self.deadline, self.minutes, self.options = deadline, minutes, options
+        self.minutes, self.options = minutes, options
+        # The --tune-minutes clock starts with the first tuning round, after the set-up
+        # (TVM's intrinsics import, design spaces: seconds idle, a minute under load).
+        self.deadline = None
         self.runners = runners
         self.measured = 0
         self.stopped_by = ""
@@ -691,8 +701,11 @@ class _Session:
         ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
         starts = _round_starts(len(contexts), self.log)
         ms_logger.addHandler(starts)
+        if self.minutes and self.deadline is None:
+            self.deadline = time.perf_counter() + 60 * self.minutes
+            self.log(f"  tune: the {self.minutes:g}-minute budget starts now")
         try:
-            if self.deadline is None:
+            if not self.minutes:
                 self._tune_together(contexts, weights, db, work_dir, runner)
             else:
                 self._tune_in_time(tasks, contexts, weights, db, work_dir, runner)
@@ -738,11 +751,19 @@ class _Session:
                 self.log(f"  tune: budget spent: {len(order) - k} task(s) not tuned")
                 return
             share_s = left_s * shares[i] / max(sum(shares[j] for j in order[k:]), 1e-9)
+            name = contexts[i].task_name
+            if share_s < MIN_SHARE_SECONDS:
+                # Less than one round's time: its share goes to the tasks after it.
+                self.log(f"  tune: task {k + 1}/{len(order)} {name[:40]} not tuned: its "
+                         f"share ({share_s:.1f} s) is below {MIN_SHARE_SECONDS} s")
+                self.rows.append({"task": name, "weight": float(weights[i]), "trials": 0,
+                                  "best_ms": None, "seconds": 0.0,
+                                  "share_seconds": round(share_s, 1)})
+                continue
             per_task = min(self.per_task, left_trials)
             # Rounds small enough for at least two in a task's share (a trial costs
             # about a second here: build + measure), large enough for the search.
             per_iter = int(min(64, per_task, max(8, share_s / 2)))
-            name = contexts[i].task_name
             self.log(f"  tune: task {k + 1}/{len(order)} {name[:40]}: {share_s:.0f} s of "
                      f"the {left_s / 60:.1f} min left (weight {shares[i] / 1e6:.1f} MFLOP)")
             progress = _progress_callback(len(contexts), min(per_task, left_trials),
@@ -763,7 +784,9 @@ class _Session:
             row["seconds"] = round(time.perf_counter() - now, 1)
             row["share_seconds"] = round(share_s, 1)
             self.rows.append(row)
-        self.stopped_by = "minutes" if time.perf_counter() >= self.deadline else "search"
+        skipped = any(row["trials"] == 0 for row in self.rows)
+        self.stopped_by = "minutes" if skipped or time.perf_counter() >= self.deadline \
+            else "search"
 
     @staticmethod
     def _callbacks(progress):
