@@ -347,6 +347,7 @@ def _tune_contexts(tasks, db_dir: str, seed: int):
 FALLBACK_DIR = "fallback"     # <tune-db>/fallback: kernels a shared record did not fit
 UNLIMITED_TRIALS = 1_000_000   # --tune-minutes alone: time, not trials, ends tuning
 MIN_SHARE_SECONDS = 10         # a task's --tune-minutes share worth a round (build + run)
+MIN_ROUND = 4                  # fewest candidates per round under --tune-minutes
 
 
 def tune(mod, target, spec, trials: int, options: dict, log):
@@ -666,6 +667,7 @@ class _Session:
         # The --tune-minutes clock starts with the first tuning round, after the set-up
         # (TVM's intrinsics import, design spaces: seconds idle, a minute under load).
         self.deadline = None
+        self.per_trial_s = 2.0      # until a round of this build has been timed
         self.runners = runners
         self.measured = 0
         self.stopped_by = ""
@@ -761,9 +763,11 @@ class _Session:
                                   "share_seconds": round(share_s, 1)})
                 continue
             per_task = min(self.per_task, left_trials)
-            # Rounds small enough for at least two in a task's share (a trial costs
-            # about a second here: build + measure), large enough for the search.
-            per_iter = int(min(64, per_task, max(8, share_s / 2)))
+            # Rounds small enough for at least two in a task's share, at the seconds
+            # per trial (build + measure) seen so far in this build: about 1 s on the
+            # idle 2-core machine, ten times that under load. A round in flight always
+            # finishes, so a share can be overrun by one round.
+            per_iter = int(min(64, per_task, max(MIN_ROUND, share_s / 2 / self.per_trial_s)))
             self.log(f"  tune: task {k + 1}/{len(order)} {name[:40]}: {share_s:.0f} s of "
                      f"the {left_s / 60:.1f} min left (weight {shares[i] / 1e6:.1f} MFLOP)")
             progress = _progress_callback(len(contexts), min(per_task, left_trials),
@@ -780,6 +784,8 @@ class _Session:
                 if not progress.time_up:   # (arrives re-wrapped by the FFI)
                     raise
             self.measured += progress.done
+            if progress.done:
+                self.per_trial_s = (time.perf_counter() - now) / progress.done
             row = progress.rows([contexts[i]], [weights[i]])[0]
             row["seconds"] = round(time.perf_counter() - now, 1)
             row["share_seconds"] = round(share_s, 1)
