@@ -4,7 +4,8 @@ A backend is one file (or package) here with a ``Backend`` subclass decorated by
 ``@register_backend``, like a pass; it is imported in :func:`_import_all`. It declares
 ``options`` (read from ``self.config``) and ``requires`` (checked before any pass
 runs). ``build`` writes into a temporary directory that the artifact writer renames
-into place only on success.
+into place only on success; ``artifact_marker`` and ``load_artifact`` say how
+``onnxc run`` finds and opens what it wrote (:mod:`onnxc.backends.artifact`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,13 @@ class Backend:
     name: str = ""
     summary: str = ""
     options: tuple = ()
+    # Compilers (TVM, VTA) need every dim but the batch fixed (--input-shape); a
+    # runtime target keeps the input model's symbolic dims in its artifact.
+    static_shapes: bool = True
     requires: tuple = ()
+    # A file (relative to the artifact directory) only this backend's artifacts hold;
+    # None: its artifacts are plain ``model.onnx`` ones (see backends/artifact.py).
+    artifact_marker: str | None = None
 
     def __init__(self, config: Config | Mapping | None = None):
         if not isinstance(config, Config):
@@ -30,6 +37,11 @@ class Backend:
     @classmethod
     def configure(cls, values: Mapping | None = None) -> Config:
         return configure(f"target '{cls.name}'", cls.options, values)
+
+    @classmethod
+    def load_artifact(cls, path: str):
+        """Open an artifact directory this backend wrote (``onnxc run`` / ``bench``)."""
+        raise NotImplementedError
 
     def validate(self, ctx) -> None:
         """Check option combinations / toolchain before any pass runs."""

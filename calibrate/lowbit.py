@@ -102,8 +102,20 @@ class LowBitPass(Pass):
         raise NotImplementedError
 
     def run(self, graph, ctx, report):
-        qdq.name_nodes(graph)
+        qdq.require_qdq_opset(graph, self.name)
+        if not qdq.per_channel_ok(graph):
+            report.note(f"opset {graph.opset}: per-channel α applied by a Mul after a "
+                        f"per-tensor DequantizeLinear (no axis before opset 13)")
+        graph.name_nodes()
+        qdq.report_vendor_nodes(graph, report, self.name)
+        prequantized = qdq.report_prequantized(graph, report)
         weighted = qdq.weighted_layers(graph)
+        if not weighted and prequantized:
+            from onnxc.errors import UnsupportedError
+
+            raise UnsupportedError(f"{self.name}: every weighted layer is already quantized "
+                                   f"({prequantized} integer or DequantizeLinear-weight "
+                                   f"layer(s)); re-quantizing would round twice")
         keep = qdq.resolve_keep(self.config.keep_float, weighted, "first,last")
         candidates = [n.name for n in weighted if n.name not in keep]
         fallback = []

@@ -35,7 +35,7 @@ def relative_error(ref: np.ndarray, out: np.ndarray) -> float:
 
 def sensitivity(graph, layers: list, build_only, dataset) -> dict:
     """{layer: relative output error with only that layer quantized}."""
-    from onnxc.verify import Runner
+    from onnxc.execution import Runner
 
     sample = dataset.take(min(len(dataset), SENS_SAMPLES))
     ref = Runner(graph).run(sample.inputs)[0]

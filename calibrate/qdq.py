@@ -99,7 +99,22 @@ def weight_dq(graph, base: str, codes: np.ndarray, scale: np.ndarray,
     """Float output of ``DequantizeLinear(codes, scale[, 0], axis)``, node added to the graph.
     ``zero_point=False`` leaves out the all-zero zero point (the ONNX default)."""
     out = graph.make_variable(base + "_dq", dtype=np.float32, shape=list(codes.shape))
-    attrs = {"axis": int(axis)} if axis is not None and scale.ndim == 1 else {}
+    per_channel = axis is not None and scale.ndim == 1
+    if per_channel and not per_channel_ok(graph):
+        # Below opset 13 DequantizeLinear has no axis: codes · 1.0, then · scale[axis].
+        codes_f = graph.make_variable(base + "_dq1", dtype=np.float32,
+                                      shape=list(codes.shape))
+        inputs = [_const(graph, base + "_q", codes),
+                  _const(graph, base + "_one", np.array(1.0, np.float32))]
+        if zero_point:
+            inputs.append(_const(graph, base + "_z", np.array(0, codes.dtype)))
+        graph.gs.nodes.append(gs.Node("DequantizeLinear", codes_f.name, inputs=inputs,
+                                      outputs=[codes_f]))
+        graph.gs.nodes.append(gs.Node(
+            "Mul", out.name, outputs=[out],
+            inputs=[codes_f, _const(graph, base + "_s", _expand(scale, codes.ndim, axis))]))
+        return out
+    attrs = {"axis": int(axis)} if per_channel else {}
     inputs = [_const(graph, base + "_q", codes), _const(graph, base + "_s", scale)]
     if zero_point:
         inputs.append(_const(graph, base + "_z", np.zeros(scale.shape, codes.dtype)))
@@ -110,13 +125,35 @@ def weight_dq(graph, base: str, codes: np.ndarray, scale: np.ndarray,
 
 def bias_dq(graph, base: str, bias: np.ndarray, x_scale: float,
             w_scale: np.ndarray) -> gs.Variable | None:
-    """int32 bias through DequantizeLinear with scale s_x·s_w; None if it would overflow."""
-    scale = (np.float32(x_scale) * np.broadcast_to(w_scale, bias.shape)).astype(np.float32)
-    codes = np.round(bias.astype(np.float64) / scale.astype(np.float64))
+    """int32 bias through DequantizeLinear with scale s_x·s_w (per channel, or one scalar
+    when ``w_scale`` is a scalar); None if it would overflow."""
+    scale = (np.float32(x_scale) * np.asarray(w_scale, np.float32)).astype(np.float32)
+    codes = np.round(bias.astype(np.float64) / np.broadcast_to(scale, bias.shape))
     if np.any(np.abs(codes) > 2**31 - 1):
         return None
     # No zero point: int32 zeros would cost 4 bytes per channel, ORT fuses without it.
-    return weight_dq(graph, base, codes.astype(np.int32), scale, 0, zero_point=False)
+    return weight_dq(graph, base, codes.astype(np.int32), scale,
+                     0 if scale.ndim else None, zero_point=False)
+
+
+# QuantizeLinear/DequantizeLinear exist from opset 10; their ``axis`` (per-channel scales)
+# from opset 13. The frontend upgrades older models to 13; these guard models it could not.
+QDQ_OPSET, AXIS_OPSET = 10, 13
+
+
+def per_channel_ok(graph) -> bool:
+    """True if DequantizeLinear takes per-channel scales (``axis``) in this graph's opset."""
+    return graph.opset >= AXIS_OPSET
+
+
+def require_qdq_opset(graph, pass_name: str) -> None:
+    """One-line refusal for graphs whose opset has no QuantizeLinear/DequantizeLinear."""
+    from onnxc.errors import UnsupportedError
+
+    if graph.opset < QDQ_OPSET:
+        raise UnsupportedError(f"{pass_name}: the model's opset {graph.opset} has no "
+                               f"QuantizeLinear/DequantizeLinear (opset {QDQ_OPSET}+) and "
+                               f"could not be upgraded (see the frontend notes)")
 
 
 def insert_qdq(graph, tensor: gs.Variable, scale: float, zero_point: int, dtype,
@@ -193,7 +230,22 @@ def weight_axis(graph, node) -> int | None | bool:
 def weighted_layers(graph) -> list:
     """Conv/Gemm/MatMul nodes with a constant float weight, in topological order."""
     return [n for n in graph.nodes if n.op in ("Conv", "Gemm", "MatMul")
-            and weight_axis(graph, n) is not False]
+            and is_standard(n) and weight_axis(graph, n) is not False]
+
+
+def is_standard(node) -> bool:
+    """True for ops of the default ONNX domain (the only ones the passes rewrite)."""
+    return node.domain in (None, "", "ai.onnx")
+
+
+def report_vendor_nodes(graph, report, pass_name: str) -> None:
+    """Vendor-domain nodes (ORT contrib ops such as com.microsoft FusedConv) run as they
+    are; the pass says it left them alone."""
+    for node in graph.nodes:
+        if not is_standard(node) and prequantized_reason(graph, node) is None \
+                and node.op not in QDQ_OPS:
+            report.skip(node.name, f"{node.domain} op {node.op} is not understood by "
+                                   f"{pass_name}: left in float as is")
 
 
 def resolve_keep(spec: str | None, layers: list, default: str) -> set:
@@ -220,9 +272,51 @@ def resolve_keep(spec: str | None, layers: list, default: str) -> set:
     return keep
 
 
-def name_nodes(graph) -> None:
-    """Give unnamed nodes stable unique names: plans and reports refer to nodes by name."""
+# ---- models that are already quantized ----------------------------------------------
+
+# Integer kernels (ONNX and ORT contrib): their layers are quantized already.
+INTEGER_OPS = {"ConvInteger", "MatMulInteger", "DynamicQuantizeLinear", "QGemm",
+               "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QAttention",
+               "DynamicQuantizeLSTM", "QuantizeLinear", "DequantizeLinear"}
+
+
+# Quantization plumbing in any domain (ORT writes com.microsoft Q/DQ for 16-bit types).
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+
+
+def is_integer_op(node) -> bool:
+    return node.op in INTEGER_OPS or node.op.startswith("QLinear")
+
+
+def already_quantized(graph, tensor) -> bool:
+    """True if ``tensor`` is the float view of quantized data (a DequantizeLinear output)
+    or is quantized by a reader (QuantizeLinear / DynamicQuantizeLinear): a second Q/DQ
+    on it would round twice."""
+    producer = graph.producer(tensor)
+    if producer is not None and producer.op == "DequantizeLinear":
+        return True
+    return any(r.op in ("QuantizeLinear", "DynamicQuantizeLinear") for r in tensor.outputs)
+
+
+def prequantized_reason(graph, node) -> str | None:
+    """Why ``node`` is left alone as an already-quantized layer, or None."""
+    if is_integer_op(node) and node.op not in ("QuantizeLinear", "DequantizeLinear"):
+        return f"already quantized ({node.op})"
+    if node.op in ("Conv", "ConvTranspose", "Gemm", "MatMul") and len(node.inputs) > 1:
+        w = node.inputs[1]
+        producer = graph.producer(w)
+        if producer is not None and producer.op == "DequantizeLinear" \
+                and graph.constant(producer.inputs[0]) is not None:
+            return "already quantized (weight comes through DequantizeLinear)"
+    return None
+
+
+def report_prequantized(graph, report) -> int:
+    """Report every already-quantized layer as skipped; returns how many."""
+    count = 0
     for node in graph.nodes:
-        if not node.name:
-            node.name = graph.unique_name(f"{node.op}_{node.outputs[0].name}"
-                                          if node.outputs else node.op)
+        reason = prequantized_reason(graph, node)
+        if reason:
+            report.skip(node.name, reason)
+            count += 1
+    return count

@@ -129,56 +129,48 @@ def collect(model: onnx.ModelProto, tensors: list[str], dataset, batch_size: int
     (min/max always; histograms unless ``histograms`` is False, e.g. for minmax).
     Tensors named in ``channel_means`` also get per-channel means (they are collected
     too if not in ``tensors``); int8 bias correction needs them for layer inputs."""
-    from onnxc.verify import _session
+    from onnxc.execution import Runner, capture_model
 
     if len(dataset) == 0:
         raise DataError("calibration dataset is empty")
-    work = onnx.ModelProto()
-    work.CopyFrom(model)
-    present = {o.name for o in work.graph.output}
-    for name in list(tensors) + list(channel_means):
-        if name not in present:
-            work.graph.output.append(onnx.ValueInfoProto(name=name))
-            present.add(name)
-    session = _session(work)
-    out_names = [o.name for o in session.get_outputs()]
     tensors = list(dict.fromkeys(list(tensors) + list(channel_means)))
+    runner = Runner(capture_model(model, tensors, keep_outputs=True))
     wanted, means = set(tensors), set(channel_means)
     stats = {name: TensorStats(name) for name in tensors}
-    first = session.get_inputs()[0].shape
-    # A model with a static batch dimension takes exactly that many samples per run.
-    fixed = first[0] if first and isinstance(first[0], int) and first[0] > 0 else None
-    step = fixed or batch_size
-    bar = _progress(dataset.batches(step), total=math.ceil(len(dataset) / step), desc=desc,
-                    enabled=progress)
-    inputs = {i.name for i in session.get_inputs()}
-    for feeds, _ in bar:
-        feeds = {k: v for k, v in feeds.items() if k in inputs}
-        got = len(next(iter(feeds.values())))
-        if fixed and got < fixed:       # pad the last static batch, drop the padding below
-            feeds = {k: np.concatenate([v, np.repeat(v[-1:], fixed - got, 0)])
-                     for k, v in feeds.items()}
-        try:
-            outs = session.run(None, feeds)
-        except Exception as exc:
-            raise BackendError("ONNX Runtime failed during calibration: "
-                               f"{str(exc).strip().splitlines()[0][:300]}") from exc
-        for name, value in zip(out_names, outs):
+    step = runner.fixed_batch or batch_size
+    bar = _progress(total=math.ceil(len(dataset) / step), desc=desc, enabled=progress)
+
+    def visit(start, values):
+        for name, value in values.items():
             if name in wanted:
-                if fixed and got < fixed and value.ndim and value.shape[0] == fixed:
-                    value = value[:got]
                 stats[name].update(value, histograms)
                 if name in means:
                     stats[name].update_channels(value)
+        bar.update()
+
+    try:
+        runner.stream(dataset.inputs, visit, batch_size)
+    except BackendError as exc:
+        raise BackendError(f"calibration: {exc}") from exc
+    finally:
+        bar.close()
     return stats
 
 
-def _progress(iterable, total: int, desc: str, enabled: bool):
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, desc: str, enabled: bool):
     if not enabled:
-        return iterable
+        return _NoBar()
     try:
         from tqdm import tqdm
     except ImportError:   # tqdm is a declared dependency; still never fail on a bar
-        return iterable
-    return tqdm(iterable, total=total, desc=desc, unit="batch", file=sys.stderr,
+        return _NoBar()
+    return tqdm(total=total, desc=desc, unit="batch", file=sys.stderr,
                 leave=False, disable=not sys.stderr.isatty())

@@ -17,11 +17,13 @@ import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
-from onnxc.errors import ModelError, OnnxcError, UnsupportedError, UsageError
+from onnxc.errors import ModelError, OnnxcError, UnsupportedError, UsageError, first_line
 from onnxc.ir import Graph
 
-# Domains ONNX Runtime can execute; anything else is a custom op we cannot verify.
-KNOWN_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "ai.onnx.preview.training"}
+# The standard domains; other domains are accepted where ONNX Runtime has a CPU kernel
+# for the node (``ort_runnable``), e.g. its contrib ops in com.microsoft.
+DEFAULT_DOMAINS = ("", "ai.onnx")
+STANDARD_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "ai.onnx.preview.training"}
 # QDQ with per-channel axis and the int8 kernels we target need opset 13.
 TARGET_OPSET = 13
 
@@ -47,7 +49,7 @@ def load_model(source, load_external_data: bool = True) -> onnx.ModelProto:
             onnx.external_data_helper.load_external_data_for_model(
                 model, os.path.dirname(os.path.abspath(path)))
         except (OSError, ValueError, onnx.checker.ValidationError) as exc:
-            first = str(exc).strip().splitlines()[0]
+            first = first_line(exc)
             raise ModelError(f"{path}: cannot load external data: {first}") from exc
     return _check_nonempty(model, path)
 
@@ -59,7 +61,7 @@ def _parse(data: bytes, where: str) -> onnx.ModelProto:
     try:
         model.ParseFromString(data)
     except (DecodeError, RuntimeError, ValueError) as exc:
-        raise ModelError(f"{where}: not a valid ONNX protobuf ({str(exc).splitlines()[0]})") \
+        raise ModelError(f"{where}: not a valid ONNX protobuf ({first_line(exc)})") \
             from exc
     return model
 
@@ -75,24 +77,108 @@ def _uses_external_data(model: onnx.ModelProto) -> bool:
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
 
 
+def ort_kernels() -> set:
+    """(domain, op_type) pairs ONNX Runtime's CPU execution provider has a kernel for."""
+    global _ORT_KERNELS
+    if _ORT_KERNELS is None:
+        from onnxruntime.capi import onnxruntime_pybind11_state as ort_c
+
+        _ORT_KERNELS = {("" if k.domain == "ai.onnx" else k.domain, k.op_name)
+                        for k in ort_c.get_all_opkernel_def()
+                        if k.provider == "CPUExecutionProvider"}
+    return _ORT_KERNELS
+
+
+_ORT_KERNELS = None
+_ORT_SCHEMAS = None
+
+
+def ort_schemas() -> dict:
+    """(domain, op_type) -> ONNX Runtime's schema, for ops beyond the standard domains."""
+    global _ORT_SCHEMAS
+    if _ORT_SCHEMAS is None:
+        from onnxruntime.capi import onnxruntime_pybind11_state as ort_c
+
+        _ORT_SCHEMAS = {(s.domain, s.name): s for s in ort_c.get_all_operator_schema()
+                        if s.domain not in STANDARD_DOMAINS}
+    return _ORT_SCHEMAS
+
+
+def _type_vendor_outputs(graph: Graph) -> int:
+    """Give outputs of vendor ops (ONNX shape inference does not know them) the element
+    type their ONNX Runtime schema implies: the type bound to the same type variable on
+    an input (FusedConv, Gelu: T -> T), or a fixed one. Without a type, every tensor
+    downstream stays untyped and passes cannot tell float activations. Returns how many
+    tensors got a type."""
+    typed = 0
+    for node in graph.nodes:
+        if node.domain in (None, "", "ai.onnx"):
+            continue
+        schema = ort_schemas().get((node.domain, node.op))
+        if schema is None or not schema.outputs:
+            continue
+        bound = {}
+        for k, tensor in enumerate(node.inputs):
+            formal = schema.inputs[min(k, len(schema.inputs) - 1)] if schema.inputs else None
+            if formal is not None and tensor is not None and tensor.dtype is not None:
+                bound.setdefault(formal.typeStr, tensor.dtype)
+        for k, tensor in enumerate(node.outputs):
+            formal = schema.outputs[min(k, len(schema.outputs) - 1)]
+            if tensor.dtype is None:
+                dtype = bound.get(formal.typeStr) or _fixed_dtype(formal.typeStr)
+                if dtype is not None:
+                    tensor.dtype = dtype
+                    typed += 1
+    return typed
+
+
+def _fixed_dtype(type_str: str):
+    """'tensor(float)' -> np.float32; a type variable ('T') -> None."""
+    if not (type_str.startswith("tensor(") and type_str.endswith(")")):
+        return None
+    enum = getattr(onnx.TensorProto, type_str[7:-1].upper(), None)
+    return onnx.helper.tensor_dtype_to_np_dtype(enum) if enum else None
+
+
+def ort_runnable(model: onnx.ModelProto, node: onnx.NodeProto) -> bool:
+    """True if ONNX Runtime can execute ``node``: a standard op, a CPU kernel of another
+    domain (contrib ops), or a function the model itself defines."""
+    if node.domain in STANDARD_DOMAINS:
+        return True
+    if any(f.domain == node.domain and f.name == node.op_type for f in model.functions):
+        return True
+    return (node.domain, node.op_type) in ort_kernels()
+
+
 def check_model(model: onnx.ModelProto, where: str = "model") -> None:
-    """onnx.checker plus a domain check, each failure as one clear line."""
-    for opset in model.opset_import:
-        if opset.domain not in KNOWN_DOMAINS:
-            ops = sorted({n.op_type for n in model.graph.node if n.domain == opset.domain})
-            raise UnsupportedError(
-                f"{where}: op(s) {', '.join(ops) or '?'} from unknown domain "
-                f"'{opset.domain}' cannot be executed or verified")
+    """onnx.checker plus a runnability check, each failure as one clear line.
+
+    A model is accepted when ONNX Runtime can run every node: declaring a domain no node
+    uses costs nothing, and vendor ops ONNX Runtime implements (com.microsoft Gelu,
+    FusedConv, ...) run; passes leave nodes they do not understand alone and report them.
+    """
     for node in model.graph.node:
-        if node.domain not in KNOWN_DOMAINS:
+        if not ort_runnable(model, node):
             raise UnsupportedError(f"{where}: node '{node.name}' uses op '{node.op_type}' "
-                                   f"from unknown domain '{node.domain}'")
+                                   f"from domain '{node.domain}', which ONNX Runtime "
+                                   f"cannot run")
     try:
         if model.ByteSize() < 2_000_000_000:
             onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
-        first = str(exc).strip().splitlines()[0]
+        first = first_line(exc)
         raise ModelError(f"{where}: fails the ONNX checker: {first}") from exc
+
+
+def _check_input_shapes_declared(model: onnx.ModelProto) -> None:
+    """A graph input without a shape (ONNX Runtime runs it; the checker does not) needs
+    its dims from the user: say so instead of the checker's generic message."""
+    inits = {t.name for t in model.graph.initializer}
+    for vi in model.graph.input:
+        if vi.name not in inits and vi.type.HasField("tensor_type") \
+                and not vi.type.tensor_type.HasField("shape"):
+            raise UsageError(f"input '{vi.name}' declares no shape; give it with "
+                             f"--input-shape {vi.name}:D1,D2,...")
 
 
 def parse_input_shapes(specs) -> dict:
@@ -127,15 +213,15 @@ def fix_input_shapes(model: onnx.ModelProto, shapes: dict) -> onnx.ModelProto:
         for d in dims:
             tshape.dim.add().dim_value = d
     if shapes:
-        # Intermediate shapes may have been computed for the old dims.
+        # Intermediate shapes may have been computed for the old dims. Outputs keep their
+        # rank (the checker wants a shape on every graph output) with symbolic dims made
+        # unknown, for shape inference to fill in.
         del model.graph.value_info[:]
         for out in model.graph.output:
-            out.type.tensor_type.ClearField("shape") if _has_symbolic(out) else None
+            for d in out.type.tensor_type.shape.dim:
+                if not d.HasField("dim_value"):
+                    d.Clear()
     return model
-
-
-def _has_symbolic(value_info) -> bool:
-    return any(not d.HasField("dim_value") for d in value_info.type.tensor_type.shape.dim)
 
 
 def _strip_initializer_inputs(model: onnx.ModelProto) -> None:
@@ -149,20 +235,113 @@ def _strip_initializer_inputs(model: onnx.ModelProto) -> None:
 
 
 def _upgrade_opset(model: onnx.ModelProto, notes: list) -> onnx.ModelProto:
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    """Upgrade the default domain to TARGET_OPSET. When the version converter (or the
+    checker on its result) fails, repair what commonly blocks it — value_info entries
+    without a type or shape, graph outputs declared without a shape — and try again; a
+    model that still cannot be upgraded keeps its opset (passes then use only what that
+    opset allows, e.g. int8 falls back to per-tensor weight scales below opset 13)."""
+    opset = default_opset(model)
     if opset is None or opset >= TARGET_OPSET:
         return model
     try:
-        from onnx import version_converter
-
-        upgraded = version_converter.convert_version(model, TARGET_OPSET)
-        onnx.checker.check_model(upgraded)
-        notes.append(f"opset upgraded {opset} -> {TARGET_OPSET}")
+        return _convert(model, opset, notes)
+    except Exception as exc:  # noqa: BLE001  (converter and checker raise many types)
+        first = first_line(exc, 120)
+    repaired = onnx.ModelProto()
+    repaired.CopyFrom(model)
+    fixes = repair_value_info(repaired, drop_all=True)
+    try:
+        upgraded = _convert(repaired, opset, notes)
+        notes.append(f"the first upgrade attempt failed ({first}); after repairing "
+                     f"{', '.join(fixes) or 'value_info'} it succeeded")
         return upgraded
-    except Exception as exc:  # the converter lacks adapters for some old ops
+    except Exception as exc:  # noqa: BLE001  the converter lacks adapters for some old ops
         notes.append(f"opset {opset} kept: upgrade to {TARGET_OPSET} failed "
-                     f"({str(exc).splitlines()[0][:120]})")
+                     f"({first_line(exc, 120)})")
         return model
+
+
+def _convert(model: onnx.ModelProto, opset: int, notes: list) -> onnx.ModelProto:
+    from onnx import version_converter
+
+    upgraded = version_converter.convert_version(model, TARGET_OPSET)
+    onnx.checker.check_model(upgraded)
+    notes.append(f"opset upgraded {opset} -> {TARGET_OPSET}")
+    return upgraded
+
+
+def default_opset(model: onnx.ModelProto) -> int | None:
+    return next((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), None)
+
+
+def repair_value_info(model: onnx.ModelProto, drop_all: bool = False) -> list:
+    """Repair, in place, the type annotations that make the checker or the version
+    converter fail although ONNX Runtime runs the model: intermediate value_info
+    without a tensor type or shape (all of them with ``drop_all``: they are re-inferred
+    anyway) and graph outputs declared without a shape (given the shape ONNX shape
+    inference, or else ONNX Runtime, finds). Returns what was repaired, for notes."""
+    fixes = []
+    broken = [vi for vi in model.graph.value_info if drop_all or not _typed_with_shape(vi)]
+    if broken:
+        keep = [vi for vi in model.graph.value_info if vi not in broken]
+        del model.graph.value_info[:]
+        model.graph.value_info.extend(keep)
+        fixes.append(f"dropped {len(broken)} value_info entr{'y' if len(broken) == 1 else 'ies'}")
+    shapeless = [o for o in model.graph.output
+                 if o.type.HasField("tensor_type") and not o.type.tensor_type.HasField("shape")]
+    if shapeless:
+        found = _output_shapes(model)
+        for out in shapeless:
+            if out.name in found:
+                out.type.tensor_type.shape.CopyFrom(found[out.name])
+        named = [o.name for o in shapeless if o.name in found]
+        if named:
+            fixes.append(f"shape of output(s) {', '.join(named)} re-inferred")
+    return fixes
+
+
+def _typed_with_shape(vi: onnx.ValueInfoProto) -> bool:
+    if vi.type.HasField("tensor_type"):
+        return bool(vi.type.tensor_type.elem_type) and vi.type.tensor_type.HasField("shape")
+    return vi.type.WhichOneof("value") is not None
+
+
+def _output_shapes(model: onnx.ModelProto) -> dict:
+    """Graph output name -> TensorShapeProto, from ONNX shape inference, else from an
+    ONNX Runtime session (whose own inference knows its contrib ops)."""
+    found = {}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+        for vi in list(inferred.graph.output) + list(inferred.graph.value_info):
+            if vi.type.tensor_type.HasField("shape") and vi.name not in found:
+                found[vi.name] = vi.type.tensor_type.shape
+    except Exception:  # noqa: BLE001  inference is best effort here; ORT is the fallback
+        pass
+    names = {o.name for o in model.graph.output}
+    if names <= set(found):
+        return found
+    try:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        opts.log_severity_level = 3
+        session = ort.InferenceSession(model.SerializeToString(), opts,
+                                       providers=["CPUExecutionProvider"])
+        for out in session.get_outputs():
+            if out.name in found or out.shape is None:
+                continue
+            shape = onnx.TensorShapeProto()
+            for d in out.shape:
+                dim = shape.dim.add()
+                if isinstance(d, int) and d >= 0:
+                    dim.dim_value = d
+                elif isinstance(d, str) and d:
+                    dim.dim_param = d
+            found[out.name] = shape
+    except Exception:  # noqa: BLE001  ORT refusing the model is reported by the verifier
+        pass
+    return found
 
 
 def _materialize_constant_of_shape(model: onnx.ModelProto) -> int:
@@ -220,7 +399,7 @@ def _fold_constants(model: onnx.ModelProto, notes: list) -> onnx.ModelProto:
             return slim
         notes.append("constant folding produced nothing; kept the model as loaded")
     except Exception as exc:  # onnxslim gives up on some graphs: keep going unfolded
-        notes.append(f"constant folding skipped: {str(exc).splitlines()[0][:120]}")
+        notes.append(f"constant folding skipped: {first_line(exc, 120)}")
     return model
 
 
@@ -272,8 +451,10 @@ def _constants_to_initializers(graph: Graph) -> int:
 
 
 def canonicalize(model: onnx.ModelProto, input_shapes: dict | None = None,
-                 fold: bool = True, notes: list | None = None) -> Graph:
-    """Model -> canonical IR graph. ``notes`` collects what was changed or skipped."""
+                 fold: bool = True, notes: list | None = None,
+                 static_shapes: bool = True) -> Graph:
+    """Model -> canonical IR graph. ``notes`` collects what was changed or skipped.
+    ``static_shapes=False`` (a runtime target) keeps symbolic dims beyond the batch."""
     notes = notes if notes is not None else []
     work = onnx.ModelProto()
     work.CopyFrom(model)
@@ -286,13 +467,23 @@ def canonicalize(model: onnx.ModelProto, input_shapes: dict | None = None,
     try:
         work = onnx.shape_inference.infer_shapes(work, data_prop=True)
     except Exception as exc:
-        notes.append(f"shape inference incomplete: {str(exc).splitlines()[0][:120]}")
+        notes.append(f"shape inference incomplete: {first_line(exc, 120)}")
     graph = Graph.from_onnx(work)
     moved = _constants_to_initializers(graph)
     if moved:
         notes.append(f"{moved} Constant node(s) turned into initializers")
     graph.refresh()
-    _check_symbolic(graph)
+    for _ in range(len(graph.nodes)):        # each round types what the last one unlocked
+        if not _type_vendor_outputs(graph):
+            break
+        graph.refresh()
+    if static_shapes:
+        _check_symbolic(graph)
+    else:
+        kept = [f"{t.name}{list(t.shape)}" for t in graph.gs.inputs
+                if any(not isinstance(d, (int, np.integer)) for d in (t.shape or [])[1:])]
+        if kept:
+            notes.append(f"symbolic dims kept (the target runs them): {', '.join(kept)}")
     _check_finite_weights(graph)
     return graph
 
@@ -315,11 +506,16 @@ def _check_finite_weights(graph: Graph) -> None:
 
 
 def _check_symbolic(graph: Graph) -> None:
-    """Only the leading (batch) dim may stay symbolic; others need --input-shape."""
+    """Only the leading dim and the batch dim (a symbolic dim inputs share, e.g. N of a
+    recurrent state [2, N, H]) may stay symbolic; others need --input-shape."""
+    from onnxc.execution import graph_layout
+
+    batch = graph_layout(graph).axes
     for tensor in graph.gs.inputs:
         shape = tensor.shape or []
         for axis, d in enumerate(shape):
-            if axis > 0 and not isinstance(d, (int, np.integer)):
+            if axis not in (0, batch.get(tensor.name)) \
+                    and not isinstance(d, (int, np.integer)):
                 raise UsageError(
                     f"input '{tensor.name}' has symbolic dim '{d}' at axis {axis}; "
                     f"fix it with --input-shape {tensor.name}:" +
@@ -328,14 +524,23 @@ def _check_symbolic(graph: Graph) -> None:
 
 
 def load(source, input_shapes: dict | None = None, check: bool = True,
-         notes: list | None = None) -> Graph:
-    """Load, check and canonicalise in one call (what ``onnxc compress`` does)."""
+         notes: list | None = None, static_shapes: bool = True) -> Graph:
+    """Load, check and canonicalise in one call (what ``onnxc compress`` does).
+    ``static_shapes``: the target compiles for fixed shapes, so only the batch dim may
+    stay symbolic (else --input-shape is asked for)."""
     model = load_model(source)
     where = source if isinstance(source, (str, os.PathLike)) else "model"
+    notes = notes if notes is not None else []
     try:
+        fixes = repair_value_info(model)      # load_model's copy: the input is untouched
+        if fixes:
+            notes.append("type annotations repaired: " + ", ".join(fixes))
+        if input_shapes:                      # may give a shapeless input its shape
+            fix_input_shapes(model, input_shapes)
+        _check_input_shapes_declared(model)
         if check:
             check_model(model, str(where))
-        return canonicalize(model, input_shapes, notes=notes)
+        return canonicalize(model, input_shapes, notes=notes, static_shapes=static_shapes)
     except OnnxcError:
         raise
     except UnicodeDecodeError as exc:
@@ -343,7 +548,7 @@ def load(source, input_shapes: dict | None = None, check: bool = True,
         raise ModelError(f"{where}: a name or string field is not valid UTF-8 "
                          f"(corrupted file?)") from exc
     except Exception as exc:  # passed the checker but breaks shape inference / the IR
-        msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        msg = first_line(exc, 200) if str(exc).strip() else ""
         raise UnsupportedError(f"{where}: cannot canonicalise the model "
                                f"({type(exc).__name__}: {msg})") from exc
 
@@ -368,14 +573,23 @@ def from_torch(module, example_inputs, input_names=None, output_names=None,
     dynamic_axes = ({n: {0: "N"} for n in list(input_names) + list(output_names)}
                     if dynamic_batch else None)
     module = module.eval()
+    # nn.TransformerEncoder(Layer) in eval mode takes a fused "fast path"
+    # (aten::_transformer_encoder_layer_fwd) that has no ONNX export; the regular path
+    # computes the same thing from exportable ops.
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "model.onnx")
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            training = (torch.onnx.TrainingMode.PRESERVE if keep_batchnorm
-                        else torch.onnx.TrainingMode.EVAL)
-            torch.onnx.export(module, tuple(example_inputs), path, dynamo=False,
-                              input_names=list(input_names), output_names=list(output_names),
-                              dynamic_axes=dynamic_axes, opset_version=opset,
-                              training=training)
+        try:
+            torch.backends.mha.set_fastpath_enabled(False)
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                training = (torch.onnx.TrainingMode.PRESERVE if keep_batchnorm
+                            else torch.onnx.TrainingMode.EVAL)
+                torch.onnx.export(module, tuple(example_inputs), path, dynamo=False,
+                                  input_names=list(input_names),
+                                  output_names=list(output_names),
+                                  dynamic_axes=dynamic_axes, opset_version=opset,
+                                  training=training)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fastpath)
         return onnx.load(path)

@@ -8,7 +8,7 @@ Python API::
     print(result.report["compression_ratio"])
 """
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: F401
 
 # Imported eagerly on purpose: binding the function here, after the submodule import,
 # keeps ``onnxc.compress`` the function even once ``onnxc.compress`` (module) is loaded.

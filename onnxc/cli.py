@@ -13,7 +13,7 @@ import os
 import sys
 
 from .commands import add_data_args, data_loaders, register_command
-from .errors import OnnxcError, UsageError
+from .errors import OnnxcError, UsageError, first_line
 
 EXAMPLES = """examples:
   onnxc compress model.onnx --passes fold_bn --target onnx -o out/
@@ -198,16 +198,18 @@ def cmd_verify(args) -> int:
     from onnxc import frontend
     from onnxc.calibrate.readers import random_dataset
     from onnxc.errors import VerificationError
-    from onnxc.verify import Runner, compare_outputs
+    from onnxc.execution import Runner
+    from onnxc.verify import compare_outputs
 
     shapes = frontend.parse_input_shapes(args.input_shape)
     a = frontend.load(args.reference, shapes)
     b = frontend.load(args.candidate, shapes)
-    _, eval_ = data_loaders(args)
-    ds = eval_(a) if eval_ else random_dataset(a, args.samples, seed=args.seed)
+    given, eval_ = data_loaders(args)
+    ds = eval_(a) if eval_ else given(a) if given else \
+        random_dataset(a, args.samples, seed=args.seed)
     ref = Runner(a).run(ds.inputs)
     out = Runner(b).run(ds.inputs)
-    cmp = compare_outputs(ref, out)
+    cmp = compare_outputs(ref, out, len(ds))
     print(f"samples {cmp.samples} ({'random' if ds.synthetic else ds.source})")
     print(f"max abs error {cmp.max_abs:.3e}  max rel error {cmp.max_rel:.3e}  "
           f"mean abs error {cmp.mean_abs:.3e}")
@@ -298,7 +300,7 @@ def main(argv=None) -> int:
     except Exception as exc:  # a bug: still one line unless --debug
         if debug:
             raise
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        msg = first_line(exc) if str(exc).strip() else ""
         print(f"onnxc: internal error: {type(exc).__name__}: {msg} "
               f"(rerun with --debug for a traceback)", file=sys.stderr)
         return 1

@@ -63,6 +63,10 @@ def add_data_args(p, calib: bool = True) -> None:
                        help="use the first N calibration samples (default: all, max 512)")
     g.add_argument("--eval-data", help="labelled samples: top-1 before/after is reported")
     g.add_argument("--eval-samples", type=int, default=None, help="use the first N")
+    g.add_argument("--input-data", action="append", metavar="NAME=FILE.npy | FILE.npz",
+                   help="values of a model input as they are (repeat for each input; an "
+                        ".npz by input name): any model's data, for "
+                        + ("calibration and " if calib else "") + "verification")
     g.add_argument("--scale", default=None, help="multiply raw values first (e.g. 1/255)")
     g.add_argument("--mean", default=None, help="per-channel mean, e.g. 0.485,0.456,0.406")
     g.add_argument("--std", default=None, help="per-channel std, e.g. 0.229,0.224,0.225")
@@ -72,8 +76,10 @@ def add_data_args(p, calib: bool = True) -> None:
 
 def data_loaders(args, warn=None):
     """(calibration_loader, evaluation_loader) from the data flags. ``warn(msg)`` hears
-    once when the preprocessing flags look wrong for the data (see preprocessing_warning)."""
-    from onnxc.calibrate.readers import Preprocess, load_npz
+    once when the preprocessing flags look wrong for the data (see preprocessing_warning).
+    ``--input-data`` (every input's values as they are) is the calibration data where a
+    command takes some, else the samples a command compares on."""
+    from onnxc.calibrate.readers import Preprocess, load_input_data, load_npz
 
     pre = Preprocess.from_strings(args.scale, args.mean, args.std, args.layout)
     warned: set = set()
@@ -87,13 +93,22 @@ def data_loaders(args, warn=None):
         return ds
 
     calib = eval_ = None
+    given = getattr(args, "input_data", None)
     if getattr(args, "calib_data", None):
+        if given:
+            raise UsageError("--input-data and --calib-data both give calibration data: "
+                             "use one")
         path, n = args.calib_data, args.calib_samples
 
         def calib(graph):
             return checked(load_npz(path, graph, pre, samples=n))
     elif getattr(args, "calib_samples", None) is not None and args.calib_samples <= 0:
         raise UsageError("--calib-samples must be positive")
+    elif given:
+        n = getattr(args, "calib_samples", None)
+
+        def calib(graph):
+            return load_input_data(given, graph, samples=n)
     if args.eval_data:
         epath, en = args.eval_data, args.eval_samples
 

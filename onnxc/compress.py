@@ -17,12 +17,12 @@ from dataclasses import dataclass
 
 import onnx
 
-from . import __version__
 from .errors import OutputError, VerificationError
 from .ir import Graph
 from .options import Option, check_keys, configure, declare, positive_int, reserve
 from .pipeline import Context, PassManager, resolve_passes
 from .verify import compare_outputs, top1
+from .version import __version__
 
 REPORT_SCHEMA_VERSION = 1
 
@@ -113,7 +113,8 @@ def compress(model, passes, target: str = "onnx", out_dir: str | None = None,
     input_hash = _sha256(model)
 
     notes: list = []
-    graph = frontend.load(model, input_shapes=input_shapes, notes=notes)
+    graph = frontend.load(model, input_shapes=input_shapes, notes=notes,
+                          static_shapes=backend.static_shapes)
     if calibration is None and calibration_loader is not None:
         calibration = calibration_loader(graph)
     if evaluation is None and evaluation_loader is not None:
@@ -131,7 +132,8 @@ def compress(model, passes, target: str = "onnx", out_dir: str | None = None,
     final, reports = result.graph, result.reports
     original_stats, final_stats = result.original_stats, result.final_stats
     verifier = result.verifier
-    overall = compare_outputs(result.original_outputs, result.final_outputs)
+    overall = compare_outputs(result.original_outputs, result.final_outputs,
+                              len(verifier.dataset))
     accuracy = None
     if evaluation is not None and evaluation.labels is not None:
         before = top1(ctx.original, evaluation)

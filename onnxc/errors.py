@@ -51,3 +51,16 @@ class BackendError(OnnxcError):
     """A backend (compiler, runtime, toolchain) failed or is not available."""
 
     exit_code = 8
+
+
+def first_line(exc, limit: int = 300) -> str:
+    """The one line of an exception worth showing: its first non-empty line, or, when
+    the message is a traceback (TVM's errors carry one), the last line naming an error."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    if not lines:
+        return type(exc).__name__
+    line = lines[0]
+    if len(lines) > 1 and any(ln.startswith("Traceback") for ln in lines):
+        line = next((ln for ln in reversed(lines) if "Error" in ln or "error" in ln),
+                    lines[-1])
+    return line[:limit]

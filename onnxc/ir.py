@@ -200,6 +200,15 @@ class Graph:
         taken.add(f"{base}_{i}")
         return f"{base}_{i}"
 
+    def name_nodes(self) -> "Graph":
+        """Give unnamed nodes stable unique names: plans, skips and reports refer to
+        nodes by name."""
+        for node in self.gs.nodes:
+            if not node.name:
+                node.name = self.unique_name(f"{node.op}_{node.outputs[0].name}"
+                                             if node.outputs else node.op)
+        return self
+
     def _names(self) -> set:
         # Cached per call site generation; cheap enough to rebuild when invalidated.
         cache = getattr(self, "_name_cache", None)

@@ -359,7 +359,7 @@ class PassManager:
             if verifier is not None:
                 # An unchanged graph (same protobuf) needs no second run.
                 outputs = reference if model == previous else verifier.outputs(model)
-                cmp = compare_outputs(reference, outputs)
+                cmp = compare_outputs(reference, outputs, len(verifier.dataset))
                 reference = outputs
                 report.error = cmp.as_dict()
                 if p.exact and cmp.max_rel > self.tolerance:

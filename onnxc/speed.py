@@ -50,7 +50,7 @@ def _ort_session(model):
 
 
 def artifact_runner(target: str, out_dir: str):
-    """(callable feeds -> outputs, input specs) for the artifact in ``out_dir``, or
+    """(callable feeds -> outputs, None) for the artifact in ``out_dir``, or
     (None, reason) when it cannot run on this machine."""
     if target == "onnx":
         import onnx
@@ -58,17 +58,16 @@ def artifact_runner(target: str, out_dir: str):
         sess = _ort_session(onnx.load(os.path.join(out_dir, "model.onnx")))
         return (lambda feeds: sess.run(None, feeds)), None
     if target in ("x86", "arm", "cuda"):
-        from onnxc.backends.tvm.runtime import load_artifact
+        from onnxc.backends import all_backends
 
         try:
-            art = load_artifact(out_dir)
+            art = all_backends()[target].load_artifact(out_dir)
         except OnnxcError as exc:
             return None, str(exc)
-        sync = getattr(art, "sync", lambda: None)
 
         def run(feeds):
             out = art.run(feeds)
-            sync()
+            art.sync()
             return out
         return run, None
     return None, f"the {target} artifact is not timed here (no native runtime on this machine)"

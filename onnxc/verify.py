@@ -1,5 +1,8 @@
 """The one verifier: run two graphs on ONNX Runtime over the same inputs and compare.
 
+Graphs run through the execution layer (:mod:`onnxc.execution`), batched along each
+input's own batch axis.
+
 Relative error is ``max|a-b| / max|a|`` per output (scale-free, stable when single
 elements are near zero); the worst output counts. With labels, top-1 of both.
 """
@@ -9,79 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
 
 from .errors import BackendError
+from .execution import Runner
 
 VERIFY_SAMPLES = 64
 # Keep one verification run near this many MACs (ResNet-56: 64 samples, ResNet-50: 2).
 VERIFY_MAC_BUDGET = 1e10
-
-
-def _session(model: onnx.ModelProto, threads: int | None = None, optimize: bool = True):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    # Fatal only: ORT would print its own copy of every error we turn into one line.
-    opts.log_severity_level = 4
-    if not optimize:
-        # ORT's own fusions (e.g. Conv+BatchNormalization) would hide our rewrites:
-        # exactness checks run the graph op by op as written.
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    if threads:
-        opts.intra_op_num_threads = threads
-    try:
-        return ort.InferenceSession(model.SerializeToString(), opts,
-                                    providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        raise BackendError(f"ONNX Runtime cannot load the model: "
-                           f"{str(exc).strip().splitlines()[0][:300]}") from exc
-
-
-class Runner:
-    """ONNX Runtime session over an IR graph or ModelProto, batching to its input shape."""
-
-    def __init__(self, model, threads: int | None = None, optimize: bool = True):
-        from .ir import Graph
-
-        self.model = model.to_onnx() if isinstance(model, Graph) else model
-        self.session = _session(self.model, threads, optimize)
-        self.input_names = [i.name for i in self.session.get_inputs()]
-        self.output_names = [o.name for o in self.session.get_outputs()]
-        first = self.session.get_inputs()[0].shape
-        self.fixed_batch = first[0] if first and isinstance(first[0], int) else None
-
-    def run(self, feeds: dict, batch_size: int = 64) -> list[np.ndarray]:
-        names = [k for k in feeds if k in self.input_names]
-
-        def run_slice(*parts):
-            try:
-                return self.session.run(None, dict(zip(names, parts)))
-            except Exception as exc:
-                raise BackendError(f"ONNX Runtime failed to run the model: "
-                                   f"{str(exc).strip().splitlines()[0][:300]}") from exc
-
-        return in_slices(run_slice, [feeds[k] for k in names],
-                         self.fixed_batch or batch_size, pad=bool(self.fixed_batch))
-
-
-def in_slices(fn, inputs: list, size: int | None, pad: bool = True,
-              concat=np.concatenate) -> list:
-    """``fn(*inputs)`` run on slices of ``size`` rows and joined (batch first), for graphs
-    whose batch is fixed (``pad``: the last slice is padded by repeating its final row,
-    and the results trimmed) or too large for one run. Rows never mix (BN runs on its
-    running statistics), so padding changes nothing. ``fn`` returns a list of
-    arrays/tensors; ``concat`` joins them (np.concatenate or torch.cat)."""
-    n = len(inputs[0])
-    if not size or n == size or (n < size and not pad):
-        return fn(*inputs)
-    parts = []
-    for start in range(0, n, size):
-        part = [x[start:start + size] for x in inputs]
-        if pad and len(part[0]) < size:
-            part = [concat([x] + [x[-1:]] * (size - len(x))) for x in part]
-        parts.append(fn(*part))
-    return [concat([p[i] for p in parts])[:n] for i in range(len(parts[0]))]
 
 
 @dataclass
@@ -99,7 +36,9 @@ class Comparison:
                 else float(self.top1_agreement), "samples": self.samples}
 
 
-def compare_outputs(ref: list, out: list) -> Comparison:
+def compare_outputs(ref: list, out: list, samples: int | None = None) -> Comparison:
+    """Errors of ``out`` vs ``ref``; ``samples``: how many inputs they came from (default:
+    the first output's leading dim)."""
     max_abs = max_rel = mean_abs = 0.0
     agree = None
     for a, b in zip(ref, out):
@@ -114,7 +53,7 @@ def compare_outputs(ref: list, out: list) -> Comparison:
         mean_abs = max(mean_abs, float(diff.mean()) if diff.size else 0.0)
         if agree is None and a.ndim == 2 and a.shape[1] > 1:
             agree = float(np.mean(a.argmax(1) == b.argmax(1)))
-    n = len(ref[0]) if ref and np.ndim(ref[0]) else 1
+    n = samples if samples is not None else len(ref[0]) if ref and np.ndim(ref[0]) else 1
     return Comparison(max_abs, max_rel, mean_abs, agree, n)
 
 

@@ -1,34 +1,35 @@
-"""Intermediate activations for data-aware passes (``lowrank --lowrank-data-aware``, ``gap``).
+"""Intermediate activations for data-aware passes (``lowrank --lowrank-data-aware``,
+``gap``, the pruning criteria and ThiNet).
 
-Exports a copy of the graph whose outputs are the wanted intermediate tensors and runs
-it on ONNX Runtime (the verifier's :class:`~onnxc.verify.Runner`), so the numbers are the
-ones the deployed model computes. The input graph is not modified.
+A copy of the graph whose outputs are the wanted intermediate tensors runs on ONNX
+Runtime through the execution layer (:func:`onnxc.execution.capture_model`), so the
+numbers are the ones the deployed model computes. The input graph is not modified.
 """
 
 from __future__ import annotations
 
-import numpy as np
-
-from onnxc.verify import Runner
+from onnxc.execution import Runner, capture_model
 
 
 def collect(graph, names: list[str], dataset, batch_size: int = 64) -> dict:
     """{tensor name: N × … array} for ``names`` over ``dataset.inputs``."""
     given = {n: dataset.inputs[n] for n in names if n in dataset.inputs}
-    names = [n for n in names if n not in given]     # graph inputs are the data itself
+    names = [n for n in dict.fromkeys(names) if n not in given]  # inputs are the data
     if not names:
         return given
-    probe = graph.copy()
-    tensors = probe.tensors()
-    outputs = []
-    for name in dict.fromkeys(names):           # unique, order kept
-        tensor = tensors[name]
-        if tensor.dtype is None:
-            tensor.dtype = np.float32
-        outputs.append(tensor)
-    probe.gs.outputs = outputs
-    # Nodes that feed none of the wanted tensors need not run; a graph mid-edit (new
-    # nodes appended at the end) must be sorted before ONNX Runtime accepts it.
-    probe.gs.cleanup(remove_unused_graph_inputs=False).toposort()
-    values = Runner(probe.to_onnx()).run(dataset.inputs, batch_size)
-    return {**given, **{t.name: v for t, v in zip(outputs, values)}}
+    values = Runner(capture_model(graph, names)).run(dataset.inputs, batch_size)
+    return {**given, **dict(zip(names, values))}
+
+
+def stream(graph, dataset, names: list, visit, batch_size: int = 64) -> None:
+    """``visit(name, array, first_sample)`` for each tensor in ``names``, one batch at a
+    time, so large activation sets never sit in memory together."""
+    if not names:
+        return
+    names = list(dict.fromkeys(names))
+
+    def each(start, values):
+        for name in names:
+            visit(name, values[name], start)
+
+    Runner(capture_model(graph, names)).stream(dataset.inputs, each, batch_size)

@@ -15,7 +15,29 @@ integer kernels (QLinearConv, QLinearAdd, QGemm, QLinearGlobalAveragePool, ...).
 3. Rewrite: weights become int8 initializers (symmetric, per output channel) behind a
    DequantizeLinear with ``axis``; biases int32 with scale s_x·s_w; Q/DQ pairs inserted.
 
-``--pow2-scales`` makes every scale a power of two and activations int8 with zero
+MatMul. A MatMul with a constant weight ([..., K] x [K, N], any activation rank such as
+[B, T, C] x [C, D]) is a weighted layer like Gemm: static QDQ, int8 weights per output
+column (axis 1), the activation calibrated. A MatMul of two activations (attention QK^T
+and AV) has no weight to prepare offline; by default both operands get calibrated QDQ too
+(ONNX Runtime runs QLinearMatMul): in a transformer both are bounded — Q, K, V come from
+LayerNorm-ed projections, the softmax output lies in [0, 1] — so calibrated ranges hold,
+and a static range saves a min/max pass over each operand per run. Where calibration does
+not describe the run-time ranges (no representative data, inputs of varying scale), or
+there is no calibration at all (``--int8-mode dynamic``), static does not fit: then
+``--int8-act-matmul dynamic`` quantizes each operand with its own range at run time
+(DynamicQuantizeLinear → MatMulInteger → scale). Measured (tools/bench_quant_models.py,
+2-block encoder, random calibration): static 0.9994 and act-matmul dynamic 0.9995 output
+cosine vs float; on inputs 3x the calibrated scale both 0.979 (the other, static,
+activations dominate), ``--int8-mode dynamic`` 1.0000.
+
+Below opset 13 (a model the frontend could not upgrade) DequantizeLinear has no ``axis``:
+weights fall back to per-tensor scales; below opset 10 the pass refuses.
+Nodes of vendor domains (ORT contrib ops) are left in float and reported as skipped.
+Already-quantized layers (integer ops, weights through DequantizeLinear) are skipped and
+reported, and a tensor that is already the output of a DequantizeLinear or the input of
+a QuantizeLinear never gets a second Q/DQ.
+
+``--int8-pow2-scales`` makes every scale a power of two and activations int8 with zero
 point 0, so requantisation s_x·s_w/s_y is a right shift (dynamic fixed point, VTA).
 ``--max-drop`` turns on mixed precision: layers are ranked by sensitivity and the most
 sensitive fall back to float until top-1 on labelled data is within the budget.
@@ -28,7 +50,7 @@ import numpy as np
 from onnxc.calibrate import qdq
 from onnxc.calibrate.calibrators import CALIBRATORS, Scheme, clip_range
 from onnxc.calibrate.stats import collect
-from onnxc.errors import UsageError
+from onnxc.errors import UnsupportedError, UsageError
 from onnxc.pipeline import CalibrationData, Option, Pass, register_pass
 
 MAX_CALIB = 512
@@ -58,6 +80,11 @@ def _activation_inputs(graph, node) -> list:
 
 def _quantizable(graph, node) -> str | None:
     """None if ``node`` can be quantized, else the reason it cannot."""
+    pre = qdq.prequantized_reason(graph, node)
+    if pre:
+        return pre
+    if not qdq.is_standard(node):
+        return f"{node.domain} op {node.op} is not understood by int8: left in float as is"
     if node.op in ("Conv", "Gemm") and qdq.weight_axis(graph, node) is False:
         return "weight is not a constant float tensor (or Gemm has transA)"
     if node.op == "Gemm" and (float(node.attrs.get("alpha", 1.0)) != 1.0
@@ -70,6 +97,8 @@ def _quantizable(graph, node) -> str | None:
         return "inputs are not float activations"
     if not node.outputs or not _is_float_var(graph, node.outputs[0]):
         return "output is not float"
+    if all(qdq.already_quantized(graph, t) for t in acts + [node.outputs[0]]):
+        return "already quantized (inputs and output through Q/DQ)"
     return None
 
 
@@ -97,14 +126,19 @@ class Plan:
             if node.name not in layers:
                 continue
             reason = _quantizable(graph, node)
+            if reason and not any(t.dtype is not None and np.dtype(t.dtype) != np.float32
+                                  for t in node.outputs):
+                self.skipped[node.name] = reason     # shape arithmetic is not news
             if reason:
-                self.skipped[node.name] = reason
                 continue
             self.layers.add(node.name)
             for t in _activation_inputs(graph, node):
-                self.params_from.setdefault(t.name, t.name)
+                if not qdq.already_quantized(graph, t):     # never round twice
+                    self.params_from.setdefault(t.name, t.name)
             out = node.outputs[0]
             readers = list(out.outputs)
+            if qdq.already_quantized(graph, out):
+                continue
             if len(readers) == 1 and readers[0].op == "Relu" and not graph.is_graph_output(out):
                 relu = readers[0]
                 self.fused_relu[out.name] = relu.name
@@ -117,7 +151,8 @@ class Plan:
         # Second walk, in topological order: data-movement ops (and Relu with zero
         # point 0) share their input's parameters so the runtime drops their Q/DQ.
         for node in graph.nodes:
-            moves = node.op in MOVE_OPS or (node.op == "Relu" and signed)
+            moves = qdq.is_standard(node) and (node.op in MOVE_OPS
+                                               or (node.op == "Relu" and signed))
             if not moves or not node.inputs or node.inputs[0].name not in self.params_from:
                 continue
             if not _zero_pad(graph, node) or any(o.outputs or graph.is_graph_output(o)
@@ -125,6 +160,8 @@ class Plan:
                 continue
             if node.outputs[0].name in self.params_from and node.op == "Relu":
                 continue     # a fused Relu already carries its own parameters
+            if qdq.already_quantized(graph, node.outputs[0]):
+                continue     # its reader quantizes it already: never round twice
             self.params_from[node.outputs[0].name] = self.params_from[node.inputs[0].name]
 
     def stat_tensors(self) -> list:
@@ -159,6 +196,11 @@ class Int8(Pass):
                "fold the mean output error of weight rounding into the int32 bias "
                "(per output channel, from the calibration inputs' channel means)",
                choices=("on", "off"), aliases=("--bias-correction",)),
+        Option("--int8-act-matmul", str, "static",
+               "MatMuls of two activations (attention QK^T, AV): static = calibrated "
+               "QDQ on both (QLinearMatMul); dynamic = both operands quantized at run "
+               "time (MatMulInteger), for inputs whose range calibration does not cover",
+               choices=("static", "dynamic")),
         Option("--int8-mode", str, "static",
                "static: calibrated QDQ; dynamic: int8 weights, activations quantized at "
                "run time (MatMul/Gemm only; for MatMul-heavy models, no data needed)",
@@ -188,10 +230,24 @@ class Int8(Pass):
         method = cfg.int8_calibrator
         percentile = cfg.int8_percentile
         per_channel = cfg.int8_weight_granularity == "channel"
-        qdq.name_nodes(graph)
+        qdq.require_qdq_opset(graph, self.name)
+        if per_channel and not qdq.per_channel_ok(graph):
+            per_channel = False
+            report.note(f"opset {graph.opset} (the upgrade to 13 failed, see the frontend "
+                        f"notes): DequantizeLinear has no axis there, weights per-tensor")
+        graph.name_nodes()
         weighted = qdq.weighted_layers(graph)
         keep = qdq.resolve_keep(cfg.keep_float, weighted, "none")
-        candidates = {n.name for n in graph.nodes if n.op in COMPUTE_OPS} - keep
+        candidates = {n.name for n in graph.nodes if n.op in COMPUTE_OPS
+                      or (not qdq.is_standard(n) and n.op not in qdq.QDQ_OPS)} - keep
+        act_matmuls = [n for n in graph.nodes if _act_matmul(graph, n)]
+        act_dynamic = cfg.int8_act_matmul == "dynamic" and bool(act_matmuls)
+        if act_dynamic and graph.opset < 11:
+            act_dynamic = False
+            report.note(f"opset {graph.opset} has no DynamicQuantizeLinear (opset 11+): "
+                        f"activation x activation MatMuls quantized statically")
+        if act_dynamic:
+            candidates -= {n.name for n in act_matmuls}
         full = Plan(graph, candidates, scheme.signed)
 
         data = calibration_set(ctx, graph)
@@ -223,11 +279,29 @@ class Int8(Pass):
                                       lambda kept: build(candidates - set(kept))[0],
                                       cfg.max_drop, "float")
         result, plan = build(candidates - set(fallback))
+        for node in graph.nodes:
+            if node.name not in candidates and qdq.prequantized_reason(graph, node):
+                report.skip(node.name, qdq.prequantized_reason(graph, node))
+        dynamic = []
+        if act_dynamic:
+            nodes = {n.name: n for n in result.nodes}
+            for node in act_matmuls:
+                if node.name not in keep:
+                    dynamic_act_matmul(result, nodes[node.name])
+                    dynamic.append(node.name)
+            if dynamic:
+                report.note(f"{len(dynamic)} activation x activation MatMul(s) quantized "
+                            f"at run time (DynamicQuantizeLinear + MatMulInteger)")
+        report.extra["dynamic_act_matmuls"] = dynamic
         for name, reason in plan.skipped.items():
             report.skip(name, reason)
         for name in sorted(keep):
             report.skip(name, "kept in float (--keep-float)")
-        report.changed = len(plan.layers)
+        report.changed = len(plan.layers) + len(dynamic)
+        already = sum("already quantized" in s["reason"] for s in report.skipped)
+        if not report.changed and already:
+            report.note(f"nothing left to quantize: {already} layer(s) already quantized, "
+                        f"the rest cannot be (see skipped)")
         wq = [n for n in weighted if n.name in plan.layers]
         report.note(f"{len(plan.layers)} nodes quantized ({len(wq)} with int8 weights), "
                     f"{len(plan.params_from)} activation tensors, calibrator {method}, "
@@ -261,10 +335,20 @@ class Int8(Pass):
         """MatMul/Gemm → DynamicQuantizeLinear + MatMulInteger + Cast + Mul (+ Add bias):
         the pattern ONNX Runtime fuses into DynamicQuantizeMatMul / MatMulIntegerToFloat."""
         _, reduce = self._scheme()
-        qdq.name_nodes(graph)
+        if graph.opset < 11:
+            raise UnsupportedError(f"int8 dynamic: the model's opset {graph.opset} has no "
+                                   f"DynamicQuantizeLinear (opset 11+) and could not be "
+                                   f"upgraded (see the frontend notes)")
+        graph.name_nodes()
         weighted = qdq.weighted_layers(graph)
         keep = qdq.resolve_keep(self.config.keep_float, weighted, "none")
         done = []
+        qdq.report_vendor_nodes(graph, report, "int8")
+        qdq.report_prequantized(graph, report)
+        # Decided before any rewrite: our own DynamicQuantizeLinear must not count.
+        quantized_input = {n.name for n in weighted
+                           if qdq.already_quantized(graph, n.inputs[0])}
+        act = [n for n in graph.nodes if _act_matmul(graph, n) and n.name not in keep]
         for node in weighted:
             if node.name in keep:
                 report.skip(node.name, "kept in float (--keep-float)")
@@ -277,16 +361,24 @@ class Int8(Pass):
             if reason or w.ndim != 2 or not _is_float_var(graph, node.inputs[0]):
                 report.skip(node.name, reason or "needs a 2-D weight and a float input")
                 continue
+            if node.name in quantized_input:
+                report.skip(node.name, "input already quantized (through Q/DQ): kept")
+                continue
             if node.op == "Gemm" and node.attrs.get("transB", 0):
                 w = w.T                                        # MatMulInteger wants K × N
             bias = graph.constant(node.inputs[2]) if node.op == "Gemm" \
                 and len(node.inputs) > 2 else None
             dynamic_matmul(graph, node, w, bias, qdq.weight_qmax(reduce))
             done.append(node.name)
-        report.changed = len(done)
-        report.note(f"{len(done)} MatMul/Gemm with int8 weights, activations quantized "
-                    "at run time (dynamic)")
+        # Without calibration there is no static choice for two activations either.
+        for node in act:
+            dynamic_act_matmul(graph, node)
+        report.changed = len(done) + len(act)
+        report.note(f"{len(done)} MatMul/Gemm with int8 weights"
+                    f"{f' and {len(act)} activation x activation MatMul(s)' if act else ''}"
+                    f", activations quantized at run time (dynamic)")
         report.extra.update({"mode": "dynamic", "quantized_layers": done,
+                             "dynamic_act_matmuls": [n.name for n in act],
                              "weight_range": qdq.weight_qmax(reduce)})
         return graph
 
@@ -324,6 +416,48 @@ def dynamic_matmul(graph, node, w, bias, qmax: int) -> None:
         new.append(gs.Node("Add", graph.unique_name(base + "_bias"),
                            inputs=[out, const(graph, base + "_B", bias.astype(np.float32))],
                            outputs=[y]))
+    node.inputs.clear()
+    node.outputs.clear()
+    graph.gs.nodes.extend(new)
+
+
+def _act_matmul(graph, node) -> bool:
+    """A MatMul of two float activations (no constant operand), e.g. attention QK^T,
+    neither of them quantized already."""
+    return node.op == "MatMul" and qdq.is_standard(node) and len(node.inputs) == 2 \
+        and all(_is_float_var(graph, t) and not qdq.already_quantized(graph, t)
+                for t in node.inputs) \
+        and bool(node.outputs) and _is_float_var(graph, node.outputs[0])
+
+
+def dynamic_act_matmul(graph, node) -> None:
+    """A @ B of two activations → each operand through DynamicQuantizeLinear (uint8, its
+    own range per run), MatMulInteger (int32 accumulation, batched like MatMul), Cast,
+    times s_A·s_B. In place."""
+    import onnx_graphsurgeon as gs
+
+    base, y = node.name, node.outputs[0]
+    new, quantized = [], []
+    for k, x in enumerate(node.inputs):
+        q, s, z = (graph.make_variable(f"{base}_{k}{r}", dtype=dt)
+                   for r, dt in (("q", np.uint8), ("s", np.float32), ("z", np.uint8)))
+        new.append(gs.Node("DynamicQuantizeLinear", graph.unique_name(f"{base}_dql{k}"),
+                           inputs=[x], outputs=[q, s, z]))
+        quantized.append((q, s, z))
+    (qa, sa, za), (qb, sb, zb) = quantized
+    acc = graph.make_variable(base + "_acc", dtype=np.int32)
+    accf = graph.make_variable(base + "_accf", dtype=np.float32)
+    scale = graph.make_variable(base + "_scale", dtype=np.float32)
+    new += [
+        gs.Node("MatMulInteger", graph.unique_name(base + "_mmi"), inputs=[qa, qb, za, zb],
+                outputs=[acc]),
+        gs.Node("Cast", graph.unique_name(base + "_cast"), attrs={"to": 1}, inputs=[acc],
+                outputs=[accf]),
+        gs.Node("Mul", graph.unique_name(base + "_scales_mul"), inputs=[sa, sb],
+                outputs=[scale]),
+        gs.Node("Mul", graph.unique_name(base + "_output_scale_mul"), inputs=[accf, scale],
+                outputs=[y]),
+    ]
     node.inputs.clear()
     node.outputs.clear()
     graph.gs.nodes.extend(new)
@@ -372,8 +506,10 @@ def apply_plan(graph, plan: Plan, params: dict, scheme: Scheme, reduce: bool,
                     b = b + weight_error_bias(node, w, qdq.dequantize(codes, w_scale, axis),
                                               mean_x)
                 x_scale = qparams[node.inputs[0].name][0]
+                # Per-tensor weights keep a scalar bias scale (opset < 13 has no axis).
                 bq = qdq.bias_dq(graph, f"b{layer}", b.astype(np.float32), x_scale,
-                                 np.broadcast_to(w_scale, (n_out,)).astype(np.float32))
+                                 np.broadcast_to(w_scale, (n_out,)).astype(np.float32)
+                                 if per_channel else np.float32(w_scale))
                 if bq is not None:
                     node.inputs[2] = bq
         layer += 1

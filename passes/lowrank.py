@@ -690,7 +690,7 @@ def _run_stages(stages, x: np.ndarray) -> np.ndarray:
     """Run a chain of convs ``[(weight, attrs)]`` on x with ONNX Runtime."""
     from onnx import TensorProto, helper, numpy_helper
 
-    from onnxc.verify import Runner
+    from onnxc.execution import Runner
 
     nodes, inits, current = [], [], "x"
     for i, (weight, attrs) in enumerate(stages):

@@ -8,7 +8,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxc import frontend
 from onnxc.errors import ModelError, UsageError
-from onnxc.verify import Runner, compare_outputs
+from onnxc.execution import Runner
+from onnxc.verify import compare_outputs
 
 
 def _conv_model(batch="N", with_constant_node=False, init_as_input=False, opset=13):
@@ -139,3 +140,17 @@ def test_from_torch_exports_a_runnable_model():
     np.testing.assert_allclose(out, net(x).detach().numpy(), rtol=1e-4, atol=1e-5)
     # exported with a dynamic batch: batch 5 runs too
     assert Runner(graph).run({"input": np.zeros((5, 3, 8, 8), np.float32)})[0].shape == (5, 5)
+
+
+def test_from_torch_exports_a_transformer_encoder_despite_its_fast_path():
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    net = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    x = torch.randn(2, 8, 32)
+    model = frontend.from_torch(net, x)
+    assert torch.backends.mha.get_fastpath_enabled()          # restored after export
+    with torch.no_grad():
+        expected = net(x).numpy()
+    got = Runner(model).run({"input": x.numpy()})
+    assert np.abs(got[0] - expected).max() < 1e-4

@@ -13,7 +13,8 @@ from conftest import cifar_preprocess, light_model_path
 from onnxc.calibrate.readers import Dataset, load_npz
 from onnxc.compress import compress
 from onnxc.errors import UnsupportedError, UsageError
-from onnxc.verify import Runner, top1
+from onnxc.execution import Runner
+from onnxc.verify import top1
 
 RNG = np.random.default_rng(1)
 FC_MODEL = pathlib.Path(__file__).parent / "models" / "vgg_fc_cifar10.onnx"

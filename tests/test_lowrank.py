@@ -12,7 +12,7 @@ from onnxc.calibrate.readers import Dataset
 from onnxc.compress import compress
 from onnxc.errors import UnsupportedError, UsageError
 from onnxc.passes import _lowrank_math as lm
-from onnxc.verify import Runner
+from onnxc.execution import Runner
 
 RNG = np.random.default_rng(0)
 

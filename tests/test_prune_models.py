@@ -12,7 +12,8 @@ from onnxc import frontend
 from onnxc.compress import compress
 from onnxc.pipeline import Context, PassReport
 from onnxc.passes.prune import Prune
-from onnxc.verify import Runner, compare_outputs
+from onnxc.execution import Runner
+from onnxc.verify import compare_outputs
 
 from prune_nets import kill
 

@@ -11,7 +11,8 @@ import pytest
 from conftest import run_cli
 from onnxc.compress import compress
 from onnxc.errors import UsageError
-from onnxc.verify import Runner, compare_outputs
+from onnxc.execution import Runner
+from onnxc.verify import compare_outputs
 
 from prune_nets import Net
 

@@ -11,7 +11,8 @@ from onnxc.compress import compress
 from onnxc.errors import UnsupportedError, UsageError
 from onnxc.passes.prune import prunable_groups
 from onnxc.passes.prune.groups import DependencyGraph
-from onnxc.verify import Runner, compare_outputs
+from onnxc.execution import Runner
+from onnxc.verify import compare_outputs
 
 from prune_nets import Net, kill, kill_input
 

@@ -79,7 +79,7 @@ def test_structure_is_identical_after_recover(teacher, train128):
 
 
 def test_recover_brings_student_closer_to_teacher(teacher, train128):
-    from onnxc.verify import Runner
+    from onnxc.execution import Runner
 
     student = prune_block_internal(teacher.copy())
     x = train128.inputs["input"]

@@ -17,7 +17,7 @@ from conftest import light_model_path, randomize_weights
 from onnxc import frontend
 from onnxc.errors import UnsupportedError
 from onnxc.passes.recover.torch_graph import QuantWeight, TorchGraph
-from onnxc.verify import Runner
+from onnxc.execution import Runner
 
 
 def _torch_out(graph, x):

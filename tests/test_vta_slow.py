@@ -26,7 +26,7 @@ def test_resnet20_top1_through_the_simulator(resnet20_path, cifar_train_path, ci
     from onnxc import frontend
     from onnxc.backends.vta.runtime import load_artifact
     from onnxc.calibrate.readers import load_npz
-    from onnxc.verify import Runner
+    from onnxc.execution import Runner
 
     rep = _compile(resnet20_path, cifar_train_path, tmp_path / "out")["vta"]
     assert not rep["host_layers"], rep["host_layers"]

@@ -49,7 +49,8 @@ def bench_fc_model(model_path: pathlib.Path = FC_MODEL, fits: str = "all") -> No
     from onnxc import frontend
     from onnxc.calibrate.readers import load_npz
     from onnxc.compress import compress
-    from onnxc.verify import Runner, compare_outputs, top1
+    from onnxc.execution import Runner
+    from onnxc.verify import compare_outputs, top1
 
     original = frontend.load(str(model_path))
     test = load_npz(str(SHARED / "data" / "cifar10" / "test_dev.npz"), original,
@@ -128,7 +129,7 @@ def bench_zoo(randomize: bool) -> None:
 
     from onnxc import frontend
     from onnxc.pipeline import Context, PassManager, resolve_passes
-    from onnxc.verify import Runner
+    from onnxc.execution import Runner
 
     for name in ("vgg19", "bvlc_alexnet", "zfnet512"):
         start = time.perf_counter()

@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 def latency_ratio(a, b, feeds: dict, warmup: int = 3, reps: int = 10):
     """Median seconds per batch of a and b, measured alternately, and a/b."""
-    from onnxc.verify import Runner
+    from onnxc.execution import Runner
 
     ra, rb = Runner(a), Runner(b)
     for _ in range(warmup):
@@ -105,7 +105,7 @@ def _logits(graph, data):
     """The model's output before a final Softmax (VGG-19 ends with one): tied or saturated
     probabilities would hide the error of the FC layers."""
     from onnxc.passes._activations import collect
-    from onnxc.verify import Runner
+    from onnxc.execution import Runner
 
     out = graph.gs.outputs[0]
     producer = out.inputs[0] if len(out.inputs) else None

@@ -53,7 +53,7 @@ def shapes(graph) -> tuple:
 def latencies(models: dict, batch=64, warmup=3, reps=20, threads=None) -> dict:
     """Median ORT latency (ms) of each model on the same batch; runs interleaved so
     load changes hit every model alike."""
-    from onnxc.verify import Runner
+    from onnxc.execution import Runner
 
     runners = {k: Runner(m, threads) for k, m in models.items()}
     name = next(iter(runners.values())).input_names[0]

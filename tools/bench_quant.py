@@ -53,12 +53,10 @@ def _compress(model, passes, options, train, test, calib_samples=512):
 
 
 def _session(model_bytes: bytes, threads: int = 2):
-    import onnxruntime as ort
+    from onnxc.execution import session
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.log_severity_level = 3
-    return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
+    # sessions are timed interleaved: idle ones must not spin through the others' turns
+    return session(model_bytes, threads=threads, spinning=False)
 
 
 def _logits(sess, x) -> np.ndarray:

@@ -29,6 +29,8 @@ import time
 
 import numpy as np
 
+from onnxc.errors import first_line
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = pathlib.Path(os.environ.get("ONNXC_SHARED", REPO.parent / "shared"))
 CIFAR = dict(scale=1 / 255.0, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
@@ -87,9 +89,10 @@ def datasets(graph):
 def ort_latency_pair(a, b, batch: int, rounds: int = 7, per_round: int | None = None,
                      threads: int = 2) -> tuple[float, float]:
     """Median ms per inference of models a and b, interleaved round by round."""
-    from onnxc.verify import _session
+    from onnxc.execution import session
 
-    sa, sb = _session(a, threads), _session(b, threads)
+    # no spinning: an idle session's threads would busy-wait through the other's turn
+    sa, sb = (session(m, threads=threads, spinning=False) for m in (a, b))
     name_a, name_b = sa.get_inputs()[0].name, sb.get_inputs()[0].name
     x = np.random.default_rng(0).standard_normal((batch, 3, 32, 32)).astype(np.float32)
     for s, n in ((sa, name_a), (sb, name_b)):
@@ -118,7 +121,7 @@ def tvm_latency(model) -> tuple[float | None, str]:
         took = sum(took.values()) if isinstance(took, dict) else (took or 0.0)
         return float(fig["median_ms"]), f"untuned, build {took:.0f} s"
     except Exception as exc:          # report, never abort the suite
-        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+        return None, f"{type(exc).__name__}: {first_line(exc, 120)}"
 
 
 def storage_bytes(report: dict) -> int:
@@ -196,7 +199,7 @@ def select_criterion(model_path, graph, train, registry, cache: dict, name: str)
                                  calibration=train, seed=0, log=lambda m: None)
             scores[crit] = round(top1(res.graph, held), 2)
         except Exception as exc:
-            log(f"  criterion {crit}: failed ({str(exc).splitlines()[0][:100]})")
+            log(f"  criterion {crit}: failed ({first_line(exc, 100)})")
     best = max(scores, key=scores.get) if scores else "l1"
     cache[name] = {"criterion": best, "train_top1_at_prune50": scores}
     log(f"  {name}: prune criterion {best} (train top-1 at -50% FLOPs: {scores})")
@@ -241,7 +244,7 @@ def run_config(model: str, model_path, config: str, criterion: str, train, test,
             res = compress(str(model_path), needed_passes(config), options=opts,
                            calibration=train, evaluation=test, seed=0, log=say)
     except Exception as exc:
-        row["status"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+        row["status"] = f"failed: {type(exc).__name__}: {first_line(exc, 160)}"
         return row
     rep = res.report
     ref = bases[base] if recovering else None

@@ -46,7 +46,7 @@ SHARED = os.environ.get("ONNXC_SHARED", os.path.join(HERE, "..", "..", "shared")
 def ort_latency(model: onnx.ModelProto, x: np.ndarray, repeat: int) -> float:
     import onnxruntime as ort
 
-    from onnxc.backends.tvm.runtime import Artifact, benchmark
+    from onnxc.backends.artifact import Artifact, benchmark
 
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name

@@ -69,7 +69,7 @@ def accuracy(out_dir, test, samples):
     from onnxc import frontend
     from onnxc.backends.vta.runtime import load_artifact
     from onnxc.calibrate.readers import Preprocess, load_npz
-    from onnxc.verify import Runner
+    from onnxc.execution import Runner
 
     art = load_artifact(out_dir)
     ds = load_npz(str(test), frontend.load(os.path.join(out_dir, "model.onnx")),

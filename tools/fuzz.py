@@ -41,6 +41,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from onnxc.errors import first_line
+
 UNARY = ["Relu", "Sigmoid", "Tanh", "LeakyRelu", "Identity", "Dropout", "Clip", "HardSigmoid"]
 LOSSY = ["prune", "lowrank", "sparsify", "gap"]
 QUANT = ["int8", "ternary", "binary"]          # at most one of them per case
@@ -358,7 +360,7 @@ def _check(case: Case, src: pathlib.Path, digest: str, out: pathlib.Path) -> str
             feeds[i.name] = np.random.default_rng(0).normal(size=shape).astype(np.float32)
         sess.run(None, feeds)
     except Exception as exc:  # noqa: BLE001
-        return f"the artifact does not run: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+        return f"the artifact does not run: {type(exc).__name__}: {first_line(exc)}"
     return None
 
 

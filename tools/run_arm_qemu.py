@@ -22,7 +22,7 @@ import numpy as np
 
 def main(argv=None) -> int:
     from onnxc.backends.tvm.qemu import run_under_qemu
-    from onnxc.backends.tvm.runtime import Artifact, read_inputs
+    from onnxc.backends.artifact import Artifact, read_inputs
     from onnxc.errors import OnnxcError, VerificationError
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -47,7 +47,7 @@ def main(argv=None) -> int:
         if args.output:
             np.save(args.output, outputs[0])
         if args.compare:
-            from onnxc.backends.tvm.runtime import load_artifact
+            from onnxc.backends.artifact import load_artifact
             from onnxc.verify import compare_outputs
 
             ref = load_artifact(args.compare).run(feeds)

@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     import torch.nn.functional as F
 
     from onnxc.frontend import from_torch
-    from onnxc.verify import Runner
+    from onnxc.execution import Runner
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)

@@ -10,7 +10,8 @@ Python API for other onnxc code (TVM is imported lazily, only when used):
 
 - :func:`compile_model` — compile an ONNX model / IR graph for a target into a dir.
 - :func:`x86_latency` — compile for this host (optionally tuned) and time it.
-- :func:`load_artifact`, :func:`benchmark` — run or time an artifact directory.
+- :func:`load_artifact`, :func:`benchmark` — run or time an artifact directory (any
+  target: see :mod:`onnxc.backends.artifact`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import tempfile
 from onnxc.backends import Backend, Option, register_backend
 from onnxc.options import non_negative_int, positive
 
+from .constants import TARGET_FILE
 from .targets import DEFAULT_CUDA_ARCH
 
 TUNE_OPTIONS = (
@@ -79,6 +81,14 @@ class _TvmBackend(Backend):
     # CUDA) and its fp32 kernels vectorise along them; 8 keeps narrow layers on whole
     # vectors and lets layers of one stage share tuning tasks.
     channel_multiple = 8
+
+    artifact_marker = TARGET_FILE
+
+    @classmethod
+    def load_artifact(cls, path):
+        from .runtime import load
+
+        return load(path)
 
     def validate(self, ctx) -> None:
         # Resolve the target now so bad flags fail before any pass runs.
@@ -160,13 +170,13 @@ def compile_model(*args, **kwargs):
 
 
 def load_artifact(path):
-    from .runtime import load_artifact as impl
+    from onnxc.backends.artifact import load_artifact as impl
 
     return impl(path)
 
 
 def benchmark(*args, **kwargs):
-    from .runtime import benchmark as impl
+    from onnxc.backends.artifact import benchmark as impl
 
     return impl(*args, **kwargs)
 
@@ -179,9 +189,10 @@ def x86_latency(model, input_shapes: dict | None = None, tune_trials: int = 0,
     Returns the :func:`benchmark` figures plus ``compile`` seconds and ``tuning``
     stats. The artifact goes to ``out_dir`` (a temporary directory by default).
     """
+    from onnxc.backends.artifact import benchmark as bench
+
     from .build import compile_model as impl
-    from .runtime import benchmark as bench
-    from .runtime import load_artifact as load
+    from .runtime import load
 
     opts = dict(options, tune_trials=tune_trials, tune_db=tune_db)
     with tempfile.TemporaryDirectory(prefix="onnxc-tvm-") as tmp:

@@ -21,17 +21,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from onnxc.errors import BackendError, UnsupportedError, UsageError
+from onnxc.backends.artifact import random_input
+from onnxc.errors import BackendError, UnsupportedError, UsageError, first_line
 from onnxc.ir import Graph
 
 from . import targets as T
+from .constants import FLOAT_TOLERANCE, LIBRARY, LIBRARY_TAR, QDQ_TOLERANCE, TARGET_FILE
 from .tuning import TuningStats, tune
 
-LIBRARY = "model.so"
-LIBRARY_TAR = "model.tar"
-TARGET_FILE = "target.json"
-FLOAT_TOLERANCE = 1e-4
-QDQ_TOLERANCE = 5e-2
 
 
 @dataclass
@@ -139,7 +136,7 @@ def import_relax(model: onnx.ModelProto, inputs: list):
         return from_onnx(model, shape_dict=shape_dict, dtype_dict=dtype_dict)
     except Exception as exc:  # the importer raises anything from KeyError to TVMError
         ops = sorted({n.op_type for n in model.graph.node})
-        raise UnsupportedError(f"TVM's ONNX importer failed: {T._first_line(exc)} "
+        raise UnsupportedError(f"TVM's ONNX importer failed: {first_line(exc)} "
                                f"(ops in graph: {', '.join(ops)})") from None
 
 
@@ -220,7 +217,7 @@ def compile_model(model, target="x86", out_dir: str = ".", options: dict | None 
             executable = tvm.compile(mod, tvm_target)
     except Exception as exc:
         raise BackendError(f"TVM failed to compile for {spec.preset}: "
-                           f"{T._first_line(exc)}") from None
+                           f"{first_line(exc)}") from None
     seconds["compile"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -258,7 +255,7 @@ def _export(executable, spec: T.TargetSpec, out_dir: str, files: list) -> str:
         try:
             executable.export_library(path)
         except Exception as exc:
-            raise BackendError(f"exporting the library failed: {T._first_line(exc)}") from None
+            raise BackendError(f"exporting the library failed: {first_line(exc)}") from None
         with open(os.path.join(out_dir, "LINK.txt"), "w") as f:
             gxx = T.CROSS_COMPILERS.get(spec.arch, "g++")
             f.write(f"No cross compiler for {spec.arch} was found where this artifact was\n"
@@ -278,7 +275,7 @@ def _export(executable, spec: T.TargetSpec, out_dir: str, files: list) -> str:
         executable.export_library(path, fcompile=fcompile)
     except Exception as exc:
         raise BackendError(f"linking the library with {spec.compiler} failed: "
-                           f"{T._first_line(exc)}") from None
+                           f"{first_line(exc)}") from None
     files.append(LIBRARY)
     return path
 
@@ -337,16 +334,17 @@ def _cuda_device_code(executable, spec, out_dir, files, log) -> list:
 def verify_against_onnxruntime(result: CompiledModel, model: onnx.ModelProto,
                                samples: int = 4, seed: int = 0) -> dict:
     """Run the library and ONNX Runtime on the same random inputs; compare outputs."""
-    from onnxc.verify import Runner, compare_outputs
+    from onnxc.execution import Runner
+    from onnxc.verify import compare_outputs
 
-    from .runtime import load_artifact
+    from .runtime import load
 
     rng = np.random.default_rng(seed)
-    art = load_artifact(result.out_dir)
+    art = load(result.out_dir)
     ort = Runner(model)
     refs, outs = [], []
     for _ in range(samples):
-        feeds = {i["name"]: _random_input(rng, i) for i in result.inputs}
+        feeds = {i["name"]: random_input(rng, i) for i in result.inputs}
         refs.append(ort.session.run(None, feeds))
         outs.append(art.run(feeds))
     ref = [np.concatenate([r[k] for r in refs]) for k in range(len(refs[0]))]
@@ -354,15 +352,3 @@ def verify_against_onnxruntime(result: CompiledModel, model: onnx.ModelProto,
     cmp = compare_outputs(ref, out)
     return {"against": "onnxruntime", "samples": samples, "max_rel": cmp.max_rel,
             "max_abs": cmp.max_abs}
-
-
-def _random_input(rng, spec: dict) -> np.ndarray:
-    dtype = np.dtype(spec["dtype"])
-    if dtype.kind == "f":
-        return rng.standard_normal(spec["shape"]).astype(dtype)
-    if dtype.kind in "iu":
-        return rng.integers(0, 2, spec["shape"]).astype(dtype)
-    if dtype.kind == "b":
-        return rng.integers(0, 2, spec["shape"]).astype(bool)
-    raise UnsupportedError(f"input '{spec['name']}' has dtype {dtype}, which onnxc cannot "
-                           f"generate test data for")

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
-
 from onnxc.commands import register_command
-from onnxc.errors import OutputError
 
 
 def _configure_run(sub) -> None:
@@ -30,7 +27,7 @@ def _configure_bench(sub) -> None:
 
 @register_command("run", _configure_run)
 def cmd_run(args) -> int:
-    from .runtime import load_artifact, read_inputs
+    from onnxc.backends.artifact import load_artifact, read_inputs, save_outputs
 
     art = load_artifact(args.artifact)
     outputs = art.run(read_inputs(args.input, art))
@@ -40,20 +37,14 @@ def cmd_run(args) -> int:
         head = ", ".join(f"{v:.5g}" for v in flat[:6]) + (", ..." if flat.size > 6 else "")
         print(f"{name}: {out.dtype} {list(out.shape)} [{head}]")
     if args.output:
-        try:
-            if args.output.endswith(".npz"):
-                np.savez(args.output, **dict(zip(names, outputs)))
-            else:
-                np.save(args.output, outputs[0])
-        except OSError as exc:
-            raise OutputError(f"cannot write {args.output}: {exc.strerror}") from None
+        save_outputs(args.output, names, outputs)
         print(f"saved to {args.output}")
     return 0
 
 
 @register_command("bench", _configure_bench)
 def cmd_bench(args) -> int:
-    from .runtime import benchmark, load_artifact, read_inputs
+    from onnxc.backends.artifact import benchmark, load_artifact, read_inputs
 
     art = load_artifact(args.artifact)
     feeds = read_inputs(args.input, art) if args.input else None

@@ -21,7 +21,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 
-from onnxc.errors import BackendError, UsageError
+from onnxc.errors import BackendError, UsageError, first_line
 
 # Compiler per LLVM triple prefix when cross-compiling (Debian cross toolchains).
 CROSS_COMPILERS = {
@@ -54,7 +54,7 @@ class TargetSpec:
             return tvm.target.Target(self.target)
         except Exception as exc:   # TVM raises assorted errors for bad attrs/kinds
             raise UsageError(f"invalid TVM target {json.dumps(self.target)}: "
-                             f"{_first_line(exc)}") from None
+                             f"{first_line(exc)}") from None
 
     @property
     def runs_here(self) -> bool:
@@ -66,16 +66,6 @@ class TargetSpec:
     def as_dict(self) -> dict:
         return {"preset": self.preset, "target": self.target, "host": self.host,
                 "device": self.device, "arch": self.arch, "compiler": self.compiler}
-
-
-def _first_line(exc) -> str:
-    text = str(exc).strip()
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    # TVM errors end with the interesting line ("...Error: message"); tracebacks precede it.
-    for ln in reversed(lines):
-        if "Error" in ln or "error" in ln:
-            return ln.strip()[:300]
-    return (lines[-1] if lines else type(exc).__name__)[:300]
 
 
 def _host_arch(machine: str) -> str:

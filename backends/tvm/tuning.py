@@ -19,9 +19,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from onnxc.errors import BackendError, UsageError
+from onnxc.errors import BackendError, UsageError, first_line
 
-from . import targets as T
 
 DEFAULT_DB = os.path.join(os.environ.get("XDG_CACHE_HOME",
                                          os.path.join(os.path.expanduser("~"), ".cache")),
@@ -82,7 +81,7 @@ def check_tracker(host: str, port: int, key: str) -> None:
         summary = tracker.summary()
     except Exception as exc:
         raise BackendError(f"cannot reach the RPC tracker at {host}:{port}: "
-                           f"{T._first_line(exc)}") from None
+                           f"{first_line(exc)}") from None
     # summary(): {"server_info": [{"key": "server:KEY", ...}], "queue_info": {KEY: {...}}}
     names = {str(s.get("key", "")).split(":")[-1] for s in summary.get("server_info", [])}
     names |= set(summary.get("queue_info", {}) or {})
@@ -487,7 +486,7 @@ def open_database(db_dir: str, equality: str, log):
     try:
         return ms.database.JSONDatabase(work_dir=db_dir, module_equality=equality)
     except Exception as exc:     # noqa: BLE001 - TVM raises RuntimeError/ValueError alike
-        reason = T._first_line(exc)[:160]
+        reason = first_line(exc)[:160]
     paths = [os.path.join(db_dir, f"database_{kind}.json")
              for kind in ("workload", "tuning_record")]
     workloads, records, bad = [], [], 0
@@ -580,7 +579,7 @@ def apply_database(mod, db, target, only=None):
         except (AttributeError, TypeError, NameError, ImportError):
             raise                  # a bug here, not a record that does not fit
         except Exception as exc:   # ScheduleError, TVMError: the trace does not fit
-            failed.append((gv.name_hint, T._first_line(exc)[:160]))
+            failed.append((gv.name_hint, first_line(exc)[:160]))
             continue
         new = sch.mod["main"]
         # the kernel's own attributes (symbol, layout-free buffers), not the query's
@@ -699,7 +698,7 @@ class _Session:
                                                int(self.options.get("seed") or 0))
         except Exception as exc:
             raise BackendError(f"MetaSchedule could not set up tuning: "
-                               f"{T._first_line(exc)}") from None
+                               f"{first_line(exc)}") from None
         ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
         starts = _round_starts(len(contexts), self.log)
         ms_logger.addHandler(starts)
@@ -714,7 +713,7 @@ class _Session:
         except (UsageError, BackendError):
             raise
         except Exception as exc:
-            raise BackendError(f"MetaSchedule tuning failed: {T._first_line(exc)}") from None
+            raise BackendError(f"MetaSchedule tuning failed: {first_line(exc)}") from None
         finally:
             ms_logger.removeHandler(starts)
 

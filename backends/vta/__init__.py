@@ -30,6 +30,7 @@ from onnxc.pipeline import PassWith
 from .config import DEFAULT, VtaConfig
 
 HOSTS = ("onnx", "x86", "arm")
+PROGRAM_FILE = os.path.join("vta", "program.json")
 
 
 def config_from_options(options: dict) -> VtaConfig:
@@ -108,6 +109,7 @@ def compile_graph(graph, cfg, residual: bool = False):
 class VtaBackend(Backend):
     name = "vta"
     summary = "VTA FPGA accelerator: int8 conv/dense on VTA (simulated), rest on the host"
+    artifact_marker = PROGRAM_FILE
     options = (
         Option("--vta-config", str, None, "VTA configuration JSON (vta_config.json keys: "
                "LOG_BLOCK, LOG_*_BUFF_SIZE, ...; plus cycle-model keys)"),
@@ -132,13 +134,19 @@ class VtaBackend(Backend):
                                   ("int8_mode", ("static",))),
                          hint="VTA takes int8 activations with power-of-two scales"),)
 
+    @classmethod
+    def load_artifact(cls, path):
+        from .runtime import load_artifact
+
+        return load_artifact(path)
+
     def validate(self, ctx) -> None:
         config_from_options(self.config)
 
     def build(self, graph, ctx, out_dir, report) -> None:
         import gc
 
-        from .runtime import PROGRAM_FILE, VtaArtifact, save_layer
+        from .runtime import VtaArtifact, save_layer
 
         cfg = config_from_options(self.config)
         host, programs, placement, layer_reports = compile_graph(
@@ -197,7 +205,8 @@ class VtaBackend(Backend):
 def verify_artifact(art, graph, ctx, n: int) -> dict:
     """Run ``art`` on ``n`` verification samples: per-layer bit-exactness against the
     numpy integer reference and output agreement with ONNX Runtime on the QDQ graph."""
-    from onnxc.verify import Runner, Verifier
+    from onnxc.execution import Runner
+    from onnxc.verify import Verifier
 
     from .qlayer import reference
 
@@ -264,25 +273,9 @@ def _max_diff(ref, outs) -> float:
 
 def _ort_basic(model, feeds) -> list:
     """Outputs of ``model`` on ONNX Runtime with basic graph optimisations only."""
-    import onnxruntime as ort
+    from onnxc.execution import Runner
 
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(model.SerializeToString(), so,
-                                providers=["CPUExecutionProvider"])
-    first = sess.get_inputs()[0].shape[0]
-    n = len(next(iter(feeds.values())))
-    step = first if isinstance(first, int) else n
-    chunks = []
-    for k in range(0, n, step):
-        part = {key: v[k:k + step] for key, v in feeds.items()}
-        got = len(next(iter(part.values())))
-        if got < step:
-            part = {key: np.concatenate([v, np.repeat(v[-1:], step - got, 0)])
-                    for key, v in part.items()}
-        chunks.append([o[:got] for o in sess.run(None, part)])
-    return [np.concatenate([c[i] for c in chunks]) for i in range(len(chunks[0]))]
+    return Runner(model, optimize="basic").run(feeds, batch_size=None)
 
 
 def _save_host(host, path: str) -> None:

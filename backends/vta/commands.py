@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from onnxc.commands import register_command
-from onnxc.errors import DataError, OutputError, UsageError
+from onnxc.errors import DataError, UsageError
 
 
 def _configure(sub) -> None:
@@ -19,7 +19,7 @@ def _configure(sub) -> None:
     p = sub.add_parser("vta-sim", help="run a --target vta artifact in the VTA simulator")
     p.add_argument("artifact", help="artifact directory written by onnxc compress --target vta")
     p.add_argument("--input", help="input array (.npy) for the model's first input")
-    p.add_argument("--output", help="save the first output (.npy)")
+    p.add_argument("--output", help="save the first output (.npy) or all outputs (.npz)")
     p.add_argument("--dump", type=int, metavar="LAYER", default=None,
                    help="print the decoded instruction stream of one VTA layer and exit")
     p.add_argument("--schedule", default="load-first",
@@ -54,19 +54,19 @@ def cmd_vta_sim(args) -> int:
         except (OSError, ValueError) as exc:
             raise DataError(f"cannot read {args.input}: {exc}") from None
         feeds = {name: x}
-    elif args.eval_data:
+    elif args.eval_data or args.input_data:
         from onnxc import frontend
         from onnxc.commands import data_loaders
 
-        _, eval_ = data_loaders(args)
-        ds = eval_(frontend.load(f"{args.artifact}/model.onnx"))
+        given, eval_ = data_loaders(args)
+        ds = (eval_ or given)(frontend.load(f"{args.artifact}/model.onnx"))
         feeds, labels = ds.inputs, ds.labels
     else:
-        raise UsageError("give --input x.npy or --eval-data data.npz")
+        raise UsageError("give --input x.npy, --input-data or --eval-data data.npz")
     outs = art.run(feeds, schedule=schedule)
     print(layer_table(art))
     if labels is not None:
-        from onnxc.verify import Runner
+        from onnxc.execution import Runner
 
         ref = Runner(art.qdq_model()).run(feeds)[0]
         pred = outs[0].reshape(len(outs[0]), -1).argmax(1)
@@ -81,10 +81,9 @@ def cmd_vta_sim(args) -> int:
         print(f"{art.outputs[0]['name']}: {outs[0].dtype} {list(outs[0].shape)} "
               f"[{', '.join(f'{v:.5g}' for v in flat[:6])}{', ...' if flat.size > 6 else ''}]")
     if args.output:
-        try:
-            np.save(args.output, outs[0])
-        except OSError as exc:
-            raise OutputError(f"cannot write {args.output}: {exc.strerror}") from None
+        from onnxc.backends.artifact import save_outputs
+
+        save_outputs(args.output, [o["name"] for o in art.outputs], outs)
         print(f"saved to {args.output}")
     return 0
 

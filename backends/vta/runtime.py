@@ -16,14 +16,13 @@ import numpy as np
 import onnx
 
 from onnxc.errors import BackendError, DataError, UsageError
+from onnxc.execution import in_slices
 
-from . import isa
+from . import PROGRAM_FILE, isa
 from .config import VtaConfig
 from .lower import Program, Tiling
 from .partition import DOMAIN, OP
 from .qlayer import QLayer
-
-PROGRAM_FILE = os.path.join("vta", "program.json")
 
 
 def save_layer(prog: Program, vta_dir: str, idx: int) -> dict:
@@ -141,18 +140,10 @@ class VtaArtifact:
         """Outputs for ``feeds``; a model compiled with a fixed batch runs chunk by chunk
         (the last chunk padded by repeating its final sample)."""
         fixed = self.inputs[0]["shape"][0] if self.inputs and self.inputs[0]["shape"] else None
-        n = len(np.asarray(next(iter(feeds.values())))) if feeds else 0
-        if not isinstance(fixed, int) or fixed == n or n == 0:
-            return self._run(feeds, schedule)
-        chunks = []
-        for start in range(0, n, fixed):
-            part = {k: np.asarray(v)[start:start + fixed] for k, v in feeds.items()}
-            got = len(next(iter(part.values())))
-            if got < fixed:
-                part = {k: np.concatenate([v, np.repeat(v[-1:], fixed - got, 0)])
-                        for k, v in part.items()}
-            chunks.append([o[:got] for o in self._run(part, schedule)])
-        return [np.concatenate([c[i] for c in chunks]) for i in range(len(chunks[0]))]
+        names = list(feeds)
+        return in_slices(lambda *parts: self._run(dict(zip(names, parts)), schedule),
+                         [np.asarray(feeds[k]) for k in names],
+                         fixed if isinstance(fixed, int) else None)
 
     def _run(self, feeds: dict, schedule) -> list:
         env = {}
@@ -258,34 +249,28 @@ def host_segments(model: onnx.ModelProto):
 
 
 def _ort_runner(model):
-    from onnxc.verify import _session
+    from onnxc.execution import session
 
-    session = _session(model)
-    return lambda feeds, outs: session.run(outs, feeds)
+    ort = session(model)
+    return lambda feeds, outs: ort.run(outs, feeds)
 
 
 def _tvm_runner(lib_dir):
     """Run a TVM-compiled host segment (compiled for one sample) on any batch."""
-    from onnxc.backends.tvm.runtime import load_artifact as load_tvm
+    from onnxc.backends.tvm.runtime import load
 
-    art = load_tvm(lib_dir)
+    art = load(lib_dir)
     names = [o["name"] for o in art.outputs]
 
     b = art.inputs[0]["shape"][0] if art.inputs and art.inputs[0]["shape"] else 1
     b = b if isinstance(b, int) and b > 0 else 1
 
     def run(feeds, outs):
-        n = len(next(iter(feeds.values())))
-        parts = []
-        for i in range(0, n, b):       # the library's compiled batch; pad the last chunk
-            chunk = {k: v[i:i + b] for k, v in feeds.items()}
-            got = len(next(iter(chunk.values())))
-            if got < b:
-                chunk = {k: np.concatenate([v, np.repeat(v[-1:], b - got, 0)])
-                         for k, v in chunk.items()}
-            parts.append([o[:got] for o in art.run(chunk)])
-        got = {name: np.concatenate([p[j] for p in parts]) for j, name in enumerate(names)}
-        return [got[o] for o in outs]
+        keys = list(feeds)
+        # the library's compiled batch; the last chunk is padded
+        got = in_slices(lambda *parts: art.run(dict(zip(keys, parts))),
+                        [feeds[k] for k in keys], b)
+        return [dict(zip(names, got))[o] for o in outs]
     return run
 
 

@@ -33,13 +33,6 @@ from .criteria import scores as criterion_scores
 from .groups import DependencyGraph, rewrite
 
 
-def name_nodes(graph) -> None:
-    """Groups, skips and reports refer to layers by name: give unnamed nodes one."""
-    for node in graph.nodes:
-        if not node.name:
-            node.name = graph.unique_name(f"{node.op}_{node.outputs[0].name}")
-
-
 def prunable_groups(dg, skip_patterns, report=None, residual=True):
     """Groups that may be pruned: not blocked, not skipped. Reports the others."""
     matched = {p: 0 for p in skip_patterns}
@@ -128,7 +121,7 @@ class Prune(Pass):
         multiple = cfg.prune_multiple
         samples = cfg.prune_samples
 
-        name_nodes(graph)
+        graph.name_nodes()
         dg = DependencyGraph(graph)
         groups = prunable_groups(dg, skip, report, residual=cfg.prune_residual)
         if not groups:

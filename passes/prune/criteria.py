@@ -27,7 +27,7 @@ import numpy as np
 
 from onnxc.errors import UsageError
 
-from .activations import stream
+from onnxc.passes._activations import stream
 
 
 def filters(src) -> np.ndarray:

@@ -86,6 +86,14 @@ class Group:
         return ", ".join(names) + more
 
 
+# Ops that may read a tensor whose channel axis merges the batch with heads (torch's
+# [T, B*H, Dh] before [B, H, T, Dh]): they never index positions along that axis.
+BATCHY_SAFE = frozenset((
+    "Reshape", "Transpose", "Squeeze", "Unsqueeze", "MatMul", "Softmax", "LogSoftmax",
+    "Mul", "Div", "Add", "Sub", "Cast", "Identity", "Dropout", "Shape", "Relu", "Gelu",
+    "Erf", "Sqrt", "Exp", "Tanh", "Sigmoid"))
+
+
 class DependencyGraph:
     """Slots, their couplings and the per-op records the pruner needs."""
 
@@ -103,24 +111,48 @@ class DependencyGraph:
         self.mac_nodes: list[MacNode] = []
         self.grouped: list = []        # [(in slots (G, C_in/G), out slots (G, C_out/G))]
         self.rules: dict = {}          # id(node) -> rule instance (for the rewrite)
+        self.attention: list = []      # head slots coupled by activation×activation MatMuls
+        self._fixed_mark = np.zeros(0, bool)   # slots fixed so far (during the walk)
+        self._probes: dict = {}        # probe batch -> {tensor name: concrete shape}
 
         graph.gs.toposort()
         for tensor in graph.gs.inputs:
             info = self.fresh_info(tensor)
             if info is not None:
                 self.fix(info.slots, f"channels of graph input '{tensor.name}'")
+        self.batchy: set = set()       # tensors whose channel axis also carries the batch
         for node in graph.gs.nodes:
             rule = rule_for(node)
-            reason = rule.propagate(self, node)
+            if node.op not in BATCHY_SAFE and any(
+                    isinstance(t, gs.Variable) and t.name in self.batchy for t in node.inputs):
+                reason = "channel axis merged with the batch (e.g. [B*heads, T, d])"
+            else:
+                reason = rule.propagate(self, node)
             if reason:
                 self.block_node(node, reason)
             else:
                 self.rules[id(node)] = rule
+                self._mark_batchy(node)
         for tensor in graph.gs.outputs:
             info = self.info.get(tensor.name)
             if info is not None:
                 self.fix(info.slots, f"reaches graph output '{tensor.name}'")
         self._solve()
+
+    def _mark_batchy(self, node) -> None:
+        """An output whose tracked axis grows with the batch (probed at 1 and 2) holds the
+        heads once per sample: only ops in BATCHY_SAFE may read it."""
+        if not any(isinstance(t, gs.Variable) and t.name in self.batchy
+                   for t in node.inputs) and node.op not in ("Reshape", "Transpose"):
+            return
+        for t in node.outputs:
+            info = self.info.get(t.name)
+            if info is None:
+                continue
+            p1, p2 = self.probe_shape(t, 1), self.probe_shape(t, 2)
+            if p1 is not None and p2 is not None and info.axis < len(p1) \
+                    and p1[info.axis] != p2[info.axis]:
+                self.batchy.add(t.name)
 
     # ---- used by rules ----------------------------------------------------------------
     def new_slots(self, n: int) -> np.ndarray:
@@ -136,7 +168,61 @@ class DependencyGraph:
 
     def fix(self, slots: np.ndarray, reason: str) -> None:
         if len(slots):
-            self.fixed.append((np.asarray(slots, np.int64), reason))
+            slots = np.asarray(slots, np.int64)
+            self.fixed.append((slots, reason))
+            if len(self._fixed_mark) < self.count:
+                self._fixed_mark = np.concatenate(
+                    [self._fixed_mark, np.zeros(self.count - len(self._fixed_mark), bool)])
+            self._fixed_mark[slots] = True
+
+    def all_fixed(self, slots: np.ndarray) -> bool:
+        """True when every slot is already fixed (so whatever it is coupled to later stays
+        whole too): e.g. the token axis of a transformer's residual stream."""
+        slots = np.asarray(slots, np.int64)
+        return bool(len(slots)) and bool(np.all(slots < len(self._fixed_mark))) \
+            and bool(self._fixed_mark[slots].all())
+
+    def probe_shape(self, tensor, value: int):
+        """Concrete shape of ``tensor`` when every symbolic dim of the graph inputs is
+        ``value`` (ONNX shape inference with data propagation, so Reshape targets
+        computed from Shape subgraphs resolve). None if it does not resolve.
+
+        Reshape rules read shapes at batch 1: an axis that merges the batch with heads
+        (torch's ``[T, B*H, Dh]``) then shows its per-sample size, which is what its
+        slots describe; a second probe tells batch-dependent target entries apart."""
+        if value not in self._probes:
+            import onnx
+
+            shapes = {}
+            try:
+                probe = self.graph._skeleton()
+                for inp in probe.graph.input[:len(self.graph.gs.inputs)]:
+                    for d in inp.type.tensor_type.shape.dim:
+                        if not d.HasField("dim_value"):
+                            d.dim_value = value
+            except Exception:   # the IR cannot be exported: shapes stay unresolved
+                probe = None
+            # ONNX data propagation, then ONNX Runtime's symbolic inference for what it
+            # leaves open (it evaluates Div/Mod on shapes: Swin's window counts).
+            for infer in (lambda m: onnx.shape_inference.infer_shapes(m, data_prop=True),
+                          _ort_symbolic_shapes):
+                if probe is None:
+                    break
+                try:
+                    model = infer(probe)
+                except Exception:   # inference fails on some graphs: try the next one
+                    continue
+                for vi in list(model.graph.value_info) + list(model.graph.output) \
+                        + list(model.graph.input):
+                    tt = vi.type.tensor_type
+                    if vi.name not in shapes and tt.HasField("shape") and all(
+                            d.HasField("dim_value") for d in tt.shape.dim):
+                        shapes[vi.name] = tuple(int(d.dim_value) for d in tt.shape.dim)
+            self._probes[value] = shapes
+        name = getattr(tensor, "name", None)
+        if isinstance(tensor, gs.Constant):
+            return tuple(int(d) for d in tensor.values.shape)
+        return self._probes[value].get(name)
 
     def info_of(self, tensor) -> TensorInfo | None:
         """Channel info of a variable tensor (None for constants / unknown shapes)."""
@@ -174,7 +260,7 @@ class DependencyGraph:
             if t.name in self.info:
                 self.fix(self.info[t.name].slots, why)
             else:
-                info = self.fresh_info(t)
+                info = self.fresh_info(t, _feature_axis(node, t))
                 if info is not None:
                     self.fix(info.slots, why)
 
@@ -225,11 +311,16 @@ class DependencyGraph:
             grp = self.groups[self.class_group[cl[0]]]
             if s.node.name not in grp.sources:
                 grp.sources.append(s.node.name)
+        # Separate q, k and v projections share each head's class through the attention
+        # MatMuls, not through a residual sum: that alone does not make a group residual.
+        heads = np.zeros(k, bool)
+        for slots in self.attention:
+            heads[self.label[slots]] = True
         for g in self.groups:
             reasons = [self.fixed_reason[int(c)] for c in g.classes
                        if int(c) in self.fixed_reason]
             g.blocked = reasons[0] if reasons else None
-            g.residual = bool((n_src[g.classes] > 1).any())
+            g.residual = bool(((n_src[g.classes] > 1) & ~heads[g.classes]).any())
 
         # Subgroups: classes of a group found in exactly the same set of tensors.
         signature: dict[int, list] = {}
@@ -324,6 +415,28 @@ class DependencyGraph:
         """Names of tracked tensors that would lose every channel."""
         return [name for name, info in self.info.items()
                 if len(info.slots) and removed[self.label[info.slots]].all()]
+
+
+def _ort_symbolic_shapes(model):
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    out = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    if out is None:
+        raise ValueError("symbolic shape inference gave up")
+    return out
+
+
+def _feature_axis(node, tensor) -> int:
+    """Axis to track on the output of an op without a rule: the features of a
+    LayerNormalization or an embedding lookup (so the residual stream of a transformer
+    is reported as such), else axis 1."""
+    r = len(tensor.shape) if tensor.shape is not None else 0
+    if r >= 2 and node.op in ("LayerNormalization", "SimplifiedLayerNormalization",
+                              "SkipLayerNormalization", "RMSNormalization"):
+        return int(node.attrs.get("axis", -1)) % r
+    if r >= 2 and node.op == "Gather" and isinstance(node.inputs[0], gs.Constant):
+        return r - 1
+    return 1
 
 
 class Rewriter:

@@ -91,7 +91,6 @@ class Rule:
 class NoRule(Rule):
     REASONS = {
         "LRN": "LRN mixes neighbouring channels",
-        "Shape": "Shape reads the channel count",
         "DepthToSpace": "DepthToSpace moves channels into space",
         "SpaceToDepth": "SpaceToDepth moves space into channels",
         "GroupNormalization": "GroupNormalization normalises across channel groups",
@@ -170,7 +169,7 @@ class Elementwise(Rule):
         if out.shape is None or any(r is None for r in ranks):
             return "shapes unknown"
         r = len(out.shape)
-        chan = []                       # (info, mapped axis) of variable inputs
+        chan = []                       # (info, mapped axis, tensor, rank) of variable inputs
         for t, rt in zip(node.inputs, ranks):
             if isinstance(t, gs.Constant) or _const(t) is not None:
                 continue
@@ -179,19 +178,25 @@ class Elementwise(Rule):
                 if rt == 0 or all(d == 1 for d in t.shape):
                     continue            # a scalar activation broadcasts over channels
                 return "an input's channels are unknown"
-            chan.append((info, info.axis + (r - rt)))
+            chan.append((info, info.axis + (r - rt), t, rt))
         if not chan:
             return "no activation input"
-        full = [(i, a) for i, a in chan if len(i.slots) > 1] or chan
-        axis = full[0][1]
-        c_out = len(full[0][0].slots)
-        for info, a in chan:
+        full = [c for c in chan if len(c[0].slots) > 1] or chan
+        # Prefer an input whose channels may go (attention scores, not an additive
+        # mask [B, 1, 1, T] tracked on its fixed token axis).
+        full = [c for c in full if not dg.all_fixed(c[0].slots)] or full
+        ref, axis = full[0][0].slots, full[0][1]
+        c_out = len(ref)
+        for info, a, t, rt in chan:
             n = len(info.slots)
             if n == 1 and c_out > 1:
                 continue                # broadcast along channels
+            if a != axis and dg.all_fixed(info.slots) and axis - (r - rt) >= 0 \
+                    and t.shape[axis - (r - rt)] == 1:
+                continue                # broadcast along the channels; its own axis stays
             if a != axis or n != c_out:
                 return "inputs disagree on the channel axis"
-            dg.union(info.slots, full[0][0].slots)
+            dg.union(info.slots, ref)
         self.sliced = []                # (input index, axis in the constant)
         for i, (t, rt) in enumerate(zip(node.inputs, ranks)):
             v = _const(t)
@@ -202,7 +207,7 @@ class Elementwise(Rule):
                 if v.shape[ca] != c_out:
                     return "constant does not match the channel count"
                 self.sliced.append((i, ca))
-        dg.set_info(out, axis, full[0][0].slots)
+        dg.set_info(out, axis, ref)
         return None
 
     def apply(self, rw, node):
@@ -396,34 +401,80 @@ class Gemm(Rule):
 
 @rule
 class MatMul(Rule):
-    """MatMul by a constant (K, N): features on the last axis are consumed, N produced."""
+    """MatMul by a constant (K, N): features on the last axis are consumed, N produced.
+    Activation × activation (attention's QKᵀ and ·V): heads on a batch axis of both
+    inputs are coupled and stay on that axis of the output."""
 
     ops = ("MatMul",)
 
     def propagate(self, dg, node):
         w = _const(node.inputs[1])
-        if w is None or _const(node.inputs[0]) is not None:
-            return "not an activation times a constant matrix"
+        if _const(node.inputs[0]) is not None:
+            return "constant times an activation"
+        if w is None:
+            self.kind = "acts"
+            return self._acts(dg, node)
         if w.ndim != 2:
             return "batched constant matrix"
         info = dg.info_of(node.inputs[0])
         r = _rank(node.inputs[0])
         if info is None or r is None:
-            return "input features unknown"
-        if info.axis != r - 1:
+            if r is None or r < 2 or node.inputs[0].shape[-1] != w.shape[0]:
+                return "input features unknown"
+            info = None              # untracked input (e.g. symbolic axis 1): a source
+        if info is not None and info.axis != r - 1 and not dg.all_fixed(info.slots):
             # The tracked axis is a row/batch axis: it passes through unchanged.
             self.kind = "rows"
             dg.set_info(node.outputs[0], info.axis, info.slots)
             dg.mac_nodes.append(MacNode(node, _node_macs(node), info.slots, None))
             return None
-        if len(info.slots) != w.shape[0]:
-            return "weight shape does not match the input features"
+        if info is not None and info.axis == r - 1:
+            if len(info.slots) != w.shape[0]:
+                return "weight shape does not match the input features"
+            ins = info.slots
+        else:
+            # Rows that can never be pruned (a transformer's token axis, fixed by the
+            # LayerNormalization or embedding before): the features are what matters.
+            ins = None
         self.kind = "features"
         out = dg.new_slots(w.shape[1])
         dg.sources.append(Source(node, out, "matmul"))
-        dg.consumers.append(Consumer(node, info.slots, "matmul"))
-        dg.mac_nodes.append(MacNode(node, _node_macs(node), info.slots, out))
+        if ins is not None:
+            dg.consumers.append(Consumer(node, ins, "matmul"))
+        dg.mac_nodes.append(MacNode(node, _node_macs(node), ins, out))
         dg.set_info(node.outputs[0], r - 1, out)
+        return None
+
+    def _acts(self, dg, node):
+        a, b = node.inputs[0], node.inputs[1]
+        ra, rb, ro = _rank(a), _rank(b), _rank(node.outputs[0])
+        if ra is None or rb is None or ro is None or ra < 2 or rb < 2:
+            return "shapes unknown"
+        placed = []                                  # (info, output axis)
+        for t, rt, row_or_col in ((a, ra, ro - 2), (b, rb, ro - 1)):
+            info = dg.info_of(t)
+            if info is None:
+                continue
+            if info.axis < rt - 2:
+                placed.append((info, info.axis + ro - rt))
+            elif (t is a and info.axis == rt - 2) or (t is b and info.axis == rt - 1):
+                placed.append((info, row_or_col))
+            else:
+                return "contracts over tracked channels"
+        if not placed:
+            return "input channels unknown"
+        axis = placed[0][1]
+        full = [p for p in placed if len(p[0].slots) > 1] or placed
+        ref = full[0][0].slots
+        for info, ax in placed:
+            if len(info.slots) == 1 and len(ref) > 1:
+                continue                             # broadcast along the head axis
+            if ax != axis or len(info.slots) != len(ref):
+                return "inputs are tracked on different axes"
+            dg.union(info.slots, ref)
+        dg.set_info(node.outputs[0], axis, ref)
+        dg.attention.append(ref)
+        dg.mac_nodes.append(MacNode(node, _node_macs(node), None, ref))
         return None
 
     def apply(self, rw, node):
@@ -659,12 +710,25 @@ class Flatten(Rule):
 @rule
 class Reshape(Rule):
     """Reshape that keeps the channel axis (e.g. N×C → N×C×1×1) or flattens the
-    channel with everything after it (N×C×H×W → N×CHW). Anything else regroups
+    channel with everything after it (N×C×H×W → N×CHW); otherwise the general factor
+    rule below (attention heads). A split of a non-last channel axis regroups
     channels (e.g. ShuffleNet's channel shuffle) and has no rule."""
 
     ops = ("Reshape",)
 
     def propagate(self, dg, node):
+        self.mode = None
+        reason = self._flatten(dg, node)
+        if reason is None:
+            self.mode = "flatten"
+            return None
+        why = self._factors(dg, node)
+        if why is None:
+            self.mode = "factors"
+            return None
+        return why if reason == "shapes unknown" else f"{reason}; {why}"
+
+    def _flatten(self, dg, node):
         x, out = node.inputs[0], node.outputs[0]
         info = dg.info_of(x)
         target = _const(node.inputs[1])
@@ -684,23 +748,352 @@ class Reshape(Rule):
         tail_out = int(np.prod(dout[a + 1:])) if len(dout) > a + 1 else 1
         self.a = a
         if dout[a] == c and tail_out == inner:
-            self.inner = 1
             dg.set_info(out, a, info.slots)
         elif dout[a] == c * inner and tail_out == 1:
-            self.inner = inner
             dg.set_info(out, a, np.repeat(info.slots, inner))
         else:
             return "Reshape regroups the channel axis (e.g. a channel shuffle)"
         return None
 
+    def _factors(self, dg, node):
+        """Follow the channel axis through split and merged dims, on shapes probed at
+        batch 1 (so torch's [T, B, E] -> [T, B*H, Dh] reads as E -> (H, Dh)). A split
+        axis keeps one factor tracked — the outermost one that no Gather/Split/Slice
+        later selects from (heads, not torch's fused q/k/v axis) — and the slots of
+        the other factors are coupled (a head goes whole, q/k/v heads together)."""
+        x, out = node.inputs[0], node.outputs[0]
+        info = dg.info_of(x)
+        if info is None:
+            return "input channels unknown"
+        din, dout = dg.probe_shape(x, 1), dg.probe_shape(out, 1)
+        if din is None or dout is None:
+            return "shapes do not resolve"
+        a, c = info.axis, len(info.slots)
+        if a >= len(din) or din[a] != c:
+            return "channel count disagrees with the probed shape"
+        group = next((g for g in _factor_groups(din, dout) if a in g[0]), None)
+        if group is None or not [j for j in group[1] if dout[j] > 1]:
+            return "the channel axis disappears"
+        gi, gj = group
+        size = int(np.prod([din[i] for i in gi]))
+        if size > (1 << 22):
+            return "channel axis merged with a very large dim"
+        inner_a = int(np.prod([din[i] for i in gi if i > a]))
+        pos = np.arange(size)
+        chan = (pos // inner_a) % c                     # input channel at each position
+        selected = _selected_axes(out, set(gj))
+        cands = [j for j in gj if dout[j] > 1 and j not in selected]
+        if not cands:
+            return "every factor of the channel axis is selected from (Gather/Split/Slice)"
+
+        def pairs_for(j):
+            stride = int(np.prod([dout[i] for i in gj if i > j]))
+            coord = (pos // stride) % dout[j]           # output index on axis j
+            # (output index, input channel) pairs, sorted: each output index's channels.
+            return np.unique(np.stack([coord, chan], 1), axis=0)
+
+        def one_slot_each(pairs):
+            return len(np.unique(np.stack([pairs[:, 0], info.slots[pairs[:, 1]]], 1),
+                                 axis=0)) == len(np.unique(pairs[:, 0]))
+
+        # A factor whose every index already holds one slot needs no coupling (a static
+        # batch merged with heads, [2*H, T, Dh] -> [2, H, T, Dh]: the H factor); else the
+        # outermost one (heads before their features).
+        k = next((j for j in cands if one_slot_each(pairs_for(j))), cands[0])
+        pairs = pairs_for(k)
+        new = info.slots[pairs[np.searchsorted(pairs[:, 0], np.arange(dout[k])), 1]]
+        why = _batch_outer(dg, x, out, info, k, pairs, dout[k])
+        if why:
+            return why
+        split = not one_slot_each(pairs)               # some output index holds 2+ slots
+        if split and a != len(din) - 1:
+            return "splits a channel axis that is not the last (e.g. a channel shuffle)"
+        if split:
+            dg.union(info.slots[pairs[:, 1]], new[pairs[:, 0]])
+        self.k = k
+        self.fixed_target = self._target(dg, node)
+        if isinstance(self.fixed_target, str):
+            return self.fixed_target
+        dg.set_info(out, k, new)
+        return None
+
+    def _target(self, dg, node):
+        """The target as a constant array; a computed target (Shape → Gather → Concat
+        ...) is rebuilt from the probes: batch-dependent entries become 0 (copy the
+        input's dim) or one -1. Returns a reason string when neither is possible."""
+        target = _const(node.inputs[1])
+        if target is not None:
+            return None
+        x, out = node.inputs[0], node.outputs[0]
+        p1, p2 = dg.probe_shape(out, 1), dg.probe_shape(out, 2)
+        i1, i2 = dg.probe_shape(x, 1), dg.probe_shape(x, 2)
+        if p1 is None or p2 is None or i1 is None or i2 is None:
+            return "target shape is computed and does not resolve at two batch sizes"
+        t = np.array(p1, np.int64)
+        dyn = [i for i in range(len(p1)) if p1[i] != p2[i]]
+        if len(dyn) > 1:
+            if int(node.attrs.get("allowzero", 0)):
+                return "computed target with several batch-dependent dims and allowzero"
+            for i in list(dyn):
+                if i < len(i1) and i1[i] == p1[i] and i2[i] == p2[i]:
+                    t[i] = 0
+                    dyn.remove(i)
+        if len(dyn) > 1:
+            return "computed target with several batch-dependent dims"
+        for i in dyn:
+            t[i] = -1
+        return t
+
     def apply(self, rw, node):
         keep = rw.keep_out(node, 0)
         if keep is None:
             return
-        target = _const(node.inputs[1]).copy()
-        if target[self.a] > 0:        # explicit feature count: rewrite it
-            target[self.a] = len(keep)
-            _set_input(rw, node, 1, target.astype(np.int64), "shape")
+        if self.mode == "flatten":
+            target = _const(node.inputs[1]).copy()
+            if target[self.a] > 0:        # explicit feature count: rewrite it
+                target[self.a] = len(keep)
+                _set_input(rw, node, 1, target.astype(np.int64), "shape")
+            return
+        target = self.fixed_target if self.fixed_target is not None \
+            else _const(node.inputs[1])
+        target = np.array(target, np.int64).copy()
+        if target[self.k] > 0:
+            target[self.k] = len(keep)
+        _set_input(rw, node, 1, target, "shape")
+
+
+def _batch_outer(dg, x, out, info, k, pairs, n1):
+    """When output axis k grows with the batch (torch's [T, B*H, Dh]), check on the
+    batch-2 probe that the batch is its outer factor: index v then holds the channels
+    index v mod n1 held at batch 1, so the slots describe every sample alike."""
+    din2, dout2 = dg.probe_shape(x, 2), dg.probe_shape(out, 2)
+    if din2 is None or dout2 is None or dout2[k] == n1:
+        return None
+    c = len(info.slots)
+    a = info.axis
+    group = next((g for g in _factor_groups(din2, dout2) if a in g[0] and k in g[1]), None)
+    if group is None or dout2[k] % n1 or din2[a] % c:
+        return "the channel axis merges with the batch in a way that cannot be followed"
+    gi, gj = group
+    size = int(np.prod([din2[i] for i in gi]))
+    if size > (1 << 22):
+        return "channel axis merged with a very large dim"
+    pos = np.arange(size)
+    chan = (pos // int(np.prod([din2[i] for i in gi if i > a]))) % c
+    coord = (pos // int(np.prod([dout2[j] for j in gj if j > k]))) % dout2[k]
+    got = {(int(v) % n1, int(ch)) for v, ch in zip(coord, chan)}
+    if got != {(int(v), int(ch)) for v, ch in pairs}:
+        return "the batch is not the outer factor of the merged channel axis"
+    return None
+
+
+def _factor_groups(din, dout):
+    """Pair runs of input and output dims with equal products (1-dims alone)."""
+    groups, i, j, n, m = [], 0, 0, len(din), len(dout)
+    while i < n or j < m:
+        if i < n and din[i] == 1 and (j >= m or dout[j] != 1):
+            groups.append(([i], []))
+            i += 1
+            continue
+        if j < m and dout[j] == 1 and (i >= n or din[i] != 1):
+            groups.append(([], [j]))
+            j += 1
+            continue
+        if i >= n or j >= m:
+            return []
+        gi, gj, pi, pj = [i], [j], din[i], dout[j]
+        i, j = i + 1, j + 1
+        while pi != pj:
+            if pi < pj and i < n:
+                gi.append(i)
+                pi *= din[i]
+                i += 1
+            elif pj < pi and j < m:
+                gj.append(j)
+                pj *= dout[j]
+                j += 1
+            else:
+                return []
+        groups.append((gi, gj))
+    return groups
+
+
+_MOVERS = ("Unsqueeze", "Squeeze", "Transpose", "Identity")
+
+
+def _selected_axes(tensor, axes, depth=6):
+    """Which of ``axes`` of ``tensor`` a later Gather/Split/Slice selects from,
+    following Unsqueeze/Squeeze/Transpose (torch's fused q/k/v chunk axis)."""
+    found = set()
+    r = _rank(tensor)
+    if r is None or depth == 0:
+        return found
+    for n in tensor.outputs:
+        for ax in axes:
+            if n.op == "Gather" and n.inputs[0] is tensor \
+                    and int(n.attrs.get("axis", 0)) % r == ax:
+                found.add(ax)
+            elif n.op == "Split" and int(n.attrs.get("axis", 0)) % r == ax:
+                found.add(ax)
+            elif n.op == "Slice" and n.inputs[0] is tensor:
+                sl = _const(_input(n, 3)) if _input(n, 3) is not None else None
+                starts = _const(_input(n, 1)) if _input(n, 1) is not None else None
+                sl_axes = [int(v) % r for v in np.ravel(sl)] if sl is not None else \
+                    (list(range(len(np.ravel(starts)))) if starts is not None else [])
+                if ax in sl_axes:
+                    found.add(ax)
+            elif n.op in _MOVERS:
+                moved = _moved_axis(n, ax, r)
+                if moved is not None and _selected_axes(n.outputs[0], {moved}, depth - 1):
+                    found.add(ax)
+    return found
+
+
+def _moved_axis(node, ax, r):
+    """Where axis ``ax`` of the input of an Unsqueeze/Squeeze/Transpose ends up."""
+    if node.op == "Identity":
+        return ax
+    if node.op == "Transpose":
+        perm = [int(p) for p in node.attrs.get("perm", list(range(r))[::-1])]
+        return perm.index(ax)
+    axes = _axes(node)
+    if axes is None:
+        return None
+    if node.op == "Squeeze":
+        if not axes:
+            axes = [i for i, d in enumerate(node.inputs[0].shape or []) if d == 1]
+        axes = [a % r for a in axes]
+        return None if ax in axes else ax - sum(a < ax for a in axes)
+    ro = r + len(axes)
+    axes = [a % ro for a in axes]
+    return [p for p in range(ro) if p not in axes][ax]
+
+
+@rule
+class Expand(Rule):
+    """Expand: tracked channels pass through (never broadcast). An input whose channels
+    can never go (e.g. an attention padding mask) broadcast along exactly one axis gets
+    fresh slots there: torch expands the mask [B, 1, 1, T] over the heads, and the Add
+    into the scores then couples them with the heads, so the expand size is rewritten."""
+
+    ops = ("Expand",)
+
+    def propagate(self, dg, node):
+        x, out = node.inputs[0], node.outputs[0]
+        self.k = None
+        if _const(x) is not None:
+            return "broadcasts a constant"
+        info = dg.info_of(x)
+        px, po = dg.probe_shape(x, 1), dg.probe_shape(out, 1)
+        if px is None or po is None or len(po) < len(px):
+            return "shapes do not resolve"
+        off = len(po) - len(px)
+        if info is not None and not dg.all_fixed(info.slots):
+            if px[info.axis] != po[info.axis + off]:
+                return "broadcasts the channel axis"
+            dg.set_info(out, info.axis + off, info.slots)
+            return None
+        grown = [j for j in range(len(po)) if (j < off or px[j - off] == 1) and po[j] > 1]
+        if len(grown) != 1:
+            if info is not None and px[info.axis] == po[info.axis + off]:
+                dg.set_info(out, info.axis + off, info.slots)
+                return None
+            return "broadcasts along several axes"
+        shape = _const(node.inputs[1])
+        if shape is None:
+            # Computed: the probed output shape, batch-dependent entries as 1 (Expand
+            # keeps the input's dim there) when the input has that dim.
+            p2, x2 = dg.probe_shape(out, 2), dg.probe_shape(x, 2)
+            if p2 is None or x2 is None:
+                return "expand shape is computed and does not resolve at two batch sizes"
+            shape = np.array(po, np.int64)
+            for j in range(len(po)):
+                if po[j] != p2[j]:
+                    if j < off or (px[j - off], x2[j - off]) != (po[j], p2[j]):
+                        return "expand shape has a batch-dependent dim the input lacks"
+                    shape[j] = 1
+        self.shape = np.array(shape, np.int64).ravel()
+        self.k = grown[0]
+        if self.k - (len(po) - len(self.shape)) < 0:
+            return "expand shape shorter than the output"
+        dg.set_info(out, self.k, dg.new_slots(po[self.k]))
+        return None
+
+    def apply(self, rw, node):
+        keep = rw.keep_out(node, 0)
+        if keep is None or self.k is None:
+            return
+        shape = self.shape.copy()
+        ro = len(rw.dg.probe_shape(node.outputs[0], 1))
+        shape[self.k - (ro - len(shape))] = len(keep)
+        _set_input(rw, node, 1, shape, "shape")
+
+
+@rule
+class Shape(Rule):
+    """Shape is harmless when what is read of it (Gather/Slice with constant indices)
+    never includes the channel axis; otherwise the channel count flows into values."""
+
+    ops = ("Shape",)
+
+    def propagate(self, dg, node):
+        x = node.inputs[0]
+        info = dg.info.get(x.name) if isinstance(x, gs.Variable) else None
+        if info is None:
+            return None
+        r = _rank(x)
+        if r is None:
+            return "Shape reads the channel count"
+        start = int(node.attrs.get("start", 0))
+        start = start % r if start < 0 else min(start, r)
+        end = node.attrs.get("end")
+        end = r if end is None else (int(end) % r if int(end) < 0 else min(int(end), r))
+        dims = list(range(start, max(start, end)))
+        if info.axis not in dims:
+            return None
+        pos = dims.index(info.axis)
+        n = len(dims)
+        for use in node.outputs[0].outputs:
+            if use.op == "Gather" and use.inputs[0] is node.outputs[0]:
+                idx = _const(use.inputs[1])
+                if idx is not None and pos not in {int(v) % n for v in np.ravel(idx)}:
+                    continue
+            elif use.op == "Slice" and use.inputs[0] is node.outputs[0]:
+                st = _const(_input(use, 1)) if _input(use, 1) is not None else None
+                en = _const(_input(use, 2)) if _input(use, 2) is not None else None
+                stp = _const(_input(use, 4)) if _input(use, 4) is not None else None
+                if st is not None and en is not None and (stp is None or int(
+                        np.ravel(stp)[0]) == 1):
+                    lo, hi = int(np.ravel(st)[0]), int(np.ravel(en)[0])
+                    lo = max(lo + n, 0) if lo < 0 else min(lo, n)
+                    hi = max(hi + n, 0) if hi < 0 else min(hi, n)
+                    if not lo <= pos < hi:
+                        continue
+            return "Shape reads the channel count"
+        return None
+
+
+@rule
+class Gather(Rule):
+    """Gather along an axis other than the channels (torch's q/k/v = qkv[0], [1], [2];
+    a class token x[:, 0]): the channel axis moves by the index rank."""
+
+    ops = ("Gather",)
+
+    def propagate(self, dg, node):
+        data, idx = node.inputs[0], node.inputs[1]
+        if _const(data) is not None:
+            return "Gather from a constant table (embedding lookup)"
+        info = dg.info_of(data)
+        r, ri = _rank(data), _rank(idx)
+        if info is None or r is None or ri is None:
+            return "input channels unknown"
+        axis = int(node.attrs.get("axis", 0)) % r
+        if axis == info.axis:
+            return "Gather selects channels"
+        new = info.axis if info.axis < axis else info.axis - 1 + ri
+        dg.set_info(node.outputs[0], new, info.slots)
+        return None
 
 
 @rule

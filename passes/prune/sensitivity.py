@@ -58,7 +58,7 @@ def parse_ratios(text: str) -> list:
 
 def measure(graph, groups, dg, scores, ratios, dataset, log=None) -> list:
     """[{group, sources, channels, macs_share, error{ratio}, top1{ratio}}] per group."""
-    from onnxc.verify import Runner
+    from onnxc.execution import Runner
 
     from .allocate import Allocator
 
@@ -180,7 +180,7 @@ def handler(args) -> int:
     from onnxc.commands import data_loaders
     from onnxc.pipeline import Context, PassManager, resolve_passes
 
-    from . import name_nodes, prunable_groups
+    from . import prunable_groups
     from .criteria import scores as criterion_scores
     from .groups import DependencyGraph
 
@@ -198,7 +198,7 @@ def handler(args) -> int:
     log = (lambda m: print(m, file=sys.stderr))
     ctx = Context(seed=args.seed, calibration=ds, log=log)
     graph = PassManager(resolve_passes(passes), verify=False).run(graph, ctx).graph
-    name_nodes(graph)
+    graph.name_nodes()
     dg = DependencyGraph(graph)
     groups = prunable_groups(dg, [], None, residual=args.residual)
     if not groups:

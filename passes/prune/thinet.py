@@ -26,7 +26,7 @@ import math
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .activations import stream
+from onnxc.passes._activations import stream
 
 CHUNKS = 6               # activation re-collections over the whole run
 MAX_ROWS = 8192          # sampled output positions per consumer (rows of the LS problem)

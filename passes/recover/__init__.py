@@ -252,13 +252,11 @@ def _float_weights(teacher_graph) -> dict:
     from onnxc.passes.fold_bn import FoldBatchNorm
     from onnxc.pipeline import Context, PassReport
 
-    from onnxc.calibrate.qdq import name_nodes
-
     out: dict = {}
     raw = teacher_graph.copy()
     folded = raw.copy()
     for g in (raw, folded):
-        name_nodes(g)
+        g.name_nodes()
     FoldBatchNorm().run(folded, Context(progress=False, log=lambda m: None),
                         PassReport("fold_bn", True))
     for g in (raw, folded):

@@ -19,12 +19,11 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnx
 import torch
 import torch.nn.functional as F
 
 from onnxc.errors import DataError, UsageError
-from onnxc.verify import _session, in_slices
+from onnxc.execution import Runner, capture_model, in_slices
 
 from .torch_graph import TorchGraph
 
@@ -110,24 +109,17 @@ class Teacher:
     """Runs the original graph; returns its first output and the tapped tensors."""
 
     def __init__(self, graph, taps, threads: int):
-        model = graph.to_onnx()
-        have = {o.name for o in model.graph.output}
-        for name in taps:
-            if name not in have:
-                model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+        model = capture_model(graph.to_onnx(), taps, keep_outputs=True)
         self.taps = list(taps)
-        self.session = _session(model, threads)
-        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.runner = Runner(model, threads)
+        self.input_names = self.runner.input_names
         self.out_names = [model.graph.output[0].name] + self.taps
-        first = self.session.get_inputs()[0].shape
         # A static batch (e.g. fixed by --input-shape for a TVM target): both graphs
         # then run in slices of exactly that many samples.
-        self.fixed_batch = first[0] if first and isinstance(first[0], int) else None
+        self.fixed_batch = self.runner.fixed_batch
 
     def __call__(self, feeds: dict):
-        (name, x), = feeds.items()
-        outs = in_slices(lambda part: self.session.run(self.out_names, {name: part}),
-                         [x], self.fixed_batch)
+        outs = self.runner.run(feeds, batch_size=None, outputs=self.out_names)
         return outs[0], outs[1:]
 
 
