@@ -4,9 +4,9 @@
    (``--lowrank-multiple 1``, the old default) against the new default (the target's
    channel block: 8 for ``onnx``): MACs and ONNX Runtime latency relative to the
    original, bs 1 and bs 64.
-2. ResNet-56 ``fold_bn,prune`` at ``--prune-ratio 0.5`` (uniform) and ``--prune-flops
-   0.5``: kept channel counts unrounded (``--prune-multiple 1``) against the default
-   rounding, MACs, distinct conv shapes (what TVM tunes as separate tasks) and latency.
+2. ResNet-56 ``fold_bn,prune --prune-flops 0.5``, uniform and ``--prune-global``: kept
+   channel counts unrounded (``--prune-multiple 1``) against the default rounding: MACs,
+   distinct conv shapes (each a separate TVM tuning task at least) and latency.
 
 All latencies of one table are measured in the same process, interleaved round by round
 after warm-up (ONNX Runtime with spinning off), medians: ratios within one run.
@@ -117,9 +117,10 @@ def main(argv=None) -> int:
                 args.model, ["fold_bn", "lowrank"], {"lowrank_flops": 0.5}),
         }, batches, args.reps)
     if "prune" in parts:
-        for rule, opts in (("--prune-ratio 0.5", {"prune_ratio": 0.5}),
-                           ("--prune-flops 0.5", {"prune_flops": 0.5})):
-            table(f"prune {rule} (l1, uniform)", {
+        for rule, opts in (("--prune-flops 0.5 (l1, uniform)", {"prune_flops": 0.5}),
+                           ("--prune-flops 0.5 --prune-global (l1)",
+                            {"prune_flops": 0.5, "prune_global": True})):
+            table(f"prune {rule}", {
                 "original (fold_bn)": original,
                 "prune, counts unrounded": build(args.model, ["fold_bn", "prune"],
                                                  dict(opts, prune_multiple=1)),
