@@ -127,6 +127,14 @@ def main(argv=None) -> int:
                 "prune, default (target: 8)": build(args.model, ["fold_bn", "prune"],
                                                     dict(opts)),
             }, batches, args.reps)
+        # At a fixed ratio (no budget to rebalance) rounding up keeps channels: its cost.
+        print("\n## what rounding costs at a fixed share: --prune-ratio 0.5 --prune-global")
+        for label, extra in (("counts unrounded", {"prune_multiple": 1}),
+                             ("default (target: 8)", {})):
+            res = build(args.model, ["fold_bn", "prune"],
+                        dict(prune_ratio=0.5, prune_global=True, **extra))
+            print(f"prune, {label:<22} MACs {res.report['final']['macs']:>12,}  "
+                  f"conv shapes {len(conv_shapes(res.graph))}")
     return 0
 
 
