@@ -191,19 +191,41 @@ def load_npz(path: str, graph, preprocess: Preprocess | None = None,
     return ds
 
 
+# Sizes tried, in order, for symbolic dims other than the batch (a sequence length, an
+# audio chunk): the first one the model runs with is used.
+FREE_DIM_SIZES = (1, 16, 64, 512)
+
+
 def random_dataset(graph, n: int, seed: int = 0) -> Dataset:
     """Seeded samples shaped like the graph inputs: ``n`` along each input's batch axis,
-    its declared size elsewhere (other symbolic dims -> 1). Values follow what each
-    input is (see :func:`synthetic_values`)."""
-    from onnxc.execution import graph_layout
+    its declared size elsewhere. Other symbolic dims take the first of FREE_DIM_SIZES the
+    model runs with (e.g. 512 for an audio chunk that is reflect-padded by 64). Values
+    follow what each input is (see :func:`synthetic_values`)."""
+    from onnxc.errors import OnnxcError
+    from onnxc.execution import Runner, graph_layout
 
-    rng = np.random.default_rng(seed)
     layout = graph_layout(graph)
+    free = any(i != layout.axes.get(t.name) and not (isinstance(d, (int, np.integer)) and d > 0)
+               for t in graph.gs.inputs for i, d in enumerate(t.shape or []))
+    if not free:
+        return _random_dataset(graph, n, seed, layout, 1)
+    for size in FREE_DIM_SIZES:
+        ds = _random_dataset(graph, n, seed, layout, size)
+        try:
+            Runner(graph, optimize=False).run(ds.take(1).inputs)
+            return ds
+        except OnnxcError:
+            continue
+    return _random_dataset(graph, n, seed, layout, 1)   # the verifier says why it fails
+
+
+def _random_dataset(graph, n: int, seed: int, layout, free_size: int) -> Dataset:
+    rng = np.random.default_rng(seed)
     inputs = {}
     for tensor in graph.gs.inputs:
         axis = layout.axes.get(tensor.name)
-        dims = [n if i == axis else d if isinstance(d, (int, np.integer)) and d > 0 else 1
-                for i, d in enumerate(tensor.shape or [])]
+        dims = [n if i == axis else d if isinstance(d, (int, np.integer)) and d > 0
+                else free_size for i, d in enumerate(tensor.shape or [])]
         inputs[tensor.name] = synthetic_values(graph, tensor, dims, rng)
     return Dataset(inputs, None, "random", synthetic=True, axes=layout.axes)
 

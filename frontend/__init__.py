@@ -281,12 +281,13 @@ def repair_value_info(model: onnx.ModelProto, drop_all: bool = False) -> list:
     anyway) and graph outputs declared without a shape (given the shape ONNX shape
     inference, or else ONNX Runtime, finds). Returns what was repaired, for notes."""
     fixes = []
-    broken = [vi for vi in model.graph.value_info if drop_all or not _typed_with_shape(vi)]
-    if broken:
-        keep = [vi for vi in model.graph.value_info if vi not in broken]
+    keep = [] if drop_all else [vi for vi in model.graph.value_info if _typed_with_shape(vi)]
+    dropped = len(model.graph.value_info) - len(keep)
+    if dropped:
+        keep = [onnx.ValueInfoProto.FromString(vi.SerializeToString()) for vi in keep]
         del model.graph.value_info[:]
         model.graph.value_info.extend(keep)
-        fixes.append(f"dropped {len(broken)} value_info entr{'y' if len(broken) == 1 else 'ies'}")
+        fixes.append(f"dropped {dropped} value_info entr{'y' if dropped == 1 else 'ies'}")
     shapeless = [o for o in model.graph.output
                  if o.type.HasField("tensor_type") and not o.type.tensor_type.HasField("shape")]
     if shapeless:

@@ -77,6 +77,11 @@ def _is_static(d) -> bool:
     return isinstance(d, (int, np.integer)) and d > 0
 
 
+def _unnamed(d) -> bool:
+    """A symbolic dim without a name of its own (None, or one shape inference made up)."""
+    return d is None or (isinstance(d, str) and (not d or d.startswith("unk__")))
+
+
 @dataclass(frozen=True)
 class BatchLayout:
     """Batch axis of each input (None: passed whole), the batch dim's symbolic name
@@ -94,8 +99,10 @@ def batch_layout(inputs) -> BatchLayout:
     1. A symbolic name shared by several inputs is the batch (the one most inputs share;
        on a tie the one nearest the front); each input's first axis with it is its batch
        axis, inputs without it have none.
-    2. Else inputs whose first dim is symbolic are batched on axis 0, the others not;
-       a single input whose only symbolic dim stands elsewhere (``x[T, N, F]``) is
+    2. Else inputs whose first dim is symbolic are batched on axis 0; an input whose
+       only symbolic dim is unnamed and stands elsewhere (``state[2, ?, 128]`` beside
+       ``x[?, ?]``: a converter dropped the names) is batched there, the others not.
+       A single input whose only symbolic dim stands elsewhere (``x[T, N, F]``) is
        batched there.
     3. Else (all static): a single input has a fixed batch of its first dim; several
        inputs have no batch at all (each run gets them whole).
@@ -112,7 +119,11 @@ def batch_layout(inputs) -> BatchLayout:
         return BatchLayout({name: where[dim].get(name) for name, _ in inputs}, dim)
     leading = {name: 0 for name, shape in inputs if shape and not _is_static(shape[0])}
     if leading:
-        names = {shape[0] for name, shape in inputs if name in leading}
+        for name, shape in inputs:
+            symbolic = [axis for axis, d in enumerate(shape) if not _is_static(d)]
+            if name not in leading and len(symbolic) == 1 and _unnamed(shape[symbolic[0]]):
+                leading[name] = symbolic[0]
+        names = {shape[leading[name]] for name, shape in inputs if name in leading}
         dim = names.pop() if len(names) == 1 and isinstance(next(iter(names)), str) else None
         return BatchLayout({name: leading.get(name) for name, _ in inputs}, dim)
     if len(inputs) == 1 and inputs[0][1]:

@@ -265,10 +265,16 @@ class Int8(Pass):
                                    percentile) for name, s in stats.items()}
         params = {name: scheme.params(*r) for name, r in ranges.items()}
 
+        dynamic = [n.name for n in act_matmuls if n.name not in keep] if act_dynamic else []
+
         def build(layers: set):
             plan = Plan(graph, layers, scheme.signed)
-            return apply_plan(graph.copy(), plan, params, scheme, reduce, per_channel,
-                              means if correct else None), plan
+            built = apply_plan(graph.copy(), plan, params, scheme, reduce, per_channel,
+                               means if correct else None)
+            nodes = {n.name: n for n in built.nodes}
+            for name in dynamic:                # run-time quantized attention MatMuls
+                dynamic_act_matmul(built, nodes[name])
+            return built, plan
 
         fallback = []
         if cfg.max_drop is not None:
@@ -282,16 +288,9 @@ class Int8(Pass):
         for node in graph.nodes:
             if node.name not in candidates and qdq.prequantized_reason(graph, node):
                 report.skip(node.name, qdq.prequantized_reason(graph, node))
-        dynamic = []
-        if act_dynamic:
-            nodes = {n.name: n for n in result.nodes}
-            for node in act_matmuls:
-                if node.name not in keep:
-                    dynamic_act_matmul(result, nodes[node.name])
-                    dynamic.append(node.name)
-            if dynamic:
-                report.note(f"{len(dynamic)} activation x activation MatMul(s) quantized "
-                            f"at run time (DynamicQuantizeLinear + MatMulInteger)")
+        if dynamic:
+            report.note(f"{len(dynamic)} activation x activation MatMul(s) quantized "
+                        f"at run time (DynamicQuantizeLinear + MatMulInteger)")
         report.extra["dynamic_act_matmuls"] = dynamic
         for name, reason in plan.skipped.items():
             report.skip(name, reason)

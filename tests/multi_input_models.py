@@ -97,3 +97,14 @@ def batch_first_gru_with_rate(hidden: int = 16, features: int = 8,
                   [helper.make_tensor_value_info("prob", TensorProto.FLOAT, [2, "N", 1]),
                    helper.make_tensor_value_info("Y_h", TensorProto.FLOAT, [2, "N", h])],
                   inits)
+
+
+def reflect_padded_sequence(pad: int = 8) -> onnx.ModelProto:
+    """x[N, T] reflect-padded by ``pad`` on T (needs T > pad), then Relu: T is a
+    symbolic dim other than the batch."""
+    pads = numpy_helper.from_array(np.array([0, pad, 0, pad], np.int64), "pads")
+    return _model([helper.make_node("Pad", ["x", "pads"], ["p"], mode="reflect"),
+                   helper.make_node("Relu", ["p"], ["y"])],
+                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "T"])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "P"])],
+                  [pads])

@@ -45,6 +45,11 @@ def test_the_only_symbolic_dim_of_a_single_input_is_its_batch():
     assert layout.axes == {"x": 1} and layout.dim == "N" and layout.fixed is None
 
 
+def test_an_unnamed_only_symbolic_dim_beside_a_leading_batch_is_batched_there():
+    layout = batch_layout([("input", [None, None]), ("state", [2, None, 128]), ("sr", [])])
+    assert layout.axes == {"input": 0, "state": 1, "sr": None}
+
+
 def test_single_static_input_has_a_fixed_batch_and_several_have_none():
     assert batch_layout([("x", [4, 3])]).fixed == 4
     assert batch_layout([("a", [2, 3]), ("b", [3, 4])]).axes == {"a": None, "b": None}

@@ -11,7 +11,8 @@ import pytest
 
 from conftest import run_cli
 from multi_input_models import (batch_first_gru_with_rate, expand_shape_input, gru_with_state,
-                                matmul_two_inputs, prelu_slope_input, token_embedding)
+                                matmul_two_inputs, prelu_slope_input, reflect_padded_sequence,
+                                token_embedding)
 from onnxc import frontend
 from onnxc.calibrate.readers import load_input_data, random_dataset
 from onnxc.execution import Runner
@@ -87,6 +88,13 @@ def test_batch_first_input_and_state_share_the_batch_and_a_scalar_rate_is_16k(sa
     assert ds.axes == {"x": 0, "state": 1, "sr": None}
     assert ds.inputs["x"].shape == (3, 4, 8) and ds.inputs["state"].shape == (2, 3, 16)
     assert ds.inputs["sr"].shape == () and int(ds.inputs["sr"]) == 16000
+
+
+def test_synthetic_free_dims_grow_until_the_model_runs(saved):
+    graph = frontend.load(str(saved(reflect_padded_sequence(pad=8))), static_shapes=False)
+    assert random_dataset(graph, 3).inputs["x"].shape == (3, 16)      # 1 is too short
+    graph = frontend.load(str(saved(reflect_padded_sequence(pad=0))), static_shapes=False)
+    assert random_dataset(graph, 3).inputs["x"].shape == (3, 1)
 
 
 def test_synthetic_token_ids_stay_below_the_vocabulary_size(saved):

@@ -8,6 +8,7 @@ import pytest
 
 from onnxc import frontend
 from onnxc.compress import compress
+from onnxc.ir import Graph
 from onnxc.errors import UnsupportedError, UsageError
 from onnxc.passes.prune import prunable_groups
 from onnxc.passes.prune.groups import DependencyGraph
@@ -222,6 +223,41 @@ def test_lrn_mixes_channels_so_its_group_stays():
     result = compress(model, ["prune"], options={"prune_ratio": 0.5}, log=lambda m: None)
     reasons = [s["reason"] for s in result.report["passes"][-1]["skipped"]]
     assert any("LRN mixes neighbouring channels" in r for r in reasons)
+
+
+@pytest.mark.parametrize("index, blocked", [(1, True), (2, False)])
+def test_shape_blocks_only_when_the_channel_count_is_read(index, blocked):
+    # A second output reports one dim of c1's output: the channel count (index 1)
+    # would change with pruning, the height (index 2) would not. (The frontend folds
+    # static dims to constants; dynamic ones reach the rule, so it runs unfolded here.)
+    n = Net()
+    t = n.op("Relu", [n.conv("x", 3, 8, name="c1")])
+    dim = n.op("Gather", [n.op("Shape", [t]), n.const(np.array([index], np.int64))])
+    model = n.model([n.conv(t, 8, 4, name="c2"), dim])
+    groups = DependencyGraph(Graph.from_onnx(model)).groups
+    c1 = next(g for g in groups if g.sources == ["c1"])
+    assert (c1.blocked is not None and "Shape reads the channel count" in c1.blocked) \
+        == blocked, c1.blocked
+
+
+def test_gather_off_the_channel_axis_moves_it_and_on_it_blocks():
+    n = Net()
+    t = n.conv("x", 3, 8, name="c1")                       # [1, 8, 12, 12]
+    row = n.op("Gather", [t, n.const(np.array(0, np.int64))], axis=2)   # [1, 8, 12]
+    flat = n.op("Flatten", [row], axis=1)
+    out1 = n.gemm(flat, 8 * 12, 4, name="fc")
+    t2 = n.conv("x", 3, 8, name="c2")
+    pick = n.op("Gather", [t2, n.const(np.array([0, 2], np.int64))], axis=1)
+    out2 = n.conv(pick, 2, 4, name="c3")
+    model = kill(n.model([out1, out2]), "c1", [3])
+    result, _ = prune_dead(model, 1)
+    skipped = {s["node"]: s["reason"] for s in result.report["passes"][-1]["skipped"]}
+    assert "Gather selects channels" in skipped["c2"]
+    fc = next(x for x in result.graph.nodes if x.name == "fc")
+    assert fc.inputs[1].values.shape == (4, 7 * 12)
+    x = np.random.default_rng(0).standard_normal((1, 3, 12, 12)).astype(np.float32)
+    ref, out = Runner(model).run({"x": x}), Runner(result.graph).run({"x": x})
+    assert compare_outputs(ref, out).max_rel <= 1e-6
 
 
 def test_nothing_prunable_is_a_clear_error():

@@ -45,11 +45,6 @@ def run_both(model, pruned, feeds):
     return ref, out
 
 
-def heads_and_units(model_graph, op_filter):
-    """(#heads, width) of every Reshape target / MatMul weight for checking counts."""
-    return [n for n in model_graph.graph.node if n.op_type == op_filter]
-
-
 def test_bert_dead_heads_and_units_are_removed_exactly():
     net = Bert().kill(heads={0: [1], 1: [3]}, units={0: [5, 9, 77], 1: [0, 100]})
     model = net.onnx()
@@ -153,6 +148,20 @@ def test_vit_prunes_heads_and_mlp_at_30_percent_and_runs():
     out = Runner(result.graph).run(
         {"x": np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)})
     assert out[0].shape == (2, 10)
+
+
+def test_head_counts_are_not_rounded_like_channel_counts():
+    # 16 heads of 8 channels: any head count keeps a multiple of 8 channels, so the
+    # default rounding (kept channels to multiples of 8 in groups of >= 16) must not
+    # round 16 - 4 heads back up to 16. --prune-multiple 32 needs kept heads x 8
+    # channels to be a multiple of 32, i.e. 4 heads at a time: 12 stays, 13 becomes 16.
+    model = ViT(d=128, heads=16, mlp=256, depth=1).onnx()
+    for options, heads in (({}, 12), ({"prune_multiple": 32}, 12),
+                           ({"prune_multiple": 32, "prune_ratio": 0.2}, 16)):
+        result = compress(model, ["prune"], options={"prune_ratio": 0.3, **options},
+                          **QUIET)
+        removed = removed_by_source(result)
+        assert 16 - removed.get("/blocks/blocks.0/attn/qkv/MatMul", 0) == heads, options
 
 
 def test_per_head_layernorm_leaves_heads_whole_and_says_why():

@@ -102,7 +102,12 @@ class Allocator:
 
     def _constrain(self, sg, n) -> int:
         m = self.multiple
-        if m is None:
+        if getattr(self.dg, "head_class", None) is not None and self.dg.head_class[sg].all():
+            # Whole attention heads of Dh channels: any head count keeps a multiple of
+            # 8 channels when Dh is one, so round the count only as far as M needs.
+            width = int(self.dg.class_width[sg].min())
+            m = 1 if m is None else m // math.gcd(m, width)
+        elif m is None:
             a = self.auto_multiple
             m = a if len(sg) >= max(AUTO_MIN_SIZE, a) and len(sg) % a == 0 else 1
         return len(sg) - kept_count(len(sg), int(n), m)

@@ -114,6 +114,7 @@ class DependencyGraph:
         self.attention: list = []      # head slots coupled by activation×activation MatMuls
         self._fixed_mark = np.zeros(0, bool)   # slots fixed so far (during the walk)
         self._probes: dict = {}        # probe batch -> {tensor name: concrete shape}
+        self._probe_fallback: set = set()   # probe batches that ran the slow inference
 
         graph.gs.toposort()
         for tensor in graph.gs.inputs:
@@ -190,39 +191,42 @@ class DependencyGraph:
         Reshape rules read shapes at batch 1: an axis that merges the batch with heads
         (torch's ``[T, B*H, Dh]``) then shows its per-sample size, which is what its
         slots describe; a second probe tells batch-dependent target entries apart."""
+        if isinstance(tensor, gs.Constant):
+            return tuple(int(d) for d in tensor.values.shape)
+        name = getattr(tensor, "name", None)
         if value not in self._probes:
             import onnx
 
-            shapes = {}
-            try:
-                probe = self.graph._skeleton()
-                for inp in probe.graph.input[:len(self.graph.gs.inputs)]:
-                    for d in inp.type.tensor_type.shape.dim:
-                        if not d.HasField("dim_value"):
-                            d.dim_value = value
-            except Exception:   # the IR cannot be exported: shapes stay unresolved
-                probe = None
-            # ONNX data propagation, then ONNX Runtime's symbolic inference for what it
-            # leaves open (it evaluates Div/Mod on shapes: Swin's window counts).
-            for infer in (lambda m: onnx.shape_inference.infer_shapes(m, data_prop=True),
-                          _ort_symbolic_shapes):
-                if probe is None:
-                    break
-                try:
-                    model = infer(probe)
-                except Exception:   # inference fails on some graphs: try the next one
-                    continue
-                for vi in list(model.graph.value_info) + list(model.graph.output) \
-                        + list(model.graph.input):
-                    tt = vi.type.tensor_type
-                    if vi.name not in shapes and tt.HasField("shape") and all(
-                            d.HasField("dim_value") for d in tt.shape.dim):
-                        shapes[vi.name] = tuple(int(d.dim_value) for d in tt.shape.dim)
-            self._probes[value] = shapes
-        name = getattr(tensor, "name", None)
-        if isinstance(tensor, gs.Constant):
-            return tuple(int(d) for d in tensor.values.shape)
-        return self._probes[value].get(name)
+            # ONNX data propagation first; ONNX Runtime's symbolic inference (slow to
+            # import, evaluates Div/Mod on shapes: Swin's window counts) only when a
+            # tensor asked about is left open.
+            self._probes[value] = self._infer_probe(
+                value, lambda m: onnx.shape_inference.infer_shapes(m, data_prop=True))
+        shapes = self._probes[value]
+        if name not in shapes and value not in self._probe_fallback:
+            self._probe_fallback.add(value)
+            for k, v in self._infer_probe(value, _ort_symbolic_shapes).items():
+                shapes.setdefault(k, v)
+        return shapes.get(name)
+
+    def _infer_probe(self, value: int, infer) -> dict:
+        """{tensor name: concrete shape} with every symbolic input dim set to ``value``."""
+        shapes = {}
+        try:
+            probe = self.graph._skeleton()
+            for inp in probe.graph.input[:len(self.graph.gs.inputs)]:
+                for d in inp.type.tensor_type.shape.dim:
+                    if not d.HasField("dim_value"):
+                        d.dim_value = value
+            model = infer(probe)
+        except Exception:   # inference fails on some graphs: shapes stay unresolved
+            return shapes
+        for vi in list(model.graph.value_info) + list(model.graph.output) \
+                + list(model.graph.input):
+            tt = vi.type.tensor_type
+            if tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
+                shapes[vi.name] = tuple(int(d.dim_value) for d in tt.shape.dim)
+        return shapes
 
     def info_of(self, tensor) -> TensorInfo | None:
         """Channel info of a variable tensor (None for constants / unknown shapes)."""
@@ -321,6 +325,14 @@ class DependencyGraph:
                        if int(c) in self.fixed_reason]
             g.blocked = reasons[0] if reasons else None
             g.residual = bool(((n_src[g.classes] > 1) & ~heads[g.classes]).any())
+        self.head_class = heads
+        # Channels a class holds in the weights that read or write it (a head: Dh in
+        # q, k, v and the output projection): rounding applies to channels, not heads.
+        self.class_width = np.full(k, np.iinfo(np.int64).max, np.int64)
+        for rec in self.sources + self.consumers:
+            cnt = np.bincount(self.label[rec.slots], minlength=k)
+            hit = cnt > 0
+            self.class_width[hit] = np.minimum(self.class_width[hit], cnt[hit])
 
         # Subgroups: classes of a group found in exactly the same set of tensors.
         signature: dict[int, list] = {}
