@@ -257,7 +257,9 @@ class LowRank(Pass):
         if not chosen:
             raise UnsupportedError(f"lowrank: no layer gets cheaper when split at the "
                                    f"chosen ranks ({_rule_text(cfg)})"
-                                   + _skip_summary(report))
+                                   + _skip_summary(report)
+                                   + ("; --lowrank-multiple 1 keeps the ranks unrounded"
+                                      if cfg["multiple"] > 1 else ""))
         # Every check is done: only now is the graph edited.
         refit = [l for l in chosen if data is not None and l.kind == "conv"
                  and l.method != "svd"]
