@@ -147,7 +147,7 @@ def _mse(stats, scheme, percentile):
 
 def _percentile_threshold(counts: np.ndarray, width: float, percentile: float) -> float:
     if not 0 < percentile <= 100:
-        raise UsageError(f"--percentile {percentile} must be in (0, 100]")
+        raise UsageError(f"--int8-percentile {percentile} must be in (0, 100]")
     cdf = np.cumsum(counts) / max(counts.sum(), 1)
     i = int(np.searchsorted(cdf, percentile / 100.0))
     return (min(i, len(counts) - 1) + 1) * width

@@ -86,7 +86,7 @@ def unpack_layers(data: bytes) -> dict:
 
 # ---- the shared body of the ternary and binary passes --------------------------------
 
-from onnxc.pipeline import Option, Pass  # noqa: E402  (pass machinery after the numerics)
+from onnxc.pipeline import Pass  # noqa: E402  (pass machinery after the numerics)
 
 
 class LowBitPass(Pass):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from .commands import add_data_args, data_loaders, register_command
@@ -113,6 +112,7 @@ def _declared_options() -> list:
             for opt in cls.options]
 
 
+@register_command("compress", _configure_compress)
 def cmd_compress(args) -> int:
     from onnxc import frontend
     from onnxc.compress import RUN_OPTIONS, compress
@@ -167,6 +167,19 @@ def summary_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------------------
+# onnxc inspect, verify, passes
+
+
+def _configure_inspect(sub) -> None:
+    i = sub.add_parser("inspect", help="per-layer table: op, shapes, params, MACs")
+    i.add_argument("model")
+    i.add_argument("--input-shape", action="append", metavar="NAME:D1,D2,...")
+    i.add_argument("--all", action="store_true", help="list every node, not only layers")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+@register_command("inspect", _configure_inspect)
 def cmd_inspect(args) -> int:
     from onnxc import frontend
 
@@ -194,6 +207,19 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def _configure_verify(sub) -> None:
+    v = sub.add_parser("verify", help="compare two models on ONNX Runtime")
+    v.add_argument("reference")
+    v.add_argument("candidate")
+    v.add_argument("--input-shape", action="append", metavar="NAME:D1,D2,...")
+    v.add_argument("--samples", type=int, default=16, help="random samples without data")
+    v.add_argument("--tolerance", type=float, default=None,
+                   help="exit 5 if max relative error exceeds this")
+    v.add_argument("--seed", type=int, default=0)
+    add_data_args(v, calib=False)
+
+
+@register_command("verify", _configure_verify)
 def cmd_verify(args) -> int:
     from onnxc import frontend
     from onnxc.calibrate.readers import random_dataset
@@ -228,6 +254,11 @@ def cmd_verify(args) -> int:
     return 0
 
 
+def _configure_passes(sub) -> None:
+    sub.add_parser("passes", help="list passes and targets")
+
+
+@register_command("passes", _configure_passes)
 def cmd_passes(args) -> int:
     from onnxc.backends import all_backends
     from onnxc.pipeline import all_passes
@@ -240,34 +271,6 @@ def cmd_passes(args) -> int:
     for name, cls in sorted(all_backends().items()):
         print(f"  {name:<10} {cls.summary}")
     return 0
-
-
-def _configure_inspect(sub) -> None:
-    i = sub.add_parser("inspect", help="per-layer table: op, shapes, params, MACs")
-    i.add_argument("model")
-    i.add_argument("--input-shape", action="append", metavar="NAME:D1,D2,...")
-    i.add_argument("--all", action="store_true", help="list every node, not only layers")
-    i.add_argument("--json", action="store_true", help="machine-readable output")
-
-
-def _configure_verify(sub) -> None:
-    v = sub.add_parser("verify", help="compare two models on ONNX Runtime")
-    v.add_argument("reference")
-    v.add_argument("candidate")
-    v.add_argument("--input-shape", action="append", metavar="NAME:D1,D2,...")
-    v.add_argument("--samples", type=int, default=16, help="random samples without data")
-    v.add_argument("--tolerance", type=float, default=None,
-                   help="exit 5 if max relative error exceeds this")
-    v.add_argument("--seed", type=int, default=0)
-    add_data_args(v, calib=False)
-
-
-# Built-in commands, registered like the ones passes and backends contribute.
-register_command("compress", _configure_compress)(cmd_compress)
-register_command("inspect", _configure_inspect)(cmd_inspect)
-register_command("verify", _configure_verify)(cmd_verify)
-register_command("passes", lambda sub: sub.add_parser("passes", help="list passes and "
-                                                      "targets"))(cmd_passes)
 
 
 def main(argv=None) -> int:

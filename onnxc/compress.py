@@ -40,9 +40,9 @@ declare("onnxc compress", RUN_OPTIONS)
 # Flags of the compress command that are arguments of compress(), not options.
 reserve("onnxc compress", ("--passes", "--target", "--output", "-o", "--input-shape",
                            "--seed", "--tolerance", "--max-accuracy-drop", "--quiet",
-                           "--calib-data", "--eval-data", "--eval-samples", "--debug",
+                           "--calib-data", "--eval-data", "--eval-samples", "--input-data",
                            "--require-speedup", "--no-speed-check",
-                           "--help", "-h"))
+                           "--debug", "--help", "-h"))
 
 
 @dataclass
@@ -126,7 +126,6 @@ def compress(model, passes, target: str = "onnx", out_dir: str | None = None,
     ctx.channel_multiple = getattr(backend, "channel_multiple", 1)
     for msg in notes:
         ctx.log(f"  frontend: {msg}")
-    backend.validate(ctx)
 
     result = PassManager(pass_list, tolerance=tolerance, backend=backend).run(graph, ctx)
     final, reports = result.graph, result.reports

@@ -9,14 +9,11 @@ topologically sorts and re-runs ONNX shape inference so shapes stay correct.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-
-from .errors import UnsupportedError
 
 # Ops whose constant inputs are learned weights rather than shape/index data.
 WEIGHT_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization",
@@ -298,14 +295,3 @@ def node_macs(node: gs.Node) -> int:
         k = a[0] if (op == "Gemm" and node.attrs.get("transA", 0)) else a[-1]
         return _prod(out) * int(k)
     return 0
-
-
-def load_graph(model: onnx.ModelProto) -> Graph:
-    try:
-        return Graph.from_onnx(model)
-    except Exception as exc:  # graphsurgeon raises assorted errors on odd models
-        raise UnsupportedError(f"cannot import graph into the IR: {exc}") from exc
-
-
-def clone_model(model: onnx.ModelProto) -> onnx.ModelProto:
-    return copy.deepcopy(model)

@@ -130,6 +130,7 @@ class Plan:
     passes: list             # configured Pass instances, in run order
     backend: object | None   # configured Backend instance, or None outside compress
     ctx: Context
+    graph: Graph | None = None   # the input graph
 
     def find(self, name: str):
         return next((p for p in self.passes if p.name == name), None)
@@ -137,7 +138,8 @@ class Plan:
 
 class Requirement:
     """``check(plan, owner)`` returns None when met, else one line saying what is missing
-    (a UsageError), or warns through ``plan.ctx`` when the need is soft."""
+    (a UsageError; or it raises a more specific OnnxcError itself), or warns through
+    ``plan.ctx`` when the need is soft."""
 
     def check(self, plan: Plan, owner) -> str | None:
         raise NotImplementedError
@@ -324,16 +326,18 @@ class PassManager:
         self.verify = verify
         self.backend = backend
 
-    def check(self, ctx: Context) -> None:
-        """Options and requirements of every pass (and the backend), before any runs."""
-        check_requirements(Plan(self.passes, self.backend, ctx))
+    def check(self, ctx: Context, graph: Graph | None = None) -> None:
+        """Requirements and options of the backend and every pass, before any pass runs."""
+        check_requirements(Plan(self.passes, self.backend, ctx, graph))
+        if self.backend is not None:
+            self.backend.validate(ctx)
         for p in self.passes:
             p.validate(ctx)
 
     def run(self, graph: Graph, ctx: Context) -> PipelineResult:
         from .verify import Verifier, compare_outputs
 
-        self.check(ctx)
+        self.check(ctx, graph)
         verifier = Verifier.for_context(graph, ctx) if self.verify else None
         reports = []
         current = graph

@@ -32,11 +32,6 @@ def energy_rank(s: np.ndarray, energy: float) -> int:
     return int(min(np.searchsorted(kept, energy - 1e-12) + 1, len(s)))
 
 
-def numerical_rank(s: np.ndarray, rtol: float = 1e-6) -> int:
-    s = np.asarray(s, np.float64)
-    return max(1, int(np.sum(s > rtol * (s[0] if s.size else 0.0))))
-
-
 # ---- EVBMF (Nakajima et al. 2013, "Global analytic solution of fully-observed VBMF") ----
 
 def evbmf_rank(s: np.ndarray, shape: tuple) -> int:

@@ -298,7 +298,7 @@ def test_trained_fc_model_head_shrinks_90pct_and_the_data_fit_beats_the_data_fre
     after_fit, after_free = top1(fitted.graph, evaluation), top1(free.graph, evaluation)
     assert after_fit > after_free
     # Measured 68.76% -> 63.85% with these 512 images (tools/bench_gap.py, docs/
-    # lowrank_gap.md): the 1.5 pt goal is not reached on this model without
+    # lowrank_gap.md): the 1.5 pt goal is not reached on this model without
     # training; this guards against regressions of the fit.
     assert before > 65 and before - after_fit < 7, (before, after_fit)
 

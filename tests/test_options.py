@@ -128,6 +128,15 @@ def test_vta_without_pow2_int8_fails_before_any_pass(tmp_path):
                         "VTA takes int8 activations with power-of-two scales")
 
 
+def test_vta_on_a_float_model_without_int8_fails_before_any_pass(tmp_path):
+    code, _, err = run_cli("compress", _cnn(tmp_path / "m.onnx"), "--passes", "fold_bn",
+                           "--target", "vta", "-o", tmp_path / "o")
+    assert code == 4
+    lines = err.strip().splitlines()
+    assert len(lines) == 2 and lines[1].startswith("onnxc: error: no layer can run on VTA")
+    assert "--int8-pow2-scales" in lines[1]
+
+
 def test_recover_without_data_fails_before_any_pass(tmp_path):
     code, _, err = run_cli("compress", _cnn(tmp_path / "m.onnx"), "--passes",
                            "fold_bn,recover", "-o", tmp_path / "o")
@@ -176,3 +185,28 @@ def test_usual_preprocessing_is_not_flagged(tmp_path):
                            "-o", tmp_path / "o")
     assert code == 0, err
     assert "warning" not in err
+
+
+def test_configs_in_the_report_replay_to_the_same_configs(tmp_path):
+    x = RNG.standard_normal((8, 3, 8, 8)).astype(np.float32)
+    from onnxc.calibrate.readers import Dataset
+
+    data, model = Dataset({"x": x}), _cnn()
+    first = compress(model, ["prune", "int8"], calibration=data, log=lambda m: None,
+                     options={"prune_ratio": "0.25", "calibrator": "percentile"})
+    replay = {k: v for p in first.report["passes"] for k, v in p["config"].items()}
+    second = compress(model, ["prune", "int8"], calibration=data, log=lambda m: None,
+                      options=replay)
+    assert [p["config"] for p in second.report["passes"]] == \
+        [p["config"] for p in first.report["passes"]]
+    assert second.graph.to_onnx() == first.graph.to_onnx()
+
+
+def test_scale_applied_twice_is_flagged(tmp_path):
+    images = RNG.integers(0, 256, (8, 3, 8, 8)).astype(np.uint8)
+    np.savez(tmp_path / "d.npz", images=images)
+    code, _, err = run_cli("compress", _cnn(tmp_path / "m.onnx"), "--calib-data",
+                           tmp_path / "d.npz", "--scale", str(1 / 255 / 255),
+                           "-o", tmp_path / "o")
+    assert code == 0, err
+    assert "nearly all zero; is --scale applied twice" in err

@@ -1,4 +1,4 @@
-"""TVM targets x86 / arm / cuda: build, run, bench and the errors users see (issue 6).
+"""TVM targets x86 / arm / cuda: build, run, bench and the errors users see.
 
 Fast tests use a tiny CNN built here; ResNet-20 checks the real model once. Tuning,
 RPC and qemu runs are in test_tvm_slow.py (marked slow).

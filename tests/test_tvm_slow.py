@@ -1,4 +1,4 @@
-"""Slow TVM checks (issue 6): ARM really run under qemu, MetaSchedule tuning with a
+"""Slow TVM checks: ARM really run under qemu, MetaSchedule tuning with a
 reused database, and tuning through a loopback RPC tracker + server started here."""
 
 from __future__ import annotations

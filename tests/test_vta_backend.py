@@ -110,7 +110,7 @@ def test_scales_that_are_not_powers_of_two_are_named(tmp_path):
     code, _, err = run_cli("compress", tmp_path / "q.onnx", "--passes", "cleanup",
                            "--target", "vta", "-o", tmp_path / "out")
     assert code == 4
-    assert "not a power of two" in err and "--pow2-scales" in err
+    assert "not a power of two" in err and "--int8-pow2-scales" in err
 
 
 def test_config_whose_buffers_cannot_hold_one_tile(tmp_path):

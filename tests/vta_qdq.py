@@ -5,7 +5,7 @@
 ``{"op": "gemm", "out": 10}`` (flattens first), ``{"op": "maxpool"}``,
 ``{"op": "dwconv", "k": 3}`` (depthwise: stays on the host). Every quantized tensor is
 int8 with zero point 0; weights are per-channel int8, biases int32 at s_x·s_w, and a
-ReLU is written the way ``int8 --pow2-scales`` does (Q → DQ → Relu → Q).
+ReLU is written the way ``int8 --int8-pow2-scales`` does (Q → DQ → Relu → Q).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 (100 MB of weights, 53 BatchNormalization) — whole-process wall time and peak RSS.
 
 Usage: python tools/bench_frontend.py [--runs 3] [--model PATH]
-Goal (issue 2): ≤10 s on a 2-core machine. Each run is a fresh process (imports
+Goal: ≤10 s on a 2-core machine. Each run is a fresh process (imports
 included) after one warm-up; min / median / max are printed.
 """
 

@@ -1,4 +1,4 @@
-"""Benchmark of the ``lowrank`` pass (issue 4).
+"""Benchmark of the ``lowrank`` pass.
 
 1. ResNet-56 (shared, BN already folded): Tucker-2 on its convs at a budget of -50% conv
    MACs (``fold_bn,lowrank --lowrank-method tucker2 --lowrank-layers conv
@@ -232,7 +232,7 @@ def bench_vgg19(samples: int, shipped_too: bool = True) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="lowrank benchmark (issue 4)")
+    ap = argparse.ArgumentParser(description="lowrank benchmark")
     ap.add_argument("--part", choices=("resnet56", "vgg19", "vgg19-random", "all"),
                     default="all", help="vgg19-random: only the seeded-random VGG-19")
     ap.add_argument("--reps", type=int, default=10, help="latency repetitions")

@@ -1,6 +1,6 @@
-"""Benchmark of structured pruning on the shared CIFAR ResNet-56 (issue 3).
+"""Benchmark of structured pruning on the shared CIFAR ResNet-56.
 
-One run prints every figure issue 3 asks for: for each criterion,
+One run prints every figure docs/pruning.md reports: for each criterion,
 ``onnxc.compress(..., passes=["fold_bn", "prune"], prune_flops=0.5)`` without any
 training, with MACs and parameters removed, top-1 on test_dev and the pass time;
 then the ORT latency (CPU, batch 64) of the original and the pruned model, measured

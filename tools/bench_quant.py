@@ -1,4 +1,4 @@
-"""Quantization benchmark (issue 5): prints every figure the issue's "Must show" lists.
+"""Quantization benchmark: prints every figure docs/quantization.md reports.
 
     python tools/bench_quant.py [--shared ../shared] [--reps 10] [--skip-lowbit]
                                 [--part all|accuracy|latency]
@@ -29,7 +29,6 @@ import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MEAN, STD, SCALE = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 1 / 255.0
-CALIBRATORS = ("minmax", "percentile", "entropy", "mse")
 
 
 def _preprocess():
@@ -134,10 +133,13 @@ def int8_section(shared, reps, accuracy=True, latency=True):
     fp32_model = frontend.load(str(r56)).to_onnx().SerializeToString()
     fp32_pred = _logits(_session(fp32_model), x_test).argmax(1)
     results = {}
-    runs = [(m, {"calibrator": m}) for m in (CALIBRATORS if accuracy else ["minmax"])]
+    from onnxc.calibrate.calibrators import CALIBRATORS
+
+    runs = [(m, {"int8_calibrator": m}) for m in (list(CALIBRATORS) if accuracy
+                                                  else ["minmax"])]
     if accuracy:    # reference row: what bias correction (on by default) buys
-        runs.append(("minmax, no bias corr.", {"calibrator": "minmax",
-                                               "bias_correction": "off"}))
+        runs.append(("minmax, no bias corr.", {"int8_calibrator": "minmax",
+                                               "int8_bias_correction": "off"}))
     for label, options in runs:
         res = _compress(r56, ["fold_bn", "int8"], options, train, test)
         rep = res.report
@@ -272,7 +274,7 @@ def pow2_section(shared):
     test = shared / "data" / "cifar10" / "test_dev.npz"
     print("\n== 3. ResNet-56 int8 --pow2-scales (int8 zero-point-0 activations, shift requant)")
     for method in ("minmax", "percentile"):
-        rep = _compress(r56, ["fold_bn", "int8"], {"pow2_scales": True, "calibrator": method},
+        rep = _compress(r56, ["fold_bn", "int8"], {"int8_pow2_scales": True, "int8_calibrator": method},
                         train, test).report
         acc = rep["accuracy"]
         shifts = next(p for p in rep["passes"] if p["name"] == "int8")["extra"]["shifts"]

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""How much does `recover` gain from more training images? (issue 8: is it data-limited?)
+"""How much does `recover` gain from more training images? (is it data-limited?)
 
     python tools/bench_recover_data.py [--model resnet56] [--fractions 0.125,0.25,0.5,1]
         [--epochs 6] [--augment flip,crop,mixup] [--threads 2]
@@ -13,7 +13,7 @@ drawn with one seed and nested in the next (the half holds the quarter). Top-1 i
 measured on test_dev.
 
 The printed fit is top-1 against log2(images): the gain per doubling of the data, and
-where that line would meet the original's accuracy minus 0.5 pt (issue 8's goal for
+where that line would meet the original's accuracy minus 0.5 pt (the recovery goal for
 prune50+recover). A line through a handful of points is a rough guide, not a law; the
 runs carry about ±1 pt of noise on 509 test images.
 """

@@ -1,4 +1,4 @@
-"""Benchmark of unstructured magnitude sparsity (issue 3): sparsity vs top-1 and
+"""Benchmark of unstructured magnitude sparsity: sparsity vs top-1 and
 storage compression on a shared CIFAR ResNet, layer-wise and global.
 
 Storage Cr = original model bytes / (model without the sparsified dense tensors +

@@ -337,7 +337,7 @@ def write_markdown(results: dict, path: pathlib.Path, plots: list, command: str)
              "fake-quant/STE for quantized graphs) with the epochs and seconds shown: the "
              "suite runs every base row first, then splits what is left of the run's "
              "budget (`--budget-minutes` of the command above that made the row) among "
-             "the +recover rows by fixed weights (most to the ResNet-56 rows issue 8 "
+             "the +recover rows by fixed weights (most to the ResNet-56 rows with recovery "
              f"asks about); torch threads: {results['meta'].get('recover_threads', '?')}; "
              "augmentation flip+crop unless the row says mixup. See docs/recover.md.", ""]
     for model in results["models"]:
@@ -393,7 +393,7 @@ def write_markdown(results: dict, path: pathlib.Path, plots: list, command: str)
     path.write_text("\n".join(lines))
 
 
-GOALS = [  # (config, what issue 8 asks for, check(row) -> met?)
+GOALS = [  # (config, the recovery goal, check(row) -> met?)
     ("prune50+recover", "top-1 drop ≤ 0.5 pt (hand-written baseline: 3.5 pt)",
      lambda r: r["drop"] <= 0.5),
     ("prune50+int8+recover", "size Cr ≥ 10× and drop ≤ 1.0 pt",
@@ -404,12 +404,12 @@ GOALS = [  # (config, what issue 8 asks for, check(row) -> met?)
 
 
 def goals_section(results: dict) -> list:
-    """Issue 8's must-show figures for ResNet-56, read from the rows above."""
+    """The recovery goals' figures for ResNet-56, read from the rows above."""
     rows = {r["config"]: r for r in results["rows"]
             if r["model"] == "resnet56" and r.get("status") == "ok"}
     if not any(c in rows for c, _, _ in GOALS):
         return []
-    out = ["## Issue 8 goals (ResNet-56)", "",
+    out = ["## Recovery goals (ResNet-56)", "",
            "| configuration | goal | measured | met |", "|---|---|---|---|"]
     for config, goal, check in GOALS:
         r = rows.get(config)

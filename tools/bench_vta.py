@@ -1,4 +1,4 @@
-"""VTA benchmark (issue 7): prints every figure the issue's "Must show" lists.
+"""VTA benchmark: prints every figure docs/vta.md reports.
 
     python tools/bench_vta.py [--shared ../shared] [--samples 509] [--calib 256]
                               [--clock 100] [--skip-prune] [--only SECTION]

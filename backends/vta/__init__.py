@@ -1,6 +1,6 @@
 """Target ``vta``: the Versatile Tensor Accelerator (TVM's FPGA deep-learning accelerator).
 
-After ``int8 --pow2-scales``, every conv/dense layer in the QDQ pattern (with its bias,
+After ``int8 --int8-pow2-scales``, every conv/dense layer in the QDQ pattern (with its bias,
 ReLU, requantisation and clip) is lowered to a VTA program — tiles that fit the on-chip
 buffers, uop kernels, a load/compute/store instruction stream with dependency tokens and
 double buffering — and everything else runs on the host. The simulator in ``sim.py``
@@ -25,7 +25,7 @@ from onnxc.backends import Backend, Option, register_backend
 from onnxc.backends.tvm import X86Backend
 from onnxc.errors import UnsupportedError
 from onnxc.options import non_negative_int
-from onnxc.pipeline import PassWith
+from onnxc.pipeline import PassWith, Requirement
 
 from .config import DEFAULT, VtaConfig
 
@@ -105,6 +105,19 @@ def compile_graph(graph, cfg, residual: bool = False):
     return host, programs, placement, reports
 
 
+class QuantizedInput(Requirement):
+    """Without an int8 pass the input model must already be quantized (QDQ)."""
+
+    def check(self, plan, owner):
+        if plan.find("int8") is not None or plan.graph is None:
+            return None
+        if not any(n.op == "QuantizeLinear" for n in plan.graph.nodes):
+            raise UnsupportedError(
+                "no layer can run on VTA: the model has no QuantizeLinear/DequantizeLinear "
+                "and the passes include no int8 (add int8 with --int8-pow2-scales)")
+        return None
+
+
 @register_backend
 class VtaBackend(Backend):
     name = "vta"
@@ -132,7 +145,8 @@ class VtaBackend(Backend):
     requires = (PassWith("int8", (("int8_pow2_scales", (True,)),
                                   ("int8_act_type", ("auto", "int8")),
                                   ("int8_mode", ("static",))),
-                         hint="VTA takes int8 activations with power-of-two scales"),)
+                         hint="VTA takes int8 activations with power-of-two scales"),
+                QuantizedInput())
 
     @classmethod
     def load_artifact(cls, path):

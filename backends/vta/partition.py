@@ -8,7 +8,7 @@ standard QDQ pattern with power-of-two scales and zero points 0::
     b_q ─DQ(s_x·s_w)────┘
                                         [─ DQ(s_y) ─ Relu ─ Q(s_r) ─▶ y_q']
 
-(int8 x_q/W_q, int32 b_q). The optional tail is how ``int8 --pow2-scales`` writes a
+(int8 x_q/W_q, int32 b_q). The optional tail is how ``int8 --int8-pow2-scales`` writes a
 ReLU after a quantized conv; it becomes a second requantisation stage of the same VTA
 layer (a plain clip when s_r = s_y). The matched nodes are replaced by one ``VtaLayer``
 node (domain ``onnxc.vta``) from x_q to y_q; everything else stays on the host.
@@ -40,7 +40,7 @@ def _pow2_exponent(value, what: str) -> np.ndarray:
     if bad.any():
         v = float(arr[np.argmax(bad)])
         raise _Reject(f"{what} scale {v:.6g} is not a power of two "
-                      f"(quantize with int8 --pow2-scales)")
+                      f"(quantize with int8 --int8-pow2-scales)")
     return (exp - 1).astype(np.int64)
 
 
@@ -83,7 +83,7 @@ def _q(graph, node, what):
     zp = _const(graph, node.inputs[2], f"{what} zero point")
     if zp.dtype != np.int8:
         raise _Reject(f"{what} is quantized to {zp.dtype} (VTA takes int8 activations; "
-                      f"quantize with int8 --pow2-scales)")
+                      f"quantize with int8 --int8-pow2-scales)")
     if np.any(zp != 0):
         raise _Reject(f"{what} has a non-zero zero point")
     scale = _const(graph, node.inputs[1], f"{what} scale")

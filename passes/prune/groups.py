@@ -355,9 +355,6 @@ class DependencyGraph:
             g.subgroups = [np.array(v, np.int64) for v in buckets.values()]
 
     # ---- queries ---------------------------------------------------------------------
-    def classes_of(self, slots: np.ndarray) -> np.ndarray:
-        return self.label[slots]
-
     def keep(self, tensor_name: str, removed: np.ndarray) -> np.ndarray | None:
         """Positions kept on the channel axis of a tensor (None if untracked/unchanged)."""
         info = self.info.get(tensor_name)

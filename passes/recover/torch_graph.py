@@ -165,13 +165,6 @@ class QuantWeight:
 # The module
 
 
-def _np_dtype(tensor) -> np.dtype | None:
-    try:
-        return np.dtype(tensor.dtype) if tensor.dtype is not None else None
-    except TypeError:
-        return None
-
-
 class TorchGraph(nn.Module):
     """A PyTorch module computing an onnxc ``Graph``; ``forward`` returns its outputs.
 
