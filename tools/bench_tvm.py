@@ -48,7 +48,11 @@ def ort_latency(model: onnx.ModelProto, x: np.ndarray, repeat: int) -> float:
 
     from onnxc.backends.artifact import Artifact, benchmark
 
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    opts = ort.SessionOptions()
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")   # interleaved
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
     art = Artifact("ort", "onnxruntime", [{"name": name, "shape": list(x.shape),
                                            "dtype": "float32"}], [],
@@ -149,6 +153,11 @@ def main(argv=None) -> int:
     p.add_argument("--build-workers", type=int, default=1, help="tuning build processes")
     p.add_argument("--repeat", type=int, default=20)
     p.add_argument("--verbose", action="store_true", help="show tuning progress")
+    p.add_argument("--integer", action="store_true",
+                   help="the integer-kernel report instead: onnxc's own int8 (and prune50+"
+                        "int8) ResNet-56 through the QDQ->integer lowering, tuned with "
+                        "--trials-per-task like fp32, against ORT; per-kernel table; "
+                        "top-1 on test_dev")
     args = p.parse_args(argv)
     if (args.tune_only or args.from_db) and not args.tune_db:
         p.error("--tune-only and --from-db need --tune-db DIR")
@@ -167,6 +176,8 @@ def main(argv=None) -> int:
                  "tune_build_workers": args.build_workers}
     if args.refine and not args.tune_only:
         p.error("--refine goes with --tune-only (measuring runs never tune)")
+    if args.integer:
+        return integer_report(args, db, tune_opts, log)
     if args.tune_only:
         return tune_only(args, db, dict(tune_opts, tune_refine=args.refine), log)
     if args.merge_db:
@@ -268,6 +279,191 @@ def tune_only(args, db, tune_opts, log) -> int:
                   f"{t.trials_in_db} in the database for its {t.tasks} tasks "
                   f"({t.cached} were already tuned), {t.seconds:.0f} s, max rel err "
                   f"{res.verification['max_rel']:.2e}; {load()}", flush=True)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------
+# The integer path (backends/tvm/int_lower.py, int_kernels.py)
+
+
+def _cifar(split: str, n: int | None = None):
+    path = os.path.join(SHARED, "data", "cifar10", f"{split}.npz")
+    if not os.path.isfile(path):
+        return None, None
+    data = np.load(path)
+    imgs = data["images"][:n].astype(np.float32) / 255.0
+    mean = np.array([0.485, 0.456, 0.406], np.float32)[:, None, None]
+    std = np.array([0.229, 0.224, 0.225], np.float32)[:, None, None]
+    return ((imgs - mean) / std).astype(np.float32), data["labels"][:n]
+
+
+def onnxc_models(model_path: str, batch: int, prune: float | None) -> tuple:
+    """(fp32, int8 QDQ) through onnxc itself: fold_bn[,prune],int8 on 256 train images."""
+    from onnxc.calibrate.readers import Dataset
+    from onnxc.compress import compress
+
+    x, _ = _cifar("train", 256)
+    if x is None:
+        x = np.random.default_rng(0).standard_normal((64, 3, 32, 32)).astype(np.float32)
+    data = Dataset({"input": x}, None, "cifar10 train[:256]")
+    passes = ["fold_bn"] + (["prune"] if prune else [])
+    opts = {"prune_flops": prune} if prune else {}
+    shapes = {"input": [batch, 3, 32, 32]}
+    fp32 = compress(model_path, passes, input_shapes=shapes, options=opts,
+                    calibration=data, evaluation=data, log=lambda m: None).graph.to_onnx()
+    int8 = compress(model_path, passes + ["int8"], input_shapes=shapes, options=opts,
+                    calibration=data, evaluation=data, log=lambda m: None).graph.to_onnx()
+    return fp32, int8
+
+
+def _ort_session(model):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"])
+
+
+def kernel_table(module, target, top: int = 12) -> tuple:
+    """Where the time goes: each kernel of the compiled module built and timed alone.
+
+    (The Relax VM of this TVM has no profiler.) Returns ([(name, calls, ms per call,
+    total ms, share)], sum of totals); the sum is close to, not equal to, the latency.
+    """
+    import tvm
+    from tvm import relax, tirx
+
+    calls, signature = {}, {}
+
+    def visit(expr):    # R.call_tir(kernel, (args...), out_sinfo): count it, keep types
+        if isinstance(expr, relax.Call) and len(expr.args) >= 2 and \
+                isinstance(expr.args[0], tvm.ir.GlobalVar):
+            name = expr.args[0].name_hint
+            calls[name] = calls.get(name, 0) + 1
+            args = expr.args[1]
+            inputs = list(args.fields) if hasattr(args, "fields") else [args]
+            outs = list(expr.ty.fields) if hasattr(expr.ty, "fields") else [expr.ty]
+            signature.setdefault(name, [a.ty for a in inputs] + outs)
+
+    relax.analysis.post_order_visit(module["main"], visit)
+    rng = np.random.default_rng(0)
+    dev = tvm.cpu()
+    rows = []
+    for gvar, func in module.functions.items():
+        if not isinstance(func, tirx.PrimFunc) or gvar.name_hint not in calls:
+            continue
+        try:
+            lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
+                              target)
+            args = []
+            for ty in signature[gvar.name_hint]:
+                shape = [int(d) for d in ty.shape.values]
+                dtype = str(ty.dtype)
+                data = (rng.integers(0, 8, shape) if "int" in dtype else
+                        rng.standard_normal(shape)).astype(dtype)
+                args.append(tvm.runtime.tensor(data, dev))
+            ms = lib.mod.time_evaluator("main", dev, number=10, repeat=3)(*args).median * 1e3
+        except Exception as exc:   # e.g. a kernel taking a shape argument: not timed
+            if os.environ.get("BENCH_DEBUG"):
+                print(gvar.name_hint, exc)
+            continue
+        rows.append((gvar.name_hint, calls[gvar.name_hint], ms, ms * calls[gvar.name_hint]))
+    total = sum(r[3] for r in rows) or 1.0
+    rows.sort(key=lambda r: -r[3])
+    return [r + (r[3] / total,) for r in rows[:top]], total
+
+
+def integer_report(args, db, tune_opts, log) -> int:
+    """ResNet-56 int8 and prune50+int8 through the integer lowering, in one run."""
+    from onnxc.backends.tvm import compile_model
+    from onnxc.backends.tvm import benchmark, load_artifact
+
+    per_task = 16 if args.trials_per_task is None else args.trials_per_task
+    trials = 0 if args.from_db or per_task == 0 else 100000    # the per-task cap rules
+    opts = dict(tune_opts, tune_db=db, tune_trials_per_task=per_task or None,
+                tune_trials=trials, tune_db_only=args.from_db)
+    work = tempfile.mkdtemp(prefix="onnxc-bench-int-")
+    print(f"# integer path: {os.path.basename(args.model)}; int8 = onnxc fold_bn[,prune],int8 "
+          f"(uint8 activations, int8 per-channel weights, 256 CIFAR train images); tuning "
+          f"{'from ' + db if args.from_db else f'{per_task} trials per task into {db}' if per_task else 'none (integer kernels: untuned tensorized schedules)'}; "
+          f"{load()}", flush=True)
+
+    results = {}
+
+    def build(name, model, **extra):
+        out = os.path.join(work, name)
+        start = time.perf_counter()
+        res = compile_model(model, "x86", out, dict(opts, **extra), log=log)
+        results[out] = res
+        t = res.tuning
+        print(f"  built {name}: {time.perf_counter() - start:.0f} s"
+              + (f", {t.tasks} tasks, {t.trials} trials now, {t.trials_in_db} in db"
+                 if t else "") + (f"; lowering {res.lowering}" if res.lowering else "")
+              + f"; vs ORT max rel {res.verification['max_rel']:.2e}", flush=True)
+        return out
+
+    def tvm_ms(out, x, rep):
+        art = load_artifact(out)
+        return benchmark(art, {art.inputs[0]["name"]: x}, warmup=3, repeat=rep)["median_ms"]
+
+    x1 = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    x64 = np.random.default_rng(0).standard_normal((64, 3, 32, 32)).astype(np.float32)
+    rep = args.repeat
+    fp32_1, int8_1 = onnxc_models(args.model, 1, None)
+    a_fp32 = build("fp32_bs1", fp32_1)
+    a_int8 = build("int8_bs1", int8_1)
+    ort_fp32_1 = ort_latency(fp32_1, x1, rep)
+    ort_int8_1 = ort_latency(int8_1, x1, rep)
+    tvm_fp32_1 = tvm_ms(a_fp32, x1, rep)
+    tvm_int8_1 = tvm_ms(a_int8, x1, rep)
+    tuned = f"tuned, {per_task} trials per task each" if per_task else "both untuned"
+    print(f"int8 bs 1: TVM int8 {tvm_int8_1:.2f} ms, TVM fp32 {tvm_fp32_1:.2f} ms ({tuned}): "
+          f"int8 {tvm_fp32_1 / tvm_int8_1:.2f}x faster than fp32; ORT int8 (same QDQ model) {ort_int8_1:.2f} ms: TVM/ORT "
+          f"{tvm_int8_1 / ort_int8_1:.2f}x; ORT fp32 {ort_fp32_1:.2f} ms", flush=True)
+
+    if "prune" in args.variants:
+        for batch in (int(b) for b in args.batches.split(",")):
+            x = x1 if batch == 1 else x64 if batch == 64 else np.random.default_rng(
+                0).standard_normal((batch, 3, 32, 32)).astype(np.float32)
+            orig = fp32_graph(args.model, batch)
+            _, p_int8 = onnxc_models(args.model, batch, 0.5)
+            a_p = build(f"prune50_int8_bs{batch}", p_int8)
+            r = max(5, rep // 4) if batch > 1 else rep
+            ort_orig = ort_latency(orig, x, r)
+            ort_same = ort_latency(p_int8, x, r)
+            tvm_p = tvm_ms(a_p, x, r)
+            print(f"prune50+int8 bs {batch}: TVM {tvm_p:.2f} ms; ORT fp32 original "
+                  f"{ort_orig:.2f} ms ({ort_orig / tvm_p:.2f}x); ORT same compressed model "
+                  f"{ort_same:.2f} ms ({ort_same / tvm_p:.2f}x)", flush=True)
+            if batch == 1:
+                res = results[a_p]
+                rows, total = kernel_table(res.module, res.spec.tvm_target())
+                print(f"# where the time goes (prune50+int8 bs 1): each kernel timed alone, "
+                      f"x calls; sum {total:.2f} ms")
+                for name, calls, ms, tot, share in rows:
+                    print(f"  {tot:8.3f} ms {100 * share:5.1f}%  {calls:>3} x {ms:7.3f} ms  "
+                          f"{name[:80]}")
+
+    imgs, labels = _cifar("test_dev")
+    if imgs is not None:
+        sess = _ort_session(int8_1)
+        art = load_artifact(a_int8)
+        name = art.inputs[0]["name"]
+        ort_hits = tvm_hits = same = 0
+        for i in range(len(imgs)):
+            xi = imgs[i:i + 1]
+            o = sess.run(None, {sess.get_inputs()[0].name: xi})[0].argmax(1)[0]
+            t = art.run({name: xi})[0].argmax(1)[0]
+            ort_hits += int(o == labels[i])
+            tvm_hits += int(t == labels[i])
+            same += int(o == t)
+        n = len(imgs)
+        print(f"top-1 test_dev ({n} images): TVM int8 {100 * tvm_hits / n:.2f}%, ORT int8 "
+              f"{100 * ort_hits / n:.2f}% (difference {100 * (tvm_hits - ort_hits) / n:+.2f} "
+              f"pt); same prediction on {same}/{n}", flush=True)
+    print(f"# artifacts in {work}; {load()}")
     return 0
 
 

@@ -25,8 +25,10 @@ from onnxc.backends.artifact import random_input
 from onnxc.errors import BackendError, UnsupportedError, UsageError, first_line
 from onnxc.ir import Graph
 
+from . import int_kernels
 from . import targets as T
 from .constants import FLOAT_TOLERANCE, LIBRARY, LIBRARY_TAR, QDQ_TOLERANCE, TARGET_FILE
+from .int_lower import has_qdq, lower_qdq
 from .tuning import TuningStats, tune
 
 
@@ -45,6 +47,8 @@ class CompiledModel:
     notes: list = field(default_factory=list)
     files: list = field(default_factory=list)
     verification: dict | None = None   # x86: library vs ONNX Runtime
+    lowering: dict | None = None       # QDQ -> integer kernels (int_lower.LoweringReport)
+    module: object = None              # the IRModule handed to tvm.compile (benchmarks)
 
     @property
     def linked(self) -> bool:
@@ -185,9 +189,10 @@ def compile_model(model, target="x86", out_dir: str = ".", options: dict | None 
     (``tune_trials``, ``tune_db``, ``mcpu``, ``cuda_arch``, ``target_json``,
     ``rpc_tracker``, ``rpc_key``, ``cross_cc``). Writes the library, ``target.json``
     and, for x86 when ``verify``, checks the library against ONNX Runtime: within
-    ``tolerance`` relative (default 1e-4; 5e-2 for QDQ graphs, which ONNX Runtime runs
-    as integer kernels that requantize differently from TVM's float QDQ arithmetic:
-    a one-quantization-step difference is expected there).
+    ``tolerance`` relative (default 1e-4; 5e-2 for QDQ graphs: a one-quantization-step
+    difference from ONNX Runtime's integer kernels is allowed; QDQ graphs are lowered to
+    integer kernels with ORT's requantization, see int_lower.py, unless
+    ``int_lowering`` is False).
     """
     import tvm
 
@@ -202,6 +207,14 @@ def compile_model(model, target="x86", out_dir: str = ".", options: dict | None 
     model = static_model(model, input_shapes, notes)
     inputs, outputs = io_signature(model)
     mod = import_relax(model, inputs)
+    lowering = None
+    if options.get("int_lowering", True) and has_qdq(mod):
+        # QDQ graphs: integer conv/matmul/add kernels instead of float QDQ arithmetic
+        mod, report = lower_qdq(mod, int_kernels.activation_dtype(tvm_target),
+                                int_kernels.packing(tvm_target))
+        lowering = dict(report.as_dict(), kernels=int_kernels.describe(tvm_target))
+        notes.append(report.summary())
+        options["integer_kernels"] = report.lowered > 0
     seconds["import"] = time.perf_counter() - start
 
     stats = None
@@ -212,6 +225,19 @@ def compile_model(model, target="x86", out_dir: str = ".", options: dict | None 
         seconds["tune"] = time.perf_counter() - start
 
     start = time.perf_counter()
+    if options.get("integer_kernels") and options.get("int_schedules", True):
+        # kernels without a tuning record still get the target's dot-product instruction
+        try:
+            mod, counts = int_kernels.schedule_integer_kernels(mod, tvm_target,
+                                                              stats is not None, log)
+        except Exception as exc:
+            raise BackendError(f"scheduling the integer kernels failed: "
+                               f"{first_line(exc)}") from None
+        lowering["untuned_tensorized"] = counts["tensorized"]
+        lowering["integer_kernels"] = counts["kernels"]
+        seconds["int_schedules"] = time.perf_counter() - start
+        start = time.perf_counter()
+    compiled_module = mod
     try:
         with tvm.transform.PassContext(opt_level=3):
             executable = tvm.compile(mod, tvm_target)
@@ -229,10 +255,12 @@ def compile_model(model, target="x86", out_dir: str = ".", options: dict | None 
     seconds["export"] = time.perf_counter() - start
 
     result = CompiledModel(out_dir, library, spec, inputs, outputs, stats,
-                           {k: round(v, 3) for k, v in seconds.items()}, notes, files)
+                           {k: round(v, 3) for k, v in seconds.items()}, notes, files,
+                           lowering=lowering, module=compiled_module)
     with open(os.path.join(out_dir, TARGET_FILE), "w") as f:
         json.dump({"onnxc_tvm": 1, **result.runtime_info(),
-                   "tuning": stats.as_dict() if stats else None}, f, indent=2)
+                   "tuning": stats.as_dict() if stats else None,
+                   "integer_lowering": lowering}, f, indent=2)
         f.write("\n")
     files.append(TARGET_FILE)
     if tolerance is None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from onnxc.errors import BackendError, UsageError, first_line
 
+from . import int_kernels
 
 DEFAULT_DB = os.path.join(os.environ.get("XDG_CACHE_HOME",
                                          os.path.join(os.path.expanduser("~"), ".cache")),
@@ -317,7 +318,7 @@ def _records_for(db, tasks) -> int:
                if structural_hash(rec.workload.mod) in wanted)
 
 
-def _tune_contexts(tasks, db_dir: str, seed: int):
+def _tune_contexts(tasks, db_dir: str, seed: int, space="post-order-apply"):
     """``extracted_tasks_to_tune_contexts``, safe when others log through MetaSchedule.
 
     It (re)configures logging with ``logging.config.dictConfig``, listing the handlers
@@ -337,7 +338,7 @@ def _tune_contexts(tasks, db_dir: str, seed: int):
         logger.removeHandler(handler)
     try:
         return ms.relax_integration.extracted_tasks_to_tune_contexts(
-            tasks, work_dir=db_dir, seed=seed)
+            tasks, work_dir=db_dir, seed=seed, space=space)
     finally:
         for handler in foreign:
             logger.addHandler(handler)
@@ -377,6 +378,9 @@ def tune(mod, target, spec, trials: int, options: dict, log):
 
     log = log or (lambda m: print(m, file=sys.stderr))
     started = time.perf_counter()
+    integer = bool(options.get("integer_kernels"))   # set by build.py after int_lower
+    if integer:   # the working VNNI intrinsic, before any record is tuned or replayed
+        int_kernels.register_intrinsics()
     base_dir = os.path.abspath(os.path.expanduser(options.get("tune_db") or default_db()))
     db_dir = base_dir
     try:
@@ -419,7 +423,7 @@ def tune(mod, target, spec, trials: int, options: dict, log):
                     max(1, math.ceil(trials / max(1, len(todo))))))
     budget = min(trials, per_task * len(todo))
     runners = _Runners(spec, options)
-    session = _Session(log, trials, per_task, minutes, options, runners)
+    session = _Session(log, trials, per_task, minutes, options, runners, target, integer)
     try:
         limit = (f"up to {budget} trials" if budget < UNLIMITED_TRIALS else "no trial cap") \
             + (f" in {minutes:g} min" if minutes else "")
@@ -660,8 +664,11 @@ class _Runners:
 class _Session:
     """One build's tuning: trial and time budget shared by every ``tune`` call in it."""
 
-    def __init__(self, log, trials, per_task, minutes, options, runners):
+    def __init__(self, log, trials, per_task, minutes, options, runners, target=None,
+                 integer=False):
         self.log, self.trials, self.per_task = log, trials, per_task
+        # integer-lowered modules: f-intlower's tensorized design space and intrinsics
+        self.target, self.integer = target, integer
         self.minutes, self.options = minutes, options
         # The --tune-minutes clock starts with the first tuning round, after the set-up
         # (TVM's intrinsics import, design spaces: seconds idle, a minute under load).
@@ -684,7 +691,8 @@ class _Session:
         # candidate, not a slow one.
         return ms.builder.LocalBuilder(
             max_workers=int(self.options.get("tune_build_workers") or 1),
-            timeout_sec=600, initializer=import_tensor_intrinsics)
+            timeout_sec=600, initializer=int_kernels.register_intrinsics
+            if self.integer else import_tensor_intrinsics)
 
     def tune(self, tasks, db, work_dir):
         import logging
@@ -694,8 +702,10 @@ class _Session:
         import_tensor_intrinsics()
         runner = self.runners.get()
         try:
-            contexts, weights = _tune_contexts(tasks, work_dir,
-                                               int(self.options.get("seed") or 0))
+            contexts, weights = _tune_contexts(
+                tasks, work_dir, int(self.options.get("seed") or 0),
+                int_kernels.design_space(self.target) if self.integer
+                else "post-order-apply")
         except Exception as exc:
             raise BackendError(f"MetaSchedule could not set up tuning: "
                                f"{first_line(exc)}") from None

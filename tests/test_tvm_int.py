@@ -1,0 +1,251 @@
+"""QDQ -> integer lowering for the TVM targets (backends/tvm/int_lower.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+pytest.importorskip("tvm")
+
+from test_tvm_slow import arm_sysroot  # noqa: E402,F401  (fixture: the aarch64 sysroot)
+
+
+def conv_chain(channels: int = 16, size: int = 8, seed: int = 0) -> onnx.ModelProto:
+    """Conv-Relu-Conv-Relu-Conv-Add(residual)-Relu, output the 4-D activation itself, so
+    every output element is one requantized value (nothing averages differences away)."""
+    rng = np.random.default_rng(seed)
+    c = channels
+
+    def init(name, *shape, scale=None):
+        s = scale if scale is not None else np.sqrt(2.0 / np.prod(shape[1:]))
+        return numpy_helper.from_array((rng.standard_normal(shape) * s).astype(np.float32), name)
+
+    conv = dict(kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    nodes = [
+        helper.make_node("Conv", ["x", "w0", "b0"], ["c0"], "conv0", **conv),
+        helper.make_node("Relu", ["c0"], ["r0"], "relu0"),
+        helper.make_node("Conv", ["r0", "w1", "b1"], ["c1"], "conv1", **conv),
+        helper.make_node("Relu", ["c1"], ["r1"], "relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], "conv2", **conv),
+        helper.make_node("Add", ["c2", "r0"], ["s"], "add"),
+        helper.make_node("Relu", ["s"], ["y"], "relu2"),
+    ]
+    inits = [init("w0", c, 3, 3, 3), init("b0", c, scale=0.1),
+             init("w1", c, c, 3, 3), init("b1", c, scale=0.1),
+             init("w2", c, c, 3, 3), init("b2", c, scale=0.1)]
+    graph = helper.make_graph(
+        nodes, "conv_chain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, size, size])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c, size, size])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.fixture(scope="module")
+def qdq_model():
+    """The conv chain through onnxc's own int8 pass (uint8 activations, int8 weights)."""
+    from onnxc.calibrate.readers import Dataset
+    from onnxc.compress import compress
+
+    model = conv_chain()
+    x = np.random.default_rng(1).standard_normal((32, 3, 8, 8)).astype(np.float32)
+    data = Dataset({"x": x}, None, "synthetic")
+    result = compress(model, ["int8"], calibration=data, evaluation=data,
+                      log=lambda m: None)
+    return result.graph.to_onnx()
+
+
+@pytest.fixture(scope="module")
+def x86_artifact(qdq_model, tmp_path_factory):
+    from onnxc.backends.tvm import compile_model
+
+    return compile_model(qdq_model, "x86", str(tmp_path_factory.mktemp("x86")), verify=False)
+
+
+def _import(model):
+    from onnxc.backends.tvm.build import import_relax, io_signature
+
+    inputs, _ = io_signature(model)
+    return import_relax(model, inputs)
+
+
+def _calls(mod, name: str) -> list:
+    from tvm import ir, relax
+
+    found = []
+
+    def visit(expr):
+        if isinstance(expr, relax.Call) and isinstance(expr.op, ir.Op) \
+                and expr.op.name == "relax." + name:
+            found.append(expr)
+
+    for func in mod.functions.values():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    return found
+
+
+def _output_scale(model) -> float:
+    last = model.graph.node[-1]
+    assert last.op_type == "DequantizeLinear"
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    return float(inits[last.input[1]])
+
+
+def test_convs_and_residual_add_become_integer_ops(qdq_model):
+    from onnxc.backends.tvm.int_lower import lower_qdq
+
+    mod, report = lower_qdq(_import(qdq_model))
+    assert (report.conv, report.add, report.skipped) == (3, 1, {})
+    convs = _calls(mod, "nn.conv2d")
+    assert len(convs) == 3
+    for conv in convs:
+        assert str(conv.attrs.out_dtype) == "int32"
+        assert str(conv.args[0].ty.dtype) == "uint8"
+        assert str(conv.args[1].ty.dtype) == "int8"
+    assert not _calls(mod, "dequantize") or all(          # only the graph output's
+        str(c.ty.dtype) == "float32" for c in _calls(mod, "dequantize"))
+    assert len(_calls(mod, "dequantize")) == 1
+
+
+def test_same_shape_convs_share_one_kernel_whatever_their_scales(qdq_model):
+    import tvm
+    from tvm import relax, tirx
+
+    from onnxc.backends.tvm.int_lower import lower_qdq
+
+    mod, _ = lower_qdq(_import(qdq_model))
+    with tvm.target.Target("llvm"):
+        mod = relax.pipeline.zero_pipeline()(mod)
+    kernels = [gv.name_hint for gv, f in mod.functions.items()
+               if isinstance(f, tirx.PrimFunc) and "conv2d" in gv.name_hint]
+    # conv1 and conv2 (16->16) have different scales; conv2's kernel also holds the
+    # residual add. With scales passed as tensors, conv1 is one kernel, conv0 another.
+    assert len([k for k in kernels if "subtract" not in k]) == 2
+
+
+def test_integer_artifact_within_one_quantization_step_of_onnxruntime(qdq_model,
+                                                                    x86_artifact):
+    import onnxruntime as ort
+
+    from onnxc.backends.tvm import load_artifact
+
+    result = x86_artifact
+    assert result.lowering["conv"] == 3
+    art = load_artifact(result.out_dir)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(qdq_model.SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"])
+    step = _output_scale(qdq_model)
+    rng = np.random.default_rng(2)
+    steps = []
+    for _ in range(8):
+        x = rng.standard_normal((1, 3, 8, 8)).astype(np.float32)
+        ref = sess.run(None, {"x": x})[0]
+        out = art.run({"x": x})[0]
+        steps.append(np.abs(out - ref).max() / step)
+    assert max(steps) <= 1.0 + 1e-3, steps
+
+
+def test_float_qdq_is_kept_when_lowering_is_off(qdq_model, tmp_path):
+    from onnxc.backends.tvm import compile_model
+
+    result = compile_model(qdq_model, "x86", str(tmp_path / "art"),
+                           {"int_lowering": False}, verify=False)
+    assert result.lowering is None
+
+
+def test_unsupported_pattern_is_left_in_float_and_reported():
+    """A weight with a non-zero zero point cannot be lowered: it stays float QDQ."""
+    from onnxc.backends.tvm.int_lower import lower_qdq
+
+    w = np.ones((4, 3, 1, 1), np.int8)
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+        helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"]),
+        helper.make_node("Conv", ["xd", "wd"], ["c"]),
+        helper.make_node("QuantizeLinear", ["c", "s", "z"], ["yq"]),
+        helper.make_node("DequantizeLinear", ["yq", "s", "z"], ["y"]),
+    ]
+    inits = [numpy_helper.from_array(np.float32(0.1), "s"),
+             numpy_helper.from_array(np.uint8(0), "z"),
+             numpy_helper.from_array(w, "w"),
+             numpy_helper.from_array(np.float32(0.05), "ws"),
+             numpy_helper.from_array(np.int8(3), "wz")]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 4, 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    mod, report = lower_qdq(_import(model))
+    assert report.lowered == 0
+    assert report.skipped == {"non-zero weight zero point": 1}
+    assert str(_calls(mod, "nn.conv2d")[0].ty.dtype) == "float32"
+
+
+def _objdump(tool: str, library) -> str:
+    import subprocess
+
+    return subprocess.run([tool, "-d", str(library)], capture_output=True, text=True,
+                          check=True).stdout
+
+
+def test_x86_integer_artifact_runs_vnni_dot_products(x86_artifact):
+    import shutil
+
+    from onnxc.backends.tvm.int_kernels import VNNI, intrinsic
+
+    result = x86_artifact
+    if intrinsic(result.spec.tvm_target()) != VNNI:
+        pytest.skip("this host has no AVX-512 VNNI")
+    if shutil.which("objdump") is None:
+        pytest.skip("needs objdump")
+    assert result.lowering["untuned_tensorized"] >= 1
+    assert "vpdpbusd" in _objdump("objdump", result.library)
+
+
+def test_arm_dotprod_artifact_contains_sdot(qdq_model, tmp_path):
+    import shutil
+
+    from onnxc.backends.tvm import compile_model
+
+    if shutil.which("aarch64-linux-gnu-g++") is None or \
+            shutil.which("aarch64-linux-gnu-objdump") is None:
+        pytest.skip("needs g++-aarch64-linux-gnu and its binutils")
+    result = compile_model(qdq_model, "arm", str(tmp_path / "arm"), {"mcpu": "cortex-a76"})
+    assert result.lowering["kernels"].endswith("dot_4x4_i8i8s32_sdot")
+    assert result.lowering["untuned_tensorized"] >= 1
+    assert "sdot" in _objdump("aarch64-linux-gnu-objdump", result.library)
+
+
+def test_cuda_int8_artifact_ptx_contains_dp4a(qdq_model, tmp_path):
+    import shutil
+
+    from onnxc.backends.tvm import compile_model
+
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc not installed: the PTX check needs it")
+    result = compile_model(qdq_model, "cuda", str(tmp_path / "cuda"), {"cuda_arch": "sm_75"})
+    assert result.lowering["conv"] == 3
+    assert "dp4a" in (tmp_path / "cuda" / "kernels.sm_75.ptx").read_text()
+
+
+@pytest.mark.slow
+def test_arm_integer_artifact_under_qemu_is_bit_exact_with_x86(qdq_model, arm_sysroot,
+                                                               tmp_path):
+    """ARM (int8 activations, sdot) and x86 (uint8, vpdpbusd) compute the same integers."""
+    from onnxc.backends.tvm import compile_model, load_artifact
+    from onnxc.backends.tvm.qemu import run_under_qemu
+
+    compile_model(qdq_model, "x86", str(tmp_path / "x86"), verify=False)
+    arm = compile_model(qdq_model, "arm", str(tmp_path / "arm"), {"mcpu": "cortex-a76"})
+    assert arm.lowering["untuned_tensorized"] >= 1
+    x = np.random.default_rng(3).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    on_x86 = load_artifact(str(tmp_path / "x86")).run({"x": x})[0]
+    on_arm, _ = run_under_qemu(str(tmp_path / "arm"), {"x": x}, arm_sysroot)
+    np.testing.assert_array_equal(on_arm[0], on_x86)
