@@ -3,7 +3,9 @@
 set -euo pipefail
 # g++-aarch64-linux-gnu + qemu-user: the arm target links its .so and runs it under
 # qemu-aarch64 (issue 6).
-PKGS=(g++-aarch64-linux-gnu qemu-user)
+# postgresql: tests/test_search.py starts a throw-away server to run two search workers
+# on one PostgreSQL study (skipped when absent).
+PKGS=(g++-aarch64-linux-gnu qemu-user postgresql)
 if [ "$(id -u)" = "0" ] && [ ${#PKGS[@]} -gt 0 ]; then
     missing=()
     for p in "${PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done

@@ -4,7 +4,10 @@ Sensitivity of a layer = relative output error ‖y_q − y‖² / ‖y‖² of 
 only that layer (of the candidate layers) is quantized, on up to ``SENS_SAMPLES``
 samples. With labelled data and a top-1 budget, layers fall back to the higher
 precision in decreasing sensitivity until the fully built model's top-1 drop is within
-the budget (or every layer fell back).
+the budget (or every layer fell back). Without labels the accuracy is the agreement with
+the original model: the share of output positions whose argmax over the last axis is
+the original's (top-1 agreement for a classifier; per time step for an N × T × C
+sequence output such as a CTC text recogniser's).
 """
 
 from __future__ import annotations
@@ -18,14 +21,31 @@ BUDGET_SAMPLES = 1024
 
 
 def labelled_data(ctx):
-    """Labelled data for the budget: the evaluation set (--eval-data) first — a trained
-    model is near 100 % on its own training images, so a drop measured there says
-    little — else labelled calibration data."""
-    for ds, what in ((ctx.evaluation, "evaluation"), (ctx.calibration, "calibration")):
+    """Data for the budget and whether it is labelled: the evaluation set (--eval-data)
+    first — a trained model is near 100 % on its own training images, so a drop measured
+    there says little — else labelled calibration data, else unlabelled data (evaluation
+    first), measured as agreement with the original."""
+    sets = ((ctx.evaluation, "evaluation"), (ctx.calibration, "calibration"))
+    for ds, what in sets:
         if ds is not None and ds.labels is not None:
-            return ds.take(min(len(ds), BUDGET_SAMPLES)), what
-    raise UsageError("--max-drop needs labelled data: --calib-data or --eval-data with "
-                     "a 'labels' array")
+            return ds.take(min(len(ds), BUDGET_SAMPLES)), what, True
+    for ds, what in sets:
+        if ds is not None and not getattr(ds, "synthetic", False):
+            return ds.take(min(len(ds), BUDGET_SAMPLES)), what, False
+    raise UsageError("--max-drop needs data: --eval-data, --calib-data or --input-data "
+                     "(labelled: top-1; unlabelled: agreement with the original)")
+
+
+def argmax_positions(model, dataset) -> np.ndarray:
+    """Argmax over the last axis of the first output, at every other position."""
+    from onnxc.execution import Runner
+
+    return Runner(model).run(dataset.inputs)[0].argmax(axis=-1)
+
+
+def agreement(model, dataset, reference: np.ndarray) -> float:
+    """Share (%) of output positions whose argmax equals ``reference``'s."""
+    return 100.0 * float(np.mean(argmax_positions(model, dataset) == reference))
 
 
 def relative_error(ref: np.ndarray, out: np.ndarray) -> float:
@@ -52,12 +72,18 @@ def fallback_until(graph, ctx, report, layers: list, build, budget: float,
     top-1 drop of ``build(fallback)`` stays within ``budget`` points."""
     from onnxc.verify import top1
 
-    data, source = labelled_data(ctx)
+    data, source, labelled = labelled_data(ctx)
+    if labelled:
+        metric, name = (lambda model: top1(model, data)), "top-1"
+    else:
+        reference = argmax_positions(graph, data)
+        metric, name = (lambda model: agreement(model, data, reference)), "agreement"
+        source += " (unlabelled: argmax agreement with the original)"
     everything = list(layers)
     scores = sensitivity(graph, everything,
                          lambda name: build([n for n in everything if n != name]), data)
     order = sorted(everything, key=lambda n: -scores[n])
-    ref = top1(graph, data)
+    ref = metric(graph)
     # Smallest k such that falling back the k most sensitive layers meets the budget,
     # by bisection (top-1 is assumed to improve as more layers fall back): log2(n)
     # evaluations instead of n.
@@ -65,7 +91,7 @@ def fallback_until(graph, ctx, report, layers: list, build, budget: float,
 
     def acc_at(k: int) -> float:
         if k not in cache:
-            cache[k] = top1(build(order[:k]), data)
+            cache[k] = metric(build(order[:k]))
         return cache[k]
 
     lo, hi = 0, len(order)
@@ -82,11 +108,11 @@ def fallback_until(graph, ctx, report, layers: list, build, budget: float,
     trace = [{"fallback": k, "top1": round(v, 3)} for k, v in sorted(cache.items())]
     report.extra["sensitivity"] = {n: scores[n] for n in order}
     report.extra["mixed_precision"] = {
-        "budget_pt": budget, "data": source, "samples": len(data),
+        "budget_pt": budget, "data": source, "samples": len(data), "metric": name,
         "reference_top1": round(ref, 3), "final_top1": round(acc, 3),
         "higher_precision": higher, "fallback": fallback, "trace": trace}
     met = ref - acc <= budget
     report.note(f"mixed precision: {len(fallback)} of {len(order)} layers fall back to "
-                f"{higher}; top-1 {ref:.2f}% -> {acc:.2f}% on {len(data)} {source} samples"
+                f"{higher}; {name} {ref:.2f}% -> {acc:.2f}% on {len(data)} {source} samples"
                 + ("" if met else f" (budget {budget} pt NOT met)"))
     return fallback

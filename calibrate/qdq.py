@@ -31,7 +31,8 @@ SHARED_OPTIONS = (
            "layers left in float: first,last,none or node names "
            "(int8 default: none; ternary/binary default: first,last)"),
     Option("--max-drop", non_negative, None,
-           "mixed precision: top-1 drop budget (pt) on labelled data; the most "
+           "mixed precision: top-1 drop budget (pt) on labelled data (unlabelled: "
+           "argmax agreement with the original, per output position); the most "
            "sensitive layers fall back to higher precision until it holds"),
     Option("--format", str, "qdq", "also export QONNX-style Quant nodes "
            "(model_qonnx.onnx) for FPGA toolflows", choices=("qdq", "qonnx")),

@@ -72,14 +72,19 @@ def _configure_compress(sub) -> None:
     backends = all_backends()
     c = sub.add_parser("compress", help="run passes and write an artifact directory",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    c.add_argument("model", help="input .onnx file (never modified)")
-    c.add_argument("--passes", default="fold_bn",
-                   help=f"comma-separated, run in canonical order: {', '.join(passes)}")
-    c.add_argument("--target", default="onnx", help=f"one of {', '.join(sorted(backends))}")
+    c.add_argument("model", nargs="?", help="input .onnx file (never modified; "
+                   "default with --recipe: the recipe's)")
+    c.add_argument("--passes", default=None,
+                   help=f"comma-separated, run in canonical order: {', '.join(passes)} "
+                        "(default: fold_bn)")
+    c.add_argument("--target", default=None,
+                   help=f"one of {', '.join(sorted(backends))} (default: onnx)")
+    c.add_argument("--recipe", default=None, help="replay a recipe.yaml (from 'onnxc "
+                   "search'): its passes, options, data and seed; flags given here win")
     c.add_argument("-o", "--output", required=True, help="artifact directory (replaced)")
     c.add_argument("--input-shape", action="append", metavar="NAME:D1,D2,...",
                    help="fix an input's shape; repeat for several inputs")
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seed", type=int, default=None, help="(default: 0)")
     c.add_argument("--tolerance", type=float, default=1e-5,
                    help="max relative output error allowed for exact passes")
     c.add_argument("--max-accuracy-drop", type=float, default=None,
@@ -117,6 +122,15 @@ def cmd_compress(args) -> int:
     from onnxc import frontend
     from onnxc.compress import RUN_OPTIONS, compress
 
+    if args.recipe:
+        from onnxc.recipe import apply_to_args
+
+        apply_to_args(args, _declared_options())
+    if args.model is None:
+        raise UsageError("compress needs a MODEL (or --recipe)")
+    args.passes = args.passes or "fold_bn"
+    args.target = args.target or "onnx"
+    args.seed = 0 if args.seed is None else args.seed
     options = {}
     for opt in list(_declared_options()) + list(RUN_OPTIONS):
         value = getattr(args, opt.dest, None)
@@ -271,6 +285,10 @@ def cmd_passes(args) -> int:
     for name, cls in sorted(all_backends().items()):
         print(f"  {name:<10} {cls.summary}")
     return 0
+
+
+# `onnxc search` (and the recipes `compress --recipe` replays) lives in its own module.
+from onnxc import search as _search  # noqa: E402,F401  (registers 'onnxc search')
 
 
 def main(argv=None) -> int:

@@ -45,12 +45,16 @@ sensitive fall back to float until top-1 on labelled data is within the budget.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import numpy as np
 
 from onnxc.calibrate import qdq
 from onnxc.calibrate.calibrators import CALIBRATORS, Scheme, clip_range
 from onnxc.calibrate.stats import collect
 from onnxc.errors import UnsupportedError, UsageError
+from onnxc.options import positive_int
 from onnxc.pipeline import CalibrationData, Option, Pass, register_pass
 
 MAX_CALIB = 512
@@ -168,6 +172,24 @@ class Plan:
         return sorted(set(self.params_from.values()))
 
 
+@dataclass
+class Prepared:
+    """Static int8 planned and calibrated: ``build(layers)`` -> (graph, Plan) quantizes
+    ``layers`` (node names, a subset of ``candidates``) of ``graph``."""
+
+    graph: object
+    weighted: list
+    keep: set
+    candidates: set
+    data: object
+    method: str
+    scheme: Scheme
+    per_channel: bool
+    dynamic: list
+    ranges: dict
+    build: Callable
+
+
 @register_pass
 class Int8(Pass):
     name = "int8"
@@ -205,6 +227,14 @@ class Int8(Pass):
                "static: calibrated QDQ; dynamic: int8 weights, activations quantized at "
                "run time (MatMul/Gemm only; for MatMul-heavy models, no data needed)",
                choices=("static", "dynamic")),
+        Option("--int8-cle", action="store_true",
+               help="cross-layer equalization first (Conv→[Relu]→Conv pairs incl. "
+                    "depthwise): balances per-channel weight ranges, exact in float"),
+        Option("--int8-adaround", action="store_true",
+               help="AdaRound: learn each layer's weight rounding (torch) from the "
+                    "calibration data instead of rounding to nearest"),
+        Option("--int8-adaround-iters", positive_int, 300,
+               "AdaRound optimisation steps per layer"),
     ) + qdq.SHARED_OPTIONS
 
     def validate(self, ctx):
@@ -226,55 +256,14 @@ class Int8(Pass):
         cfg = self.config
         if cfg.int8_mode == "dynamic":
             return self._dynamic(graph, ctx, report)
-        scheme, reduce = self._scheme()
-        method = cfg.int8_calibrator
-        percentile = cfg.int8_percentile
-        per_channel = cfg.int8_weight_granularity == "channel"
-        qdq.require_qdq_opset(graph, self.name)
-        if per_channel and not qdq.per_channel_ok(graph):
-            per_channel = False
-            report.note(f"opset {graph.opset} (the upgrade to 13 failed, see the frontend "
-                        f"notes): DequantizeLinear has no axis there, weights per-tensor")
-        graph.name_nodes()
-        weighted = qdq.weighted_layers(graph)
-        keep = qdq.resolve_keep(cfg.keep_float, weighted, "none")
-        candidates = {n.name for n in graph.nodes if n.op in COMPUTE_OPS
-                      or (not qdq.is_standard(n) and n.op not in qdq.QDQ_OPS)} - keep
-        act_matmuls = [n for n in graph.nodes if _act_matmul(graph, n)]
-        act_dynamic = cfg.int8_act_matmul == "dynamic" and bool(act_matmuls)
-        if act_dynamic and graph.opset < 11:
-            act_dynamic = False
-            report.note(f"opset {graph.opset} has no DynamicQuantizeLinear (opset 11+): "
-                        f"activation x activation MatMuls quantized statically")
-        if act_dynamic:
-            candidates -= {n.name for n in act_matmuls}
-        full = Plan(graph, candidates, scheme.signed)
-
-        data = calibration_set(ctx, graph)
+        prep = self.prepare(graph, ctx, report)
+        graph, weighted, keep, candidates = prep.graph, prep.weighted, prep.keep, \
+            prep.candidates
+        data, method, scheme, per_channel = prep.data, prep.method, prep.scheme, \
+            prep.per_channel
+        dynamic, build, ranges = prep.dynamic, prep.build, prep.ranges
+        reduce = self._scheme()[1]
         correct = cfg.int8_bias_correction == "on"
-        # Bias correction needs E[x] per input channel of every quantized weighted layer.
-        layer_inputs = sorted({n.inputs[0].name for n in weighted if n.name in full.layers}) \
-            if correct else []
-        stats = collect(graph.to_onnx(), full.stat_tensors(), data, progress=ctx.progress,
-                        histograms=CALIBRATORS[method].histograms,
-                        channel_means=layer_inputs)
-        means = {name: stats[name].channel_mean() for name in layer_inputs}
-        outputs = {t.name for t in graph.gs.outputs}
-        # Never clip what the user reads: graph outputs keep their observed range.
-        ranges = {name: clip_range(s, "minmax" if name in outputs else method, scheme,
-                                   percentile) for name, s in stats.items()}
-        params = {name: scheme.params(*r) for name, r in ranges.items()}
-
-        dynamic = [n.name for n in act_matmuls if n.name not in keep] if act_dynamic else []
-
-        def build(layers: set):
-            plan = Plan(graph, layers, scheme.signed)
-            built = apply_plan(graph.copy(), plan, params, scheme, reduce, per_channel,
-                               means if correct else None)
-            nodes = {n.name: n for n in built.nodes}
-            for name in dynamic:                # run-time quantized attention MatMuls
-                dynamic_act_matmul(built, nodes[name])
-            return built, plan
 
         fallback = []
         if cfg.max_drop is not None:
@@ -329,6 +318,74 @@ class Int8(Pass):
             report.note("QONNX export written to model_qonnx.onnx")
         return result
 
+
+    def prepare(self, graph, ctx, report) -> "Prepared":
+        """Plan and calibrate static int8 once; ``build(layers)`` then writes the model
+        with those layers quantized (mixed precision, ``onnxc qdebug``)."""
+        cfg = self.config
+        scheme, reduce = self._scheme()
+        method = cfg.int8_calibrator
+        percentile = cfg.int8_percentile
+        per_channel = cfg.int8_weight_granularity == "channel"
+        qdq.require_qdq_opset(graph, self.name)
+        if per_channel and not qdq.per_channel_ok(graph):
+            per_channel = False
+            report.note(f"opset {graph.opset} (the upgrade to 13 failed, see the frontend "
+                        f"notes): DequantizeLinear has no axis there, weights per-tensor")
+        graph.name_nodes()
+        if cfg.int8_cle:
+            from onnxc.calibrate.equalize import equalize_checked
+
+            graph = equalize_checked(graph, ctx, report)
+        weighted = qdq.weighted_layers(graph)
+        keep = qdq.resolve_keep(cfg.keep_float, weighted, "none")
+        candidates = {n.name for n in graph.nodes if n.op in COMPUTE_OPS
+                      or (not qdq.is_standard(n) and n.op not in qdq.QDQ_OPS)} - keep
+        act_matmuls = [n for n in graph.nodes if _act_matmul(graph, n)]
+        act_dynamic = cfg.int8_act_matmul == "dynamic" and bool(act_matmuls)
+        if act_dynamic and graph.opset < 11:
+            act_dynamic = False
+            report.note(f"opset {graph.opset} has no DynamicQuantizeLinear (opset 11+): "
+                        f"activation x activation MatMuls quantized statically")
+        if act_dynamic:
+            candidates -= {n.name for n in act_matmuls}
+        full = Plan(graph, candidates, scheme.signed)
+
+        data = calibration_set(ctx, graph)
+        correct = cfg.int8_bias_correction == "on"
+        # Bias correction needs E[x] per input channel of every quantized weighted layer.
+        layer_inputs = sorted({n.inputs[0].name for n in weighted if n.name in full.layers}) \
+            if correct else []
+        stats = collect(graph.to_onnx(), full.stat_tensors(), data, progress=ctx.progress,
+                        histograms=CALIBRATORS[method].histograms,
+                        channel_means=layer_inputs)
+        means = {name: stats[name].channel_mean() for name in layer_inputs}
+        outputs = {t.name for t in graph.gs.outputs}
+        # Never clip what the user reads: graph outputs keep their observed range.
+        ranges = {name: clip_range(s, "minmax" if name in outputs else method, scheme,
+                                   percentile) for name, s in stats.items()}
+        params = {name: scheme.params(*r) for name, r in ranges.items()}
+
+        dynamic = [n.name for n in act_matmuls if n.name not in keep] if act_dynamic else []
+        rounded = None
+        if cfg.int8_adaround:
+            from onnxc.calibrate.adaround import adaround_codes
+
+            rounded = adaround_codes(graph, [n for n in weighted if n.name in full.layers],
+                                     params, scheme, reduce, per_channel, data,
+                                     cfg.int8_adaround_iters, ctx, report)
+
+        def build(layers: set):
+            plan = Plan(graph, layers, scheme.signed)
+            built = apply_plan(graph.copy(), plan, params, scheme, reduce, per_channel,
+                               means if correct else None, rounded)
+            nodes = {n.name: n for n in built.nodes}
+            for name in dynamic:                # run-time quantized attention MatMuls
+                dynamic_act_matmul(built, nodes[name])
+            return built, plan
+
+        return Prepared(graph, weighted, keep, candidates, data, method, scheme,
+                        per_channel, dynamic, ranges, build)
 
     def _dynamic(self, graph, ctx, report):
         """MatMul/Gemm → DynamicQuantizeLinear + MatMulInteger + Cast + Mul (+ Add bias):
@@ -475,9 +532,10 @@ def calibration_set(ctx, graph):
 
 
 def apply_plan(graph, plan: Plan, params: dict, scheme: Scheme, reduce: bool,
-               per_channel: bool, means: dict | None = None):
+               per_channel: bool, means: dict | None = None, rounded: dict | None = None):
     """Rewrite ``graph`` (a copy) into QDQ form following ``plan``. ``means`` (input
-    tensor name -> per-channel mean) turns on bias correction."""
+    tensor name -> per-channel mean) turns on bias correction; ``rounded`` (node name ->
+    int8 codes on quantize_weight's scales, AdaRound) replaces round-to-nearest."""
     tensors = graph.tensors()
     nodes = {n.name: n for n in graph.nodes}
     qparams = {t: params[src] for t, src in plan.params_from.items()}
@@ -492,6 +550,8 @@ def apply_plan(graph, plan: Plan, params: dict, scheme: Scheme, reduce: bool,
         axis = axis if per_channel else None
         w = graph.constant(node.inputs[1])
         codes, w_scale = qdq.quantize_weight(w, axis, qmax, scheme.pow2)
+        if rounded and node.name in rounded and rounded[node.name].shape == codes.shape:
+            codes = rounded[node.name]
         # ORT fuses DQ(W)→Conv without a weight zero point, but not DQ(W)→Gemm/MatMul.
         node.inputs[1] = qdq.weight_dq(graph, f"w{layer}", codes, w_scale, axis,
                                        zero_point=node.op != "Conv")

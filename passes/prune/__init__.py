@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
 
 import numpy as np
 
@@ -95,6 +96,9 @@ class Prune(Pass):
         Option("--prune-samples", positive_int, 256, "calibration samples for apoz/thinet"),
         Option("--prune-sensitivity", str, None, "JSON from 'onnxc sensitivity --json' to "
                "allocate --prune-flops by measured per-group error"),
+        Option("--prune-group-ratios", str, None, "per-group ratios, 'LAYER=R,LAYER=R,...' "
+               "with LAYER any producing layer of the group (what 'onnxc search' recipes "
+               "record); unlisted groups use --prune-ratio, else stay whole"),
     )
 
     def validate(self, ctx):
@@ -103,6 +107,11 @@ class Prune(Pass):
             raise UsageError("give either --prune-ratio or --prune-flops, not both")
         if cfg.prune_ratio is not None and cfg.prune_params is not None:
             raise UsageError("give either --prune-ratio or --prune-params, not both")
+        if cfg.prune_group_ratios is not None:
+            if cfg.prune_flops is not None or cfg.prune_params is not None:
+                raise UsageError("--prune-group-ratios fixes every group's ratio: give no "
+                                 "--prune-flops/--prune-params with it")
+            parse_group_ratios(cfg.prune_group_ratios)
         if cfg.prune_sensitivity is not None:
             if cfg.prune_flops is None and cfg.prune_params is None:
                 raise UsageError("--prune-sensitivity needs --prune-flops or --prune-params")
@@ -111,7 +120,10 @@ class Prune(Pass):
     def run(self, graph, ctx, report):
         cfg = self.config
         ratio, flops, params = cfg.prune_ratio, cfg.prune_flops, cfg.prune_params
-        if ratio is None and flops is None and params is None:
+        group_ratios = cfg.prune_group_ratios
+        if group_ratios is not None:
+            group_ratios = parse_group_ratios(group_ratios)
+        elif ratio is None and flops is None and params is None:
             ratio = 0.5
             report.note("no --prune-ratio/--prune-flops given: pruning 50% per group")
         criterion = cfg.prune_criterion
@@ -143,7 +155,13 @@ class Prune(Pass):
         curves = None
         if cfg.prune_sensitivity:
             curves = match_curves(load_curves(cfg.prune_sensitivity), groups)
-        if params is not None or curves is not None:
+        if group_ratios is not None:
+            counts = per_group_counts(alloc, groups, group_ratios, ratio or 0.0)
+            removed = alloc.remove_counts(counts)
+            report.note(f"--prune-group-ratios: {len(group_ratios)} group(s) named"
+                        + (f", the others at --prune-ratio {ratio}" if ratio else
+                           ", the others whole"))
+        elif params is not None or curves is not None:
             removed, how = alloc.for_budgets(base, base_params, flops, params,
                                              use_global, curves)
             est, est_p = dg.estimate_macs(removed), base_params - dg.params_removed(removed)
@@ -226,6 +244,59 @@ class Prune(Pass):
                     f"groups ({len(dg.groups) - len(groups)} left whole), "
                     f"criterion {criterion}")
         return graph
+
+
+# ---- per-group ratios ----------------------------------------------------------------------
+
+
+def parse_group_ratios(text: str) -> dict:
+    """'LAYER=R,LAYER=R' -> {layer: ratio}; one-line UsageError on anything else."""
+    out = {}
+    for item in [s.strip() for s in str(text).split(",") if s.strip()]:
+        name, sep, value = item.rpartition("=")
+        try:
+            r = float(value)
+        except ValueError:
+            r = None
+        if not sep or not name or r is None or not 0.0 <= r < 1.0:
+            raise UsageError(f"--prune-group-ratios: '{item}' is not LAYER=RATIO with "
+                             f"RATIO in [0, 1)")
+        out[name.strip()] = r
+    return out
+
+
+def per_group_counts(alloc, groups, ratios: dict, default: float) -> list:
+    """Channels removed per subgroup (allocator order) for explicit per-group ratios.
+
+    A group is named by any of its producing layers; a name matching no prunable group
+    is an error (a recipe replayed on another model must not silently prune less)."""
+    used = set()
+    counts = []
+    for g in groups:
+        hits = [s for s in g.sources if s in ratios]
+        used.update(hits)
+        r = ratios[hits[0]] if hits else default
+        # 1e-6: a ratio written with 9 significant digits (group_ratios_spec) still
+        # floors to the count it was computed from
+        counts += [alloc.constrain(sg, math.floor(r * len(sg) + 1e-6)) for sg in g.subgroups]
+    unknown = sorted(set(ratios) - used)
+    if unknown:
+        sample = ", ".join(g.sources[0] for g in groups[:3])
+        raise UsageError(f"--prune-group-ratios: '{unknown[0]}' is not a layer of any "
+                         f"prunable group (e.g. {sample})")
+    return counts
+
+
+def group_ratios_spec(groups, removed) -> str:
+    """The --prune-group-ratios text that reproduces ``removed`` (channels per group,
+    named by the group's first layer): ratio = removed / size, exact in float for the
+    floor rounding of :func:`per_group_counts`."""
+    items = []
+    for g in groups:
+        n = int(removed[g.classes].sum())
+        if n:
+            items.append(f"{g.sources[0]}={n / len(g.classes):.9g}")
+    return ",".join(items)
 
 
 # ---- sensitivity curves -------------------------------------------------------------------

@@ -100,6 +100,13 @@ class Allocator:
                         removed[back[:int(cnt[gi] - cnt.min())]] = False
         return removed
 
+    def remove_counts(self, counts) -> np.ndarray:
+        """Removal of ``counts`` lowest-scored classes per subgroup (allocator order)."""
+        return self._remove(counts)
+
+    def constrain(self, sg, n) -> int:
+        return self._constrain(sg, n)
+
     def _constrain(self, sg, n) -> int:
         m = self.multiple
         if getattr(self.dg, "head_class", None) is not None and self.dg.head_class[sg].all():
