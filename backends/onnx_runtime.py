@@ -16,6 +16,9 @@ class OnnxRuntimeBackend(Backend):
     name = "onnx"
     static_shapes = False        # ONNX Runtime runs symbolic dims: the artifact keeps them
     summary = "ONNX model for ONNX Runtime (model.onnx + report.json)"
+    # ORT's CPU convs work in NCHWc blocks of 8 channels (AVX2; see prune/allocate.py):
+    # lowrank ranks and pruned widths default to multiples of it.
+    channel_multiple = 8
 
     def build(self, graph, ctx, out_dir, report):
         import onnxruntime

@@ -89,6 +89,11 @@ def _configure_compress(sub) -> None:
                    help="max relative output error allowed for exact passes")
     c.add_argument("--max-accuracy-drop", type=float, default=None,
                    help="exit 5 if top-1 drops more than this many points (needs --eval-data)")
+    c.add_argument("--require-speedup", type=float, default=None, metavar="X",
+                   help="exit 5 (nothing written) unless the artifact runs X times as fast "
+                        "as the original model on ONNX Runtime (measured here)")
+    c.add_argument("--no-speed-check", action="store_true",
+                   help="skip timing the artifact against ONNX Runtime")
     c.add_argument("--quiet", action="store_true", help="only print the summary")
     add_data_args(c)
     seen: list = []
@@ -139,7 +144,8 @@ def cmd_compress(args) -> int:
                       out_dir=args.output, options=options, input_shapes=shapes,
                       calibration_loader=calib, evaluation_loader=eval_, seed=args.seed,
                       tolerance=args.tolerance, max_accuracy_drop=args.max_accuracy_drop,
-                      log=log)
+                      log=log, require_speedup=args.require_speedup,
+                      speed_check=not args.no_speed_check)
     print(summary_table(result.report))
     print(f"artifact written to {args.output}")
     return 0
@@ -164,6 +170,10 @@ def summary_table(report: dict) -> str:
         lines.append(f"storage with packed weights: {report['storage_bytes']:,} B   "
                      f"storage Cr {report['storage_compression_ratio']:.2f}x")
     lines.append(f"max relative output error vs original: {report['error']['max_rel']:.3e}")
+    if report.get("speed"):
+        from onnxc.speed import summary_line
+
+        lines.append(f"speed: {summary_line(report['speed'])}")
     if report.get("accuracy"):
         a = report["accuracy"]
         lines.append(f"top-1 {a['original_top1']:.2f}% -> {a['final_top1']:.2f}% "

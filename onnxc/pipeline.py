@@ -110,6 +110,7 @@ class Context:
                 return self.calibration      # a pass asking for more gets what there is
             return self.calibration.take(samples)
         n = samples or self.calib_samples or 64
+        self.synthetic_calibration = True     # the artifact's README and report say so
         self.warn(RANDOM_DATA_WARNING)
         return random_dataset(graph, n, seed=self.seed)
 

@@ -185,16 +185,17 @@ class LowRank(Pass):
                     "(default 50)"),
         Option("--lowrank-force", action="store_true",
                help="split eligible layers even where that does not save MACs"),
-        Option("--lowrank-multiple", positive_int, 1,
-               help="round every rank up to a multiple of this (e.g. 8 for ONNX "
-                    "Runtime's blocked conv kernels); capped at the full rank"),
+        Option("--lowrank-multiple", positive_int, None,
+               help="round every rank up to a multiple of this; capped at the full rank "
+                    "(default: the target's channel block, 8 for onnx/x86/arm/cuda, else "
+                    "1; 1 turns rounding off)"),
     )
 
     # -- options ----------------------------------------------------------------------
     def validate(self, ctx) -> None:
-        self._settings()
+        self._settings(ctx)
 
-    def _settings(self) -> dict:
+    def _settings(self, ctx=None) -> dict:
         cfg = self.config
         method, layers = cfg.lowrank_method, cfg.lowrank_layers
         energy, flops, rank = cfg.lowrank_energy, cfg.lowrank_flops, cfg.lowrank_rank
@@ -222,7 +223,12 @@ class LowRank(Pass):
         return {"conv_method": conv_method, "layers": layers, "energy": energy,
                 "flops": flops, "rank": rank, "vbmf": vbmf, "iters": iters,
                 "samples": cfg.lowrank_samples, "data_aware": cfg.lowrank_data_aware,
-                "force": cfg.lowrank_force, "multiple": cfg.lowrank_multiple}
+                "force": cfg.lowrank_force,
+                # Default: the target's kernel block. Unrounded ranks are what ORT's
+                # blocked kernels run worst: ResNet-56 at --lowrank-flops 0.5 ran 0.70x
+                # as fast as the original with ranks as they fell (tools/bench_defaults.py).
+                "multiple": cfg.lowrank_multiple or int(getattr(ctx, "channel_multiple", 1)
+                                                        or 1)}
 
     # -- the pass ---------------------------------------------------------------------
     def run(self, graph, ctx, report):
@@ -234,7 +240,7 @@ class LowRank(Pass):
             return self._run(graph, ctx, report)
 
     def _run(self, graph, ctx, report):
-        cfg = self._settings()
+        cfg = self._settings(ctx)
         layers = self._find_layers(graph, cfg, report)
         if not layers:
             raise UnsupportedError("lowrank: no eligible layer (Conv/Gemm/MatMul with a "
@@ -251,7 +257,9 @@ class LowRank(Pass):
         if not chosen:
             raise UnsupportedError(f"lowrank: no layer gets cheaper when split at the "
                                    f"chosen ranks ({_rule_text(cfg)})"
-                                   + _skip_summary(report))
+                                   + _skip_summary(report)
+                                   + ("; --lowrank-multiple 1 keeps the ranks unrounded"
+                                      if cfg["multiple"] > 1 else ""))
         # Every check is done: only now is the graph edited.
         refit = [l for l in chosen if data is not None and l.kind == "conv"
                  and l.method != "svd"]

@@ -63,6 +63,8 @@ def tucker_weight(n, c, r_out, r_in, k=3):
 
 
 def run_pass(model, **options):
+    # Ranks unrounded unless a test asks (the target's default rounds them to 8).
+    options.setdefault("lowrank_multiple", 1)
     return compress(model, ["lowrank"], options=options, log=lambda m: None)
 
 
@@ -343,3 +345,13 @@ def test_data_aware_tucker2_refits_its_last_stage_to_the_convs_outputs():
 def rel_rms(a, b, x):
     ya, yb = Runner(a).run({"x": x})[0], Runner(b).run({"x": x})[0]
     return float(np.linalg.norm(ya - yb) / np.linalg.norm(ya))
+
+
+def test_ranks_follow_the_targets_channel_block_by_default():
+    # No --lowrank-multiple: the onnx target's kernels work in blocks of 8 channels.
+    result = compress(two_conv_model(), ["lowrank"], options={"lowrank_flops": 0.5},
+                      log=lambda m: None)
+    extra = result.report["passes"][-1]["extra"]["lowrank"]
+    assert extra["layers"] and all(r % 8 == 0 for row in extra["layers"]
+                                   for r in row["ranks"])
+    assert "multiples of 8" in extra["rule"]

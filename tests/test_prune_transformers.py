@@ -231,8 +231,9 @@ def test_mlp_hidden_width_through_gelu(gelu_op):
 
 def test_lowrank_still_splits_matmul_weights_of_the_pruned_encoder():
     net = Bert(d=64, heads=8, ff=256)
-    result = compress(net.onnx(), ["prune", "lowrank"], options={"prune_ratio": 0.3},
-                      **QUIET)
+    # ranks unrounded: at d=64 the target's default multiple of 8 leaves no saving
+    result = compress(net.onnx(), ["prune", "lowrank"],
+                      options={"prune_ratio": 0.3, "lowrank_multiple": 1}, **QUIET)
     lr = next(p for p in result.report["passes"] if p["name"] == "lowrank")
     assert lr["changed"] > 0
     out = Runner(result.graph).run({"ids": rng_ids(net.vocab, 2, net.seq)})

@@ -20,7 +20,7 @@ import os
 import tempfile
 
 from onnxc.backends import Backend, Option, register_backend
-from onnxc.options import non_negative_int
+from onnxc.options import non_negative_int, positive
 
 from .constants import TARGET_FILE
 from .targets import DEFAULT_CUDA_ARCH
@@ -29,6 +29,9 @@ TUNE_OPTIONS = (
     Option("--tune-trials", non_negative_int, 0, "MetaSchedule trials in total (0: no tuning)"),
     Option("--tune-trials-per-task", int, None,
            "trial cap per task (default: trials spread evenly over untuned tasks)"),
+    Option("--tune-minutes", positive, None, "wall-clock tuning budget in minutes, spread over "
+           "the tasks by weight (occurrences x FLOPs), heaviest first; with --tune-trials "
+           "both limits hold"),
     Option("--tune-db", str, None, "tuning database directory, reused across runs and "
            "models (default: ~/.cache/onnxc/tvm-tuning or $ONNXC_TUNE_DB)"),
     Option("--tune-refine", bool, False, "tune tasks the database already has too, starting "
@@ -51,8 +54,34 @@ COMMON_OPTIONS = (
 ) + TUNE_OPTIONS
 
 
+def tuned_state(stats) -> str:
+    """'untuned', 'partly tuned' (some kernels on default schedules) or 'tuned'."""
+    if stats is None or (stats.trials == 0 and stats.cached == 0):
+        return "untuned"
+    if stats.untuned_kernels or stats.cached + stats.tuned < stats.tasks \
+            or stats.stopped_by == "minutes":
+        return "partly tuned"
+    return "tuned"
+
+
+def how_to_tune(preset: str) -> str:
+    """How to tune an ``arm``/``cuda`` build on the device itself (it cannot run here)."""
+    return ("measure on the device through a TVM RPC tracker: on some host "
+            "`python -m tvm.exec.rpc_tracker --host 0.0.0.0 --port 9190`; on each device "
+            "`python -m tvm.exec.rpc_server --tracker HOST:9190 --key KEY`; then rebuild "
+            f"with `onnxc compress ... --target {preset} --tune-minutes 60 "
+            "--rpc-tracker HOST:9190 --rpc-key KEY` (records go to --tune-db and are "
+            "reused by later builds)")
+
+
 class _TvmBackend(Backend):
     preset = ""
+    # Rank / channel rounding default (lowrank, prune): TVM's tensorized int8 kernels
+    # take the output channels in blocks (VNNI 16x4 on x86, 4x4 sdot on ARM, dp4a on
+    # CUDA) and its fp32 kernels vectorise along them; 8 keeps narrow layers on whole
+    # vectors and lets layers of one stage share tuning tasks.
+    channel_multiple = 8
+
     artifact_marker = TARGET_FILE
 
     @classmethod
@@ -70,7 +99,7 @@ class _TvmBackend(Backend):
         spec.tvm_target()
         from onnxc.errors import UsageError
 
-        if cfg.tune_trials > 0:
+        if cfg.tune_trials > 0 or cfg.tune_minutes:
             from .tuning import parse_tracker
 
             if cfg.rpc_tracker:
@@ -96,6 +125,9 @@ class _TvmBackend(Backend):
         info["seconds"] = result.seconds
         info["notes"] = result.notes
         info["tuning"] = result.tuning.as_dict() if result.tuning else None
+        info["tuned"] = tuned_state(result.tuning)
+        if self.preset in ("arm", "cuda") and not result.spec.runs_here:
+            info["how_to_tune"] = how_to_tune(self.preset)
         info["verification"] = result.verification
         report["runtime"] = info
         if result.verification:

@@ -219,7 +219,7 @@ def compile_model(model, target="x86", out_dir: str = ".", options: dict | None 
 
     stats = None
     trials = int(options.get("tune_trials") or 0)
-    if trials > 0 or options.get("tune_db_only"):
+    if trials > 0 or options.get("tune_minutes") or options.get("tune_db_only"):
         start = time.perf_counter()
         mod, stats = tune(mod, tvm_target, spec, trials, options, log)
         seconds["tune"] = time.perf_counter() - start

@@ -147,7 +147,8 @@ class Prune(Pass):
             raise UnsupportedError(f"nothing to prune: no channel group can be removed{why}")
 
         score = criterion_scores(criterion, dg, graph, ctx, samples)
-        alloc = Allocator(dg, groups, score, min_ch, multiple)
+        alloc = Allocator(dg, groups, score, min_ch, multiple,
+                          auto_multiple=getattr(ctx, "channel_multiple", None))
         base = dg.estimate_macs(np.zeros(dg.num_classes, bool))
         before = graph.stats(with_bytes=False)
         base_params = before.params

@@ -37,8 +37,10 @@ def kept_count(size: int, n_remove: int, multiple: int) -> int:
 
 
 class Allocator:
-    def __init__(self, dg, groups, scores, min_channels=1, multiple=None):
+    def __init__(self, dg, groups, scores, min_channels=1, multiple=None, auto_multiple=None):
         self.dg = dg
+        # the target's channel block (compress sets it per target), else ORT's 8
+        self.auto_multiple = auto_multiple or AUTO_MULTIPLE
         self.groups = groups
         self.scores = np.nan_to_num(scores, nan=np.inf)
         self.min_channels = min_channels
@@ -113,8 +115,8 @@ class Allocator:
             width = int(self.dg.class_width[sg].min())
             m = 1 if m is None else m // math.gcd(m, width)
         elif m is None:
-            m = AUTO_MULTIPLE if len(sg) >= AUTO_MIN_SIZE and len(sg) % AUTO_MULTIPLE == 0 \
-                else 1
+            a = self.auto_multiple
+            m = a if len(sg) >= max(AUTO_MIN_SIZE, a) and len(sg) % a == 0 else 1
         return len(sg) - kept_count(len(sg), int(n), m)
 
     def uniform_counts(self, ratio: float) -> list:
