@@ -2,7 +2,7 @@
 # System packages the tests need (Debian). Idempotent; skipped when not root.
 set -euo pipefail
 # g++-aarch64-linux-gnu + qemu-user: the arm target links its .so and runs it under
-# qemu-aarch64 (issue 6).
+# qemu-aarch64.
 # postgresql: tests/test_search.py starts a throw-away server to run two search workers
 # on one PostgreSQL study (skipped when absent).
 PKGS=(g++-aarch64-linux-gnu qemu-user postgresql)

@@ -1,4 +1,4 @@
-"""Models with several inputs (issue 16): each input keeps its own shape and dtype,
+"""Models with several inputs: each input keeps its own shape and dtype,
 only a symbolic dim shared by inputs is a batch, and ``--input-data`` gives values."""
 
 from __future__ import annotations

@@ -110,7 +110,7 @@ def test_concat_split_and_channel_slice_are_reindexed():
 
 def test_int32_channel_slice_bounds_stay_int32():
     # Slice binds starts/ends/axes to one index type: int64 rewritten bounds beside int32
-    # axes make a model ONNX Runtime refuses to load (magika, issue 16).
+    # axes make a model ONNX Runtime refuses to load (magika).
     n = Net()
     a = n.op("Relu", [n.conv("x", 3, 8, name="c1")])
     s = n.op("Slice", [a, n.const(np.array([1], np.int32)), n.const(np.array([7], np.int32)),

@@ -1,4 +1,4 @@
-"""Speed check of every build that runs here and ``--require-speedup`` (issue 17)."""
+"""Speed check of every build that runs here and ``--require-speedup``."""
 
 from __future__ import annotations
 

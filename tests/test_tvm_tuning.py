@@ -1,4 +1,4 @@
-"""Tuning that never breaks a build and tells the truth (issue 17).
+"""Tuning that never breaks a build and tells the truth.
 
 A database record that does not replay on a kernel is skipped (the kernel is tuned on its
 own or built untuned), never an internal error; ``--tune-minutes`` bounds tuning by wall
@@ -70,7 +70,7 @@ def seed_record_that_does_not_transfer(db_dir) -> tuple:
     """An anchor-block database whose one record, made on the first conv kernel, replays
     there but not on its sibling (MetaSchedule's anchor-trace transfer leaves the
     sibling's epilogue blocks unscheduled and stops with a check failure, the same kind
-    of failure as issue 17's 'cache-read' ScheduleError). Returns (recorded, sibling)."""
+    of failure as the 'cache-read' ScheduleError). Returns (recorded, sibling)."""
     import tvm.s_tir.meta_schedule as ms
     from tvm import s_tir, tirx
 

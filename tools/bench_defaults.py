@@ -1,4 +1,4 @@
-"""Defaults that never slow a model down (issue 17): rank / channel rounding by target.
+"""Defaults that never slow a model down: rank / channel rounding by target.
 
 1. ResNet-56 ``fold_bn,lowrank --lowrank-flops 0.5``, ranks as they fall
    (``--lowrank-multiple 1``, the old default) against the new default (the target's

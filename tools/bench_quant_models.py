@@ -1,4 +1,4 @@
-"""Quantization on models users bring (issue 16): prints the figures the issue asks for.
+"""Quantization on models users bring: prints the figures quoted in docs/quantization.md.
 
     python tools/bench_quant_models.py
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build an aarch64 sysroot in which `qemu-aarch64` runs Python + the TVM runtime, so
-# onnxc's ARM artifacts can really be executed on this x86 machine (issue 6).
+# onnxc's ARM artifacts can really be executed on this x86 machine.
 #
 #   tools/build_arm_sysroot.sh [DIR]     (default: ${ONNXC_ARM_SYSROOT:-~/.cache/onnxc/arm-sysroot})
 #

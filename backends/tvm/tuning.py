@@ -43,13 +43,15 @@ class TuningStats:
     equality: str = "structural"   # MetaSchedule module equality the tasks were keyed by
     kernels: int = 0        # tunable kernels in the module (tasks dedupe them)
     minutes: float | None = None   # --tune-minutes budget, if any
-    stopped_by: str = ""    # what ended tuning: "trials", "minutes", "search" or "" (none)
+    stopped_by: str = ""    # what ended tuning: "trials", "minutes", "search", "failed" or ""
     not_replayed: list = field(default_factory=list)   # kernels whose record did not replay
     fallback_tuned: int = 0         # of those, kernels tuned on their own (fallback database)
     untuned_kernels: list = field(default_factory=list)  # kernels built without a schedule
     per_task: list = field(default_factory=list)   # [{"task", "weight", "trials", "seconds",
                                                    #   "best_ms"}] of this run's tasks
     measured_on: str = ""   # the CPU (local runner) or RPC device the trials ran on
+    # why the tensorized integer design space was given up for the default one, if it was
+    space_fallbacks: list = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return dict(vars(self), seconds=round(self.seconds, 2))
@@ -463,7 +465,8 @@ def tune(mod, target, spec, trials: int, options: dict, log):
                         session.measured, trials if trials < UNLIMITED_TRIALS else 0,
                         time.perf_counter() - started, runners.name(), in_db, prepack,
                         equality, kernels, minutes, session.stopped_by, not_replayed,
-                        fallback_tuned, untuned, session.rows, _measured_on(runners))
+                        fallback_tuned, untuned, session.rows, _measured_on(runners),
+                        session.fallbacks)
     log(f"  tune: done in {stats.seconds:.0f} s: {session.measured} trials measured, "
         + (f"{cached}/{len(tasks)} tasks had records before (refined)"
            if refine and not db_only else
@@ -678,6 +681,7 @@ class _Session:
         self.measured = 0
         self.stopped_by = ""
         self.rows = []
+        self.fallbacks = []     # why the tensorized design space was given up, per call
 
     def has_budget(self) -> bool:
         return self.measured < self.trials and (
@@ -695,17 +699,38 @@ class _Session:
             if self.integer else import_tensor_intrinsics)
 
     def tune(self, tasks, db, work_dir):
-        import logging
-
-        import tvm.s_tir.meta_schedule as ms
-
         import_tensor_intrinsics()
         runner = self.runners.get()
+        space = int_kernels.design_space(self.target) if self.integer else "post-order-apply"
+        try:
+            self._tune_space(tasks, space, db, work_dir, runner)
+        except BackendError as exc:
+            if space == "post-order-apply":
+                raise
+            # The tensorized space's rules can fail inside MetaSchedule on a kernel they
+            # do not fit (seen: "Check failed: (ind.as<PrimVar>())" on a small QDQ conv
+            # chain). A build must not fail for that: the default space still tunes the
+            # integer kernels, only without the hand-picked intrinsic rules.
+            self.log(f"  tune: the tensorized design space failed ({exc}); "
+                     f"tuning with MetaSchedule's default space instead")
+            self.fallbacks.append(str(exc))
+            try:
+                self._tune_space(tasks, "post-order-apply", db, work_dir, runner)
+            except BackendError as again:
+                # The default space picks the same VNNI intrinsic on this target and can
+                # fail the same way: the kernels are then built untuned (the report
+                # says so) rather than failing the build.
+                self.log(f"  tune: the default space failed too ({again}); the kernels "
+                         f"without records are built untuned")
+                self.fallbacks.append(str(again))
+                self.stopped_by = "failed"
+
+    def _tune_space(self, tasks, space, db, work_dir, runner):
+        import logging
+
         try:
             contexts, weights = _tune_contexts(
-                tasks, work_dir, int(self.options.get("seed") or 0),
-                int_kernels.design_space(self.target) if self.integer
-                else "post-order-apply")
+                tasks, work_dir, int(self.options.get("seed") or 0), space)
         except Exception as exc:
             raise BackendError(f"MetaSchedule could not set up tuning: "
                                f"{first_line(exc)}") from None
