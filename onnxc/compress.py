@@ -7,7 +7,6 @@ artifact; an existing artifact at the destination is replaced only then.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,6 +20,7 @@ from .errors import OutputError, VerificationError
 from .ir import Graph
 from .options import Option, check_keys, configure, declare, positive_int, reserve
 from .pipeline import Context, PassManager, resolve_passes
+from .recipe import sha256_file
 from .verify import compare_outputs, top1
 from .version import __version__
 
@@ -50,16 +50,6 @@ class CompressResult:
     graph: Graph
     report: dict
     out_dir: str | None
-
-
-def _sha256(path) -> str | None:
-    if not isinstance(path, (str, os.PathLike)) or not os.path.isfile(path):
-        return None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def check_output_dir(out_dir: str) -> None:
@@ -110,7 +100,7 @@ def compress(model, passes, target: str = "onnx", out_dir: str | None = None,
     run = configure("onnxc compress", RUN_OPTIONS, options)
     preprocess = Preprocess.from_strings(run.scale, run.mean, run.std, run.layout)
     speed_mod.validate_required(require_speedup, target, backend.config)
-    input_hash = _sha256(model)
+    input_hash = sha256_file(model)
 
     notes: list = []
     graph = frontend.load(model, input_shapes=input_shapes, notes=notes,
@@ -183,7 +173,7 @@ def compress(model, passes, target: str = "onnx", out_dir: str | None = None,
     report["timings"]["total_seconds"] = round(time.perf_counter() - started, 3)
     if out_dir is not None:   # the total is known only now; rewrite report.json in place
         _write_json(os.path.join(out_dir, "report.json"), report)
-    if input_hash is not None and _sha256(model) != input_hash:
+    if input_hash is not None and sha256_file(model) != input_hash:
         raise OutputError("the input model file changed during the run")  # never expected
     return CompressResult(final, report, out_dir)
 

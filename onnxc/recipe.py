@@ -22,7 +22,9 @@ RECIPE_VERSION = 1
 
 
 def sha256_file(path) -> str | None:
-    if not path or not os.path.isfile(path):
+    """sha256 of a file; None for anything that is not a path to one (a ModelProto,
+    bytes, a missing file)."""
+    if not isinstance(path, (str, os.PathLike)) or not os.path.isfile(path):
         return None
     h = hashlib.sha256()
     with open(path, "rb") as f:
