@@ -234,5 +234,7 @@ def test_integer_kernels_that_fail_tensorized_tuning_still_build(tmp_path):
                           {"tune_trials": 8, "tune_trials_per_task": 1,
                            "tune_db": str(tmp_path / "db")})
     assert built.verification["max_rel"] < 5e-2
-    if built.tuning.space_fallbacks:           # the failure seen with TVM 0.27 here
-        assert built.tuning.stopped_by in ("failed", "trials", "search")
+    # Either the tensorized space tuned, or the build says why it gave it up.
+    assert built.tuning.trials > 0 or built.tuning.space_fallbacks
+    if built.tuning.trials == 0:
+        assert built.tuning.stopped_by == "failed"
