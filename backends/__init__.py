@@ -12,12 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from onnxc.options import Config, Option, configure, declare  # noqa: F401  (Option: re-export)
+from onnxc.options import Config, Configurable, Option, configure, declare  # noqa: F401  (re-exports)
 
 BACKENDS: dict = {}
 
 
-class Backend:
+class Backend(Configurable):
+    kind = "target"
     name: str = ""
     summary: str = ""
     options: tuple = ()
@@ -28,15 +29,6 @@ class Backend:
     # A file (relative to the artifact directory) only this backend's artifacts hold;
     # None: its artifacts are plain ``model.onnx`` ones (see backends/artifact.py).
     artifact_marker: str | None = None
-
-    def __init__(self, config: Config | Mapping | None = None):
-        if not isinstance(config, Config):
-            config = self.configure(config)
-        self.config = config
-
-    @classmethod
-    def configure(cls, values: Mapping | None = None) -> Config:
-        return configure(f"target '{cls.name}'", cls.options, values)
 
     @classmethod
     def load_artifact(cls, path: str):

@@ -297,3 +297,23 @@ def check_keys(values: Mapping, extra: set = frozenset()) -> None:
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise UsageError(f"unknown option '{key}'{hint}; 'onnxc compress --help' "
                              f"lists them (as flags)")
+
+
+class Configurable:
+    """What passes and backends share: declared ``options`` become ``self.config``.
+
+    ``kind`` names the owner in error messages ("pass 'prune'", "target 'x86'")."""
+
+    name: str = ""
+    kind: str = ""
+    options: tuple = ()
+
+    def __init__(self, config: Config | Mapping | None = None):
+        if not isinstance(config, Config):
+            config = self.configure(config)
+        self.config = config
+
+    @classmethod
+    def configure(cls, values: Mapping | None = None) -> Config:
+        """This owner's typed config from raw values (CLI strings or API values)."""
+        return configure(f"{cls.kind} '{cls.name}'", cls.options, values)

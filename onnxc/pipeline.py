@@ -21,7 +21,7 @@ import numpy as np
 
 from .errors import BackendError, ModelError, UsageError, VerificationError
 from .ir import Graph
-from .options import Config, Option, configure, declare  # noqa: F401  (Option: for pass files)
+from .options import Config, Configurable, Option, configure, declare  # noqa: F401  (Option: for pass files)
 
 # ----------------------------------------------------------------------------------------
 # Reports
@@ -218,7 +218,7 @@ def check_requirements(plan: Plan) -> None:
 # Pass contract and registry
 
 
-class Pass:
+class Pass(Configurable):
     """Base class of every onnxc pass.
 
     Subclasses set ``name`` (the CLI name), ``summary`` (one line for
@@ -231,6 +231,8 @@ class Pass:
     config and nothing else, so two runs never share state.
     """
 
+    kind = "pass"
+
     name: str = ""
     summary: str = ""
     order: int = 100
@@ -238,16 +240,6 @@ class Pass:
     options: tuple = ()
     requires: tuple = ()
     conflicts: tuple = ()
-
-    def __init__(self, config: Config | Mapping | None = None):
-        if not isinstance(config, Config):
-            config = self.configure(config)
-        self.config = config
-
-    @classmethod
-    def configure(cls, values: Mapping | None = None) -> Config:
-        """This pass's typed config from raw values (CLI strings or API values)."""
-        return configure(f"pass '{cls.name}'", cls.options, values)
 
     def validate(self, ctx: Context) -> None:
         """Check option combinations before any pass runs; raise UsageError with one line."""
