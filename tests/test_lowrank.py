@@ -279,15 +279,31 @@ def test_unreachable_macs_budget_says_how_far_it_can_go():
         run_pass(model, lowrank_flops=0.99)
 
 
-def test_model_without_eligible_layer_is_unsupported():
+def test_model_without_eligible_layer_is_written_unchanged_with_a_warning():
     model = _model([helper.make_node("Relu", ["x"], ["y"])], {}, ["N", 8], ["N", 8])
-    with pytest.raises(UnsupportedError, match="no eligible layer"):
-        run_pass(model)
+    lines = []
+    result = compress(model, ["lowrank"], log=lines.append)
+    assert ops(result.graph) == ["Relu"]
+    assert [line for line in lines if "lowrank changed nothing: no eligible layer" in line]
+    rep = result.report["passes"][-1]
+    assert rep["changed"] == 0 and rep["skipped"]
 
 
-def test_rank_that_saves_nothing_anywhere_is_unsupported():
-    with pytest.raises(UnsupportedError, match="no layer gets cheaper"):
-        run_pass(gemm_model(RNG.standard_normal((48, 64))), lowrank_rank=40)
+def test_model_without_eligible_layer_under_a_macs_budget_is_unsupported():
+    model = _model([helper.make_node("Relu", ["x"], ["y"])], {}, ["N", 8], ["N", 8])
+    with pytest.raises(UnsupportedError, match="--lowrank-flops 0.5 cannot be met: no "
+                                               "eligible layer"):
+        run_pass(model, lowrank_flops=0.5)
+
+
+def test_rank_that_saves_nothing_anywhere_leaves_the_model_and_names_the_layer():
+    lines = []
+    result = compress(gemm_model(RNG.standard_normal((48, 64))), ["lowrank"],
+                      options={"lowrank_rank": 40, "lowrank_multiple": 1}, log=lines.append)
+    assert ops(result.graph) == ["Gemm"]
+    warned = [line for line in lines if "lowrank changed nothing" in line]
+    assert len(warned) == 1 and "no layer gets cheaper" in warned[0]
+    assert result.graph.nodes[0].name in warned[0]
 
 
 def test_cli_rejects_bad_rank_with_one_line_and_writes_nothing(tmp_path):
