@@ -241,6 +241,7 @@ class LowRank(Pass):
 
     def _run(self, graph, ctx, report):
         cfg = self._settings(ctx)
+        graph.name_nodes()             # skips and refusals name the layer
         self._probe = None
         layers = self._find_layers(graph, cfg, report, ctx)
         if not layers:
@@ -721,11 +722,16 @@ def _probe_shapes(graph, ctx) -> dict:
                 if not d.HasField("dim_value"):
                     d.dim_value = int(shape[i]) if shape is not None and i < len(shape) \
                         else (1 if i == 0 else PROBE_DIM)
+        # Declared symbolic shapes would stay symbolic: inference fills them anew.
+        del model.graph.value_info[:]
+        for out in model.graph.output:
+            out.type.tensor_type.ClearField("shape")
         model = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception:     # inference fails on some graphs: shapes stay unknown
         return {}
     out = {}
-    for vi in list(model.graph.value_info) + list(model.graph.output):
+    for vi in list(model.graph.value_info) + list(model.graph.output) \
+            + list(model.graph.input):
         tt = vi.type.tensor_type
         if tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
             out[vi.name] = tuple(int(d.dim_value) for d in tt.shape.dim)

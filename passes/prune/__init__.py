@@ -264,7 +264,7 @@ def nothing_to_prune_reason(graph, dg, skip) -> str:
     """Why no group is prunable, naming a node of the model where there is one."""
     if any(g.residual and not g.blocked for g in dg.groups):
         first = next(g for g in dg.groups if g.residual and not g.blocked)
-        return (f"only residual groups are left, e.g. {first.label}; --prune-residual "
+        return (f"only residual groups are left, e.g. '{first.label}'; --prune-residual "
                 f"prunes them")
     if skip and dg.groups and all(not g.blocked for g in dg.groups):
         return "every group is excluded by --prune-skip"
@@ -273,11 +273,12 @@ def nothing_to_prune_reason(graph, dg, skip) -> str:
         g = blocked[0]
         more = f"; {len(blocked) - 1} more group(s) left whole, see report.json skipped" \
             if len(blocked) > 1 else ""
-        return f"group of {g.label}: {g.blocked}{more}"
+        return f"the group of '{g.label}': {g.blocked}{more}"
     nodes = graph.gs.nodes
     from onnxc.calibrate.qdq import prequantized_reason
 
-    quant = next((n for n in nodes if prequantized_reason(graph, n)), None)
+    quant = next((n for n in nodes if n.op != "DynamicQuantizeLinear"
+                  and prequantized_reason(graph, n)), None)
     if quant is not None:
         return (f"the layers are {prequantized_reason(graph, quant)}, e.g. '{quant.name}'; "
                 f"no float Conv/Gemm/MatMul/LSTM/GRU weights are left")
