@@ -365,6 +365,9 @@ class Int8(Pass):
         ranges = {name: clip_range(s, "minmax" if name in outputs else method, scheme,
                                    percentile) for name, s in stats.items()}
         params = {name: scheme.params(*r) for name, r in ranges.items()}
+        for name, reason in mixed_range_concats(graph, full, ranges).items():
+            candidates.discard(name)
+            report.skip(name, reason)
 
         dynamic = [n.name for n in act_matmuls if n.name not in keep] if act_dynamic else []
         rounded = None
@@ -517,6 +520,39 @@ def dynamic_act_matmul(graph, node) -> None:
     node.inputs.clear()
     node.outputs.clear()
     graph.gs.nodes.extend(new)
+
+
+# A Concat whose inputs' ranges differ more than this keeps float: one 8-bit scale for
+# its output would leave the narrowest input fewer than 4 bits (a detector head
+# concatenating boxes in pixels, 0..320, with class scores, 0..1, rounded every score
+# to 0: output cosine 0.03 on YOLOv8n).
+MAX_CONCAT_RANGE_RATIO = 16.0
+
+
+def mixed_range_concats(graph, plan: Plan, ranges: dict) -> dict:
+    """{Concat name: reason} for planned Concats whose calibrated input ranges differ
+    by more than MAX_CONCAT_RANGE_RATIO. ONNX Runtime's QLinearConcat requantizes every
+    input to the output's one scale, so per-input scales do not help there."""
+    out = {}
+    for node in graph.nodes:
+        if node.op != "Concat" or node.name not in plan.layers:
+            continue
+        widths = []
+        for t in node.inputs:
+            src = plan.params_from.get(t.name)
+            if src is None or src not in ranges:
+                continue
+            lo, hi = (float(v) for v in ranges[src])
+            widths.append((max(hi, 0.0) - min(lo, 0.0), t.name, lo, hi))
+        if len(widths) < 2:
+            continue
+        narrow, wide = min(widths), max(widths)
+        if wide[0] > MAX_CONCAT_RANGE_RATIO * max(narrow[0], 1e-30):
+            out[node.name] = (f"kept float: its inputs' ranges differ {wide[0] / max(narrow[0], 1e-30):.0f}x "
+                              f"('{wide[1]}' [{wide[2]:.3g}, {wide[3]:.3g}], '{narrow[1]}' "
+                              f"[{narrow[2]:.3g}, {narrow[3]:.3g}]): one int8 scale would "
+                              f"erase the narrow one")
+    return out
 
 
 def calibration_set(ctx, graph):

@@ -66,6 +66,15 @@ def rnn_model(op="LSTM", dead=((0, (1, 5)), (1, (2,))), state="zeros",
             inits += [numpy_helper.from_array(np.array([1], np.int64), "one"),
                       numpy_helper.from_array(np.array([H], np.int64), "hid")]
             ins += ["h0"] + (["h0"] if op == "LSTM" else [])
+        elif layer == 0 and state == "view":
+            # silero-vad: one state input, each layer's state a Gather + Unsqueeze of it.
+            inputs.append(helper.make_tensor_value_info("st", TensorProto.FLOAT,
+                                                        [2, batch, H]))
+            nodes += [helper.make_node("Gather", ["st", "zero"], ["st0"], axis=0),
+                      helper.make_node("Unsqueeze", ["st0", "ax0"], ["h0"])]
+            inits += [numpy_helper.from_array(np.array(0, np.int64), "zero"),
+                      numpy_helper.from_array(np.array([0], np.int64), "ax0")]
+            ins.append("h0")
         elif layer == 0 and state == "input":
             inputs.append(helper.make_tensor_value_info("h0", TensorProto.FLOAT,
                                                         [1, batch, H]))
@@ -157,6 +166,13 @@ def test_state_that_is_a_graph_input_leaves_its_layer_whole_and_says_why():
     assert [h for h, _, _ in hidden_sizes(result.graph, "GRU")] == [H, H - 1]
     x = feeds(model)
     assert Runner(result.graph).run(x)[0].shape == (B, 3)
+
+
+def test_state_selected_from_a_graph_input_leaves_its_layer_whole():
+    model = rnn_model("GRU", state="view")
+    groups = {g.sources[0]: g for g in DependencyGraph(frontend.load(model)).groups}
+    assert "comes from graph input 'st'" in groups["rnn0"].blocked
+    assert groups["rnn1"].blocked is None
 
 
 def test_state_that_is_a_graph_output_keeps_its_units():

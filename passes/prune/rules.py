@@ -548,9 +548,13 @@ class Recurrent(Rule):
             t = _input(node, i)
             if t is None or _const(t) is not None:
                 continue                    # absent (zeros) or constant: sliced in apply
-            if any(t is inp for inp in dg.graph.gs.inputs):
-                dg.fix(out, f"'{node.name}' ({node.op}): initial state '{t.name}' is a "
-                            f"graph input (its shape is the caller's)")
+            source = _state_source(dg.graph, t)
+            if source is not None:
+                dg.fix(out, f"'{node.name}' ({node.op}): initial state "
+                            f"'{t.name}' comes from graph input '{source}' (the "
+                            f"caller's state keeps its units)" if source != t.name else
+                       f"'{node.name}' ({node.op}): initial state '{t.name}' is a graph "
+                       f"input (the caller's state keeps its units)")
                 continue
             s = dg.info.get(t.name)
             if s is not None and s.axis == (_rank(t) or 3) - 1 and len(s.slots) == hidden:
@@ -612,6 +616,25 @@ class Recurrent(Rule):
                     outputs=[narrowed]))
                 node.inputs[i] = narrowed
         node.attrs["hidden_size"] = int(len(ko))
+
+
+# Ops that select or reshape a state without computing on it (silero: Gather(state, 0)).
+_STATE_VIEWS = ("Gather", "Slice", "Split", "Squeeze", "Unsqueeze", "Identity", "Reshape",
+                "Transpose", "Cast")
+
+
+def _state_source(graph, tensor, depth=8):
+    """Name of the graph input ``tensor`` is a view of (itself, or through Gather/Slice/
+    Squeeze/...), else None."""
+    inputs = {id(t): t.name for t in graph.gs.inputs}
+    for _ in range(depth):
+        if id(tensor) in inputs:
+            return inputs[id(tensor)]
+        prod = tensor.inputs[0] if len(tensor.inputs) else None
+        if prod is None or prod.op not in _STATE_VIEWS or not prod.inputs:
+            return None
+        tensor = prod.inputs[0]
+    return None
 
 
 # ---- channel layout ops -----------------------------------------------------------------

@@ -1,0 +1,73 @@
+"""int8 on a detector-style head: a Concat of boxes (pixels) and class scores (0..1)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxc.calibrate.readers import Dataset
+from onnxc.compress import compress
+from onnxc.execution import Runner
+
+RNG = np.random.default_rng(0)
+
+
+def head_model(score_bias=-6.0):
+    """x -> Conv -> Relu -> ×100 (boxes, 0..~300) and x -> Conv -> Sigmoid (scores,
+    mostly < 0.05) -> Concat on channels -> the graph output."""
+    inits = [numpy_helper.from_array(RNG.standard_normal((4, 8, 3, 3)).astype(np.float32)
+                                     * 0.3, "wb"),
+             numpy_helper.from_array(np.full(4, 0.1, np.float32), "bb"),
+             numpy_helper.from_array(np.array(100.0, np.float32), "px"),
+             numpy_helper.from_array(RNG.standard_normal((6, 8, 3, 3)).astype(np.float32)
+                                     * 0.3, "ws"),
+             numpy_helper.from_array(np.full(6, score_bias, np.float32), "bs")]
+    nodes = [helper.make_node("Conv", ["x", "wb", "bb"], ["cb"], pads=[1] * 4, name="box"),
+             helper.make_node("Relu", ["cb"], ["rb"]),
+             helper.make_node("Mul", ["rb", "px"], ["boxes"]),
+             helper.make_node("Conv", ["x", "ws", "bs"], ["cs"], pads=[1] * 4, name="cls"),
+             helper.make_node("Sigmoid", ["cs"], ["scores"]),
+             helper.make_node("Concat", ["boxes", "scores"], ["y"], axis=1, name="head")]
+    graph = helper.make_graph(
+        nodes, "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 10, 10])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10, 10, 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def cosine(a, b):
+    a, b = a.ravel() - a.mean(), b.ravel() - b.mean()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def test_concat_of_boxes_and_scores_keeps_float_and_the_scores_survive():
+    model = head_model()
+    calib = Dataset({"x": RNG.standard_normal((32, 8, 10, 10)).astype(np.float32)}, None,
+                    "calib")
+    result = compress(model, ["int8"], calibration=calib, log=lambda m: None)
+    rep = result.report["passes"][-1]
+    assert "head" not in rep["extra"]["quantized_layers"]
+    skip = next(s for s in rep["skipped"] if s["node"] == "head")
+    assert "ranges differ" in skip["reason"] and "scores" in skip["reason"]
+    assert {"box", "cls"} <= set(rep["extra"]["quantized_layers"])
+    x = RNG.standard_normal((8, 8, 10, 10)).astype(np.float32)
+    ref = Runner(model).run({"x": x})[0]
+    out = Runner(result.graph).run({"x": x})[0]
+    # One uint8 scale over 0..300 rounds every score (< 0.05) to 0: cosine ~0 before.
+    assert cosine(ref[:, 4:], out[:, 4:]) > 0.95
+    assert cosine(ref[:, :4], out[:, :4]) > 0.99
+
+
+def test_concat_of_similar_ranges_is_still_quantized():
+    model = head_model(score_bias=0.0)
+    # Scores near 0..1 beside boxes up to ~300 still differ: make boxes small too.
+    for init in model.graph.initializer:
+        if init.name == "px":
+            init.CopyFrom(numpy_helper.from_array(np.array(1.0, np.float32), "px"))
+    calib = Dataset({"x": RNG.standard_normal((32, 8, 10, 10)).astype(np.float32)}, None,
+                    "calib")
+    result = compress(model, ["int8"], calibration=calib, log=lambda m: None)
+    assert "head" in result.report["passes"][-1]["extra"]["quantized_layers"]
