@@ -71,3 +71,17 @@ def test_concat_of_similar_ranges_is_still_quantized():
                     "calib")
     result = compress(model, ["int8"], calibration=calib, log=lambda m: None)
     assert "head" in result.report["passes"][-1]["extra"]["quantized_layers"]
+
+
+def test_random_calibration_at_made_up_spatial_dims_says_which_size_it_used():
+    model = head_model()
+    for vi in list(model.graph.input) + list(model.graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        dims[2].dim_param, dims[3].dim_param = "H", "W"
+    lines = []
+    compress(model, ["int8"], log=lines.append)
+    warned = [line for line in lines if "symbolic dims set to" in line]
+    assert len(warned) == 1 and "'x' [N, 8, " in warned[0] and "--input-shape" in warned[0]
+    lines.clear()
+    compress(head_model(), ["int8"], log=lines.append)         # static dims: nothing made up
+    assert not [line for line in lines if "symbolic dims set to" in line]
