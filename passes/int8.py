@@ -96,6 +96,14 @@ def _quantizable(graph, node) -> str | None:
         return "Gemm with alpha/beta ≠ 1"
     if node.op in ("Add", "Mul") and any(graph.constant(t) is not None for t in node.inputs):
         return "constant operand (kept float)"
+    plumbing = next((t for t in node.inputs if _from_integer_op(graph, t)), None)
+    if plumbing is not None:
+        # ConvInteger -> Cast -> Mul(x_scale · w_scale): that Mul is the dequantization
+        # of an already-quantized layer, and its scale operand changes every run; a
+        # static Q/DQ there would round the layer a second time (ddddocr's dynamically
+        # quantized recogniser: centered output cosine 0.34).
+        return (f"dequantizes an already-quantized layer ('{plumbing.name}' comes from "
+                f"an integer op): kept as is")
     acts = _activation_inputs(graph, node)
     if not acts or not all(_is_float_var(graph, t) for t in acts):
         return "inputs are not float activations"
@@ -104,6 +112,42 @@ def _quantizable(graph, node) -> str | None:
     if all(qdq.already_quantized(graph, t) for t in acts + [node.outputs[0]]):
         return "already quantized (inputs and output through Q/DQ)"
     return None
+
+
+# Ops that pass an integer kernel's accumulator or a run-time scale on unchanged.
+_DEQUANT_VIEWS = ("Cast", "Reshape", "Unsqueeze", "Squeeze", "Identity")
+
+
+def _from_integer_op(graph, tensor, depth: int = 4) -> bool:
+    """True if ``tensor`` is the (cast) accumulator of an integer kernel (ConvInteger,
+    MatMulInteger) or a run-time quantization scale (DynamicQuantizeLinear's scale, or
+    a product of scales): what the Mul that dequantizes such a layer reads. The
+    dequantized result itself is an ordinary float activation."""
+    producer = graph.producer(tensor) if tensor is not None else None
+    if producer is None or depth == 0:
+        return False
+    if producer.op == "DynamicQuantizeLinear":
+        return tensor is not producer.outputs[0]            # its scale / zero point
+    if qdq.is_integer_op(producer) and producer.op not in qdq.QDQ_OPS:
+        return True
+    acts = [t for t in producer.inputs if graph.constant(t) is None]
+    if producer.op in _DEQUANT_VIEWS:
+        return any(_from_integer_op(graph, t, depth - 1) for t in acts)
+    if producer.op == "Mul":                                  # x_scale · w_scale
+        return bool(acts) and all(_is_scale(graph, t, depth - 1) for t in acts)
+    return False
+
+
+def _is_scale(graph, tensor, depth: int) -> bool:
+    producer = graph.producer(tensor)
+    if producer is None or depth == 0:
+        return False
+    if producer.op == "DynamicQuantizeLinear":
+        return tensor is producer.outputs[1]
+    if producer.op in _DEQUANT_VIEWS + ("Mul",):
+        acts = [t for t in producer.inputs if graph.constant(t) is None]
+        return bool(acts) and all(_is_scale(graph, t, depth - 1) for t in acts)
+    return False
 
 
 def _zero_pad(graph, node) -> bool:
