@@ -599,6 +599,10 @@ def mixed_range_concats(graph, plan: Plan, ranges: dict) -> dict:
     return out
 
 
+# Fewer calibration samples than this: int8 says its ranges are unreliable.
+FEW_CALIB_SAMPLES = 8
+
+
 def calibration_set(ctx, graph):
     """The calibration samples: --calib-samples if given, else at most MAX_CALIB (more
     rarely moves a range, and statistics cost grows linearly)."""
@@ -608,6 +612,15 @@ def calibration_set(ctx, graph):
     data = ctx.calibration_data(graph, n)
     if data.synthetic and ctx.calibration is not None:
         ctx.warn(f"calibration data '{data.source}' is synthetic: accuracy will suffer")
+    if len(data) < FEW_CALIB_SAMPLES:
+        fixed = data.synthetic and all(a is None for a in data.axes.values())
+        # silero-vad's static [1, 576] input: one random sample set every range, and
+        # the output Conv's (one value) clipped every other input's: cosine 0.06.
+        ctx.warn(f"int8 calibrated on {len(data)} sample(s)"
+                 + (" (the inputs have a fixed batch, so random calibration draws one)"
+                    if fixed else "")
+                 + ": ranges seen on so few inputs clip other inputs; give --calib-data "
+                   "with more samples")
     if data.synthetic:
         made_up = _made_up_dims(graph, data)
         if made_up:

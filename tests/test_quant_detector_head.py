@@ -85,3 +85,23 @@ def test_random_calibration_at_made_up_spatial_dims_says_which_size_it_used():
     lines.clear()
     compress(head_model(), ["int8"], log=lines.append)         # static dims: nothing made up
     assert not [line for line in lines if "symbolic dims set to" in line]
+
+
+def test_calibration_on_one_sample_of_a_fixed_batch_model_is_warned():
+    # Two static inputs (silero-vad: audio [1, 576] and state [2, 1, 128]): no batch
+    # axis, so random calibration draws one sample.
+    nodes = [helper.make_node("Add", ["x", "s"], ["h"]),
+             helper.make_node("Gemm", ["h", "w"], ["y"], transB=1, name="fc")]
+    graph = helper.make_graph(
+        nodes, "two", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8]),
+                       helper.make_tensor_value_info("s", TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [numpy_helper.from_array(RNG.standard_normal((4, 8)).astype(np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    lines = []
+    compress(model, ["int8"], log=lines.append)
+    warned = [line for line in lines if "int8 calibrated on 1 sample(s)" in line]
+    assert len(warned) == 1 and "fixed batch" in warned[0]
+    lines.clear()
+    compress(head_model(), ["int8"], log=lines.append)          # symbolic batch: 64 drawn
+    assert not [line for line in lines if "calibrated on" in line and "sample(s)" in line]
