@@ -400,18 +400,33 @@ class Int8(Pass):
         # Bias correction needs E[x] per input channel of every quantized weighted layer.
         layer_inputs = sorted({n.inputs[0].name for n in weighted if n.name in full.layers}) \
             if correct else []
-        stats = collect(graph.to_onnx(), full.stat_tensors(), data, progress=ctx.progress,
+        model = graph.to_onnx()
+        stats = collect(model, full.stat_tensors(), data, progress=ctx.progress,
                         histograms=CALIBRATORS[method].histograms,
                         channel_means=layer_inputs)
         means = {name: stats[name].channel_mean() for name in layer_inputs}
         outputs = {t.name for t in graph.gs.outputs}
-        # Never clip what the user reads: graph outputs keep their observed range.
-        ranges = {name: clip_range(s, "minmax" if name in outputs else method, scheme,
-                                   percentile) for name, s in stats.items()}
-        params = {name: scheme.params(*r) for name, r in ranges.items()}
-        for name, reason in mixed_range_concats(graph, full, ranges).items():
+
+        def calibrated(tensors) -> dict:
+            # Never clip what the user reads: graph outputs keep their observed range.
+            return {name: clip_range(stats[name], "minmax" if name in outputs else method,
+                                     scheme, percentile) for name in tensors}
+
+        ranges = calibrated(stats)
+        mixed = mixed_range_concats(graph, full, ranges)
+        for name, reason in mixed.items():
             candidates.discard(name)
             report.skip(name, reason)
+        if mixed:
+            # Without those Concats a tensor that shared a Concat's scale (a Reshape of
+            # its output) needs its own: calibrate what the smaller plan adds.
+            missing = sorted(set(Plan(graph, candidates, scheme.signed).stat_tensors())
+                             - set(stats))
+            if missing:
+                stats.update(collect(model, missing, data, progress=ctx.progress,
+                                     histograms=CALIBRATORS[method].histograms))
+                ranges.update(calibrated(missing))
+        params = {name: scheme.params(*r) for name, r in ranges.items()}
 
         dynamic = [n.name for n in act_matmuls if n.name not in keep] if act_dynamic else []
         rounded = None

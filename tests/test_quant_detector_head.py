@@ -105,3 +105,29 @@ def test_calibration_on_one_sample_of_a_fixed_batch_model_is_warned():
     lines.clear()
     compress(head_model(), ["int8"], log=lines.append)          # symbolic batch: 64 drawn
     assert not [line for line in lines if "calibrated on" in line and "sample(s)" in line]
+
+
+def test_float_concat_read_through_a_move_op_gets_its_own_calibrated_scale():
+    # Concat (mixed ranges, float) -> Reshape (a move: shares its input's scale when that
+    # is quantized) -> Concat with the boxes (quantized): the Reshape output then needs a
+    # range of its own (ddddocr_det: an internal KeyError).
+    model = head_model()
+    g = model.graph
+    g.node[-1].output[0] = "cat"
+    g.node.extend([helper.make_node("Reshape", ["cat", "same"], ["flat"]),
+                   helper.make_node("Concat", ["flat", "boxes"], ["y"], axis=1,
+                                    name="tail")])
+    g.initializer.append(numpy_helper.from_array(np.array([0, 10, 100], np.int64), "same"))
+    del g.output[:]
+    g.output.append(helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 14, 100]))
+    g.node.insert(len(g.node) - 1, helper.make_node("Reshape", ["boxes", "four"], ["boxes_"]))
+    g.node[-1].input[1] = "boxes_"
+    g.initializer.append(numpy_helper.from_array(np.array([0, 4, 100], np.int64), "four"))
+    onnx.checker.check_model(model)
+    calib = Dataset({"x": RNG.standard_normal((16, 8, 10, 10)).astype(np.float32)}, None,
+                    "calib")
+    result = compress(model, ["int8"], calibration=calib, log=lambda m: None)
+    rep = result.report["passes"][-1]
+    assert "head" not in rep["extra"]["quantized_layers"]
+    assert "tail" in rep["extra"]["quantized_layers"]
+    assert "flat" in rep["extra"]["activation_ranges"]
