@@ -402,3 +402,11 @@ def test_ort_layout_turns_channel_pad_shortcuts_into_selection_convs():
     x = np.random.default_rng(0).standard_normal((4, 3, 12, 12)).astype(np.float32)
     cmp = compare_outputs(Runner(plain.graph).run({"x": x}), Runner(res.graph).run({"x": x}))
     assert cmp.max_abs <= 1e-6
+
+
+def test_nothing_prunable_with_named_group_ratios_is_a_clear_error():
+    n = Net()
+    model = n.model([n.conv("x", 3, 4, name="only")])
+    with pytest.raises(UnsupportedError, match="--prune-group-ratios cannot be met"):
+        compress(model, ["prune"], options={"prune_group_ratios": "only=0.5"},
+                 log=lambda m: None)

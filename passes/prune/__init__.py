@@ -138,9 +138,10 @@ class Prune(Pass):
         groups = prunable_groups(dg, skip, report, residual=cfg.prune_residual)
         if not groups:
             why = nothing_to_prune_reason(graph, dg, skip)
-            if flops is not None or params is not None:
-                # A budget the user asked for cannot be met: that is an error.
-                asked = "--prune-flops" if flops is not None else "--prune-params"
+            if flops is not None or params is not None or group_ratios:
+                # A budget or named groups the user asked for cannot be met: an error.
+                asked = "--prune-flops" if flops is not None else "--prune-params" \
+                    if params is not None else "--prune-group-ratios"
                 raise UnsupportedError(f"{asked} cannot be met: nothing to prune, no channel "
                                        f"group can be removed ({why})")
             # A ratio applies to the groups there are: with none, the model is valid as it
