@@ -196,3 +196,41 @@ def test_nothing_prunable_under_a_flops_budget_is_an_error_naming_the_layer():
     with pytest.raises(UnsupportedError, match="--prune-flops cannot be met.*rnn"):
         compress(model, ["prune"], options={"prune_flops": 0.5, "prune_skip": "rnn1"},
                  log=lambda m: None)
+
+
+def test_bidirectional_lstm_reshaped_to_both_directions_prunes_units_exactly():
+    # torch's bidirectional output: Y [T, 2, B, H] -> Transpose -> Reshape [T, B, 2H]; a
+    # unit goes in both directions and both halves of the consumer's input.
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((2, 4 * H, F)).astype(np.float32) * 0.5
+    r = rng.standard_normal((2, 4 * H, H)).astype(np.float32) * 0.5
+    b = rng.standard_normal((2, 8 * H)).astype(np.float32) * 0.2
+    for k in range(4):
+        w[:, k * H + np.array([1, 5])] = 0
+        r[:, k * H + np.array([1, 5])] = 0
+    for k in range(8):
+        b[:, k * H + np.array([1, 5])] = 0
+    inits = [numpy_helper.from_array(a, n) for a, n in (
+        (w, "W"), (r, "R"), (b, "B"), (np.array([T, B, 2 * H], np.int64), "shape"),
+        (np.array(T - 1, np.int64), "last"),
+        (rng.standard_normal((3, 2 * H)).astype(np.float32), "fcW"))]
+    nodes = [helper.make_node("LSTM", ["x", "W", "R", "B"], ["Y", "Yh"], hidden_size=H,
+                              direction="bidirectional", name="bi"),
+             helper.make_node("Transpose", ["Y"], ["Yt"], perm=[0, 2, 1, 3]),
+             helper.make_node("Reshape", ["Yt", "shape"], ["Yr"]),
+             helper.make_node("Gather", ["Yr", "last"], ["hT"], axis=0),
+             helper.make_node("Gemm", ["hT", "fcW"], ["y"], transB=1, name="fc")]
+    graph = helper.make_graph(
+        nodes, "bi", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [T, B, F])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [B, 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
+    model.ir_version = 8
+    model = onnx.shape_inference.infer_shapes(model)
+    result = compress(model, ["prune"], options={"prune_ratio": 2.5 / H, "prune_multiple": 1},
+                      log=lambda m: None)
+    assert hidden_sizes(result.graph, "LSTM") == [(H - 2, (2, 4 * (H - 2), F),
+                                                   (2, 4 * (H - 2), H - 2))]
+    fc = next(n for n in result.graph.nodes if n.op == "Gemm")
+    assert fc.inputs[1].values.shape == (3, 2 * (H - 2))
+    x = feeds(model)
+    assert compare_outputs(Runner(model).run(x), Runner(result.graph).run(x)).max_rel <= 1e-5
