@@ -30,6 +30,7 @@ from . import targets as T
 from .constants import FLOAT_TOLERANCE, LIBRARY, LIBRARY_TAR, QDQ_TOLERANCE, TARGET_FILE
 from .int_lower import has_qdq, lower_qdq
 from .tuning import TuningStats, tune
+from .unroll_rnn import unroll_recurrent
 
 
 
@@ -206,7 +207,8 @@ def compile_model(model, target="x86", out_dir: str = ".", options: dict | None 
     start = time.perf_counter()
     model = static_model(model, input_shapes, notes)
     inputs, outputs = io_signature(model)
-    mod = import_relax(model, inputs)
+    # TVM has no LSTM/GRU/RNN importer: unrolled for it; verified against the model as is
+    mod = import_relax(unroll_recurrent(model, notes), inputs)
     lowering = None
     if options.get("int_lowering", True) and has_qdq(mod):
         # QDQ graphs: integer conv/matmul/add kernels instead of float QDQ arithmetic
