@@ -57,6 +57,18 @@ def test_dynamic_sequence_dim_is_kept_or_refused_in_one_line(tmp_path):
 
 
 @pytest.mark.slow
+def test_gru_with_state_input_builds_for_x86_with_input_data(tmp_path):
+    # --input-shape fixes the batch to 1 and the corpus's --input-data gives 4 samples
+    # along it (was exit 7), and TVM's importer has no GRU (unrolled for it).
+    pytest.importorskip("tvm")
+    model = torch_nn_model("gru_state", tmp_path)
+    x86 = next(s for s in corpus.PASS_SETS if s.label == "x86")
+    r = corpus.run_one(model, x86, str(tmp_path), timeout=300, input_data=True)
+    assert r["status"] == "ok", r
+    assert r["rel"] <= corpus.EXACT_TOL
+
+
+@pytest.mark.slow
 def test_light_zoo_squeezenet_int8_artifact_runs(tmp_path):
     path = light_model_path("squeezenet")
     if not path.exists():
