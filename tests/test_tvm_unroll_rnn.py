@@ -144,3 +144,25 @@ def test_lstm_model_compiles_for_x86_and_matches_onnxruntime(tmp_path):
     result = compile_model(model, "x86", str(tmp_path / "out"))
     assert result.verification["max_rel"] < 1e-4
     assert any("unrolled" in n for n in result.notes)
+
+
+def test_recurrent_op_inside_an_if_branch_is_refused_naming_the_node(tmp_path):
+    pytest.importorskip("tvm")
+    from onnxc.backends.tvm.build import compile_model
+
+    lstm = recurrent_model("LSTM")
+    branch = helper.make_graph(list(lstm.graph.node), "then", [],
+                               [helper.make_tensor_value_info("Y_h", TensorProto.FLOAT, None)],
+                               list(lstm.graph.initializer))
+    other = helper.make_graph([helper.make_node("Identity", ["h"], ["h_out"])], "else", [],
+                              [helper.make_tensor_value_info("h_out", TensorProto.FLOAT, None)])
+    graph = helper.make_graph(
+        [helper.make_node("If", ["cond"], ["y"], name="choose", then_branch=branch,
+                          else_branch=other)], "g",
+        [lstm.graph.input[0], helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h", TensorProto.FLOAT, [1, BATCH, HIDDEN])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, BATCH, HIDDEN])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
+    with pytest.raises(UnsupportedError, match=r"has no LSTM \(node 'rnn' in the then_branch "
+                                               r"of If 'choose'\)"):
+        compile_model(model, "x86", str(tmp_path / "out"))
