@@ -166,3 +166,11 @@ def test_recurrent_op_inside_an_if_branch_is_refused_naming_the_node(tmp_path):
     with pytest.raises(UnsupportedError, match=r"has no LSTM \(node 'rnn' in the then_branch "
                                                r"of If 'choose'\)"):
         compile_model(model, "x86", str(tmp_path / "out"))
+
+
+def test_sequence_too_long_to_unroll_is_refused_naming_the_node(monkeypatch):
+    from onnxc.backends.tvm import unroll_rnn
+
+    monkeypatch.setattr(unroll_rnn, "MAX_UNROLLED_STEPS", STEPS)
+    with pytest.raises(UnsupportedError, match=r"^GRU 'rnn': .*5 time steps x 2 direction"):
+        unroll_recurrent(recurrent_model("GRU", "bidirectional"))

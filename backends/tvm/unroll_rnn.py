@@ -13,7 +13,8 @@ Covered: both layouts, initial_h / initial_c, LSTM peepholes and ``input_forget`
 default parameters (Sigmoid, Tanh, Relu, HardSigmoid, LeakyRelu, Elu, ThresholdedRelu,
 Softsign, Softplus), ``sequence_lens`` absent or constant and equal to the sequence
 length. A node outside that (a varying ``sequence_lens``, non-constant weights, explicit
-activation alpha/beta) raises one line naming the node and the reason.
+activation alpha/beta, more than MAX_UNROLLED_STEPS steps) raises one line naming the
+node and the reason.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ RECURRENT_OPS = ("LSTM", "GRU", "RNN")
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 DEFAULT_ACTIVATIONS = {"LSTM": ["Sigmoid", "Tanh", "Tanh"], "GRU": ["Sigmoid", "Tanh"],
                        "RNN": ["Tanh"]}
+# Time steps x directions one node may unroll to: each step is ~10 Relax ops that TVM
+# compiles one by one (the corpus's 2-layer LSTM, 100 steps, builds in ~30 s); a long
+# sequence would make a graph TVM takes far too long to build.
+MAX_UNROLLED_STEPS = 1024
 # The activations the spec lists that are ONNX ops of the same name (lower-cased key).
 ACTIVATION_OPS = {n.lower(): n for n in ("Sigmoid", "Tanh", "Relu", "HardSigmoid",
                                           "LeakyRelu", "Elu", "ThresholdedRelu",
@@ -207,6 +212,10 @@ class _Unroller:
             self.fail(f"the shape of its input '{self._input(0)}' is not static "
                       f"({x}); give it with --input-shape")
         self.steps, self.batch = (x[1], x[0]) if self.layout else (x[0], x[1])
+        if self.steps * self.num_dir > MAX_UNROLLED_STEPS:
+            self.fail(f"{self.steps} time steps x {self.num_dir} direction(s) is more than "
+                      f"the {MAX_UNROLLED_STEPS} steps unrolled for TVM; give a shorter "
+                      f"sequence with --input-shape")
         lens = self._input(4)
         if lens:
             if lens not in self.consts:
