@@ -165,6 +165,13 @@ def test_harness_times_out_a_hanging_run(tmp_path):
     assert r["status"] == "timeout" and r["seconds"] < 30
 
 
+def test_harness_tells_a_run_killed_from_outside_apart(tmp_path):
+    cli = fake_cli(tmp_path, "import os, signal; os.kill(os.getpid(), signal.SIGKILL)")
+    r = corpus.run_one(tiny_model(tmp_path), FOLD_BN, str(tmp_path), 30, cli=cli)
+    assert r["status"] == "killed" and "signal 9" in r["reason"]
+    assert "killed from outside: 1" in corpus.summary([r])[-1]
+
+
 def test_harness_calls_a_changed_output_shape_wrong(tmp_path):
     cli = fake_cli(tmp_path, """
         import onnx
