@@ -134,7 +134,7 @@ def import_relax(model: onnx.ModelProto, inputs: list):
     """``relax.frontend.onnx.from_onnx`` with params bound; one-line errors."""
     from tvm.relax.frontend.onnx import from_onnx
 
-    _check_branch_ops(model)
+    _check_importable(model)
     model, names = _identifier_inputs(model, [i["name"] for i in inputs])
     shape_dict = {names[i["name"]]: i["shape"] for i in inputs}
     dtype_dict = {names[i["name"]]: i["dtype"] for i in inputs}
@@ -146,25 +146,28 @@ def import_relax(model: onnx.ModelProto, inputs: list):
                                f"(ops in graph: {', '.join(ops)})") from None
 
 
-def _check_branch_ops(model: onnx.ModelProto) -> None:
-    """The importer checks for ops it lacks only at the top level; inside If branches it
-    fails later with a message naming no node. Say which node it is."""
+def _check_importable(model: onnx.ModelProto) -> None:
+    """Ops the importer has no converter for, named with a node of each, in one line.
+    The importer itself names only ops, and inside If branches it checks nothing and
+    fails later with a message naming no node (silero_vad: "Dynamic pads")."""
     from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
 
     known = set(_get_convert_map()) | {"If", "Constant"}
 
     def walk(graph, path):
+        missing: dict = {}
+        for node in graph.node:
+            if node.op_type not in known:
+                missing.setdefault(node.op_type, node.name)
+        if missing:
+            where = f" in {', in '.join(path)}" if path else ""
+            raise UnsupportedError("TVM's ONNX importer has no " + ", ".join(
+                f"{op} (node '{name}')" for op, name in sorted(missing.items())) + where)
         for node in graph.node:
             for attr in node.attribute:
                 for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else
                             list(attr.graphs)):
-                    inner = [f"the {attr.name} of {node.op_type} '{node.name}'"] + path
-                    for n in sub.node:
-                        if n.op_type not in known:
-                            raise UnsupportedError(
-                                f"TVM's ONNX importer has no {n.op_type} (node '{n.name}' "
-                                f"in {', in '.join(inner)})")
-                    walk(sub, inner)
+                    walk(sub, [f"the {attr.name} of {node.op_type} '{node.name}'"] + path)
 
     walk(model.graph, [])
 
