@@ -362,7 +362,9 @@ class Int8(Pass):
 
             graph = equalize_checked(graph, ctx, report)
         weighted = qdq.weighted_layers(graph)
-        keep = qdq.resolve_keep(cfg.keep_float, weighted, "none")
+        # Activation-only ops may be kept float too (what --max-drop / qdebug choose).
+        keep = qdq.resolve_keep(cfg.keep_float, weighted, "none",
+                                also=[n for n in graph.nodes if n.op in COMPUTE_OPS])
         candidates = {n.name for n in graph.nodes if n.op in COMPUTE_OPS
                       or (not qdq.is_standard(n) and n.op not in qdq.QDQ_OPS)} - keep
         act_matmuls = [n for n in graph.nodes if _act_matmul(graph, n)]

@@ -115,3 +115,15 @@ def test_any_subset_of_the_layers_builds_behind_a_data_movement_op():
     assert plan.layers == {"square"} and plan.params_from["tr"] == "tr"
     out = Runner(built).run(data.inputs)[0]
     assert np.abs(out - ref).max() < 0.05 * np.abs(ref).max()
+
+
+def test_keep_float_accepts_an_activation_only_op():
+    """What --max-drop / qdebug choose can be replayed with --keep-float."""
+    rng = np.random.default_rng(2)
+    data = Dataset({"x": rng.standard_normal((16, 16)).astype(np.float32),
+                    "t": rng.uniform(0.5, 1.5, (16, 16)).astype(np.float32)}, None, "d.npy")
+    res = compress(_gated_mlp(), ["int8"], options={"keep_float": "gate"}, calibration=data,
+                   log=lambda m: None)
+    extra = res.report["passes"][-1]["extra"]
+    assert "gate" not in extra["quantized_layers"]
+    assert {"mm1", "mm2"} <= set(extra["quantized_layers"])
