@@ -157,7 +157,8 @@ def fallback_until(graph, ctx, report, layers: list, build, budget: float,
         "reference_top1": round(ref, 3), "final_top1": round(acc, 3),
         "higher_precision": higher, "fallback": fallback, "trace": trace}
     met = ref - acc <= budget
-    report.note(f"mixed precision: {len(fallback)} of {len(order)} layers fall back to "
+    report.note(f"mixed precision: {len(fallback)} of {len(order)} "
+                f"{'groups' if members is not None else 'layers'} fall back to "
                 f"{higher}; {name} {ref:.2f}% -> {acc:.2f}% on {len(data)} {source} samples"
                 + ("" if met else f" (budget {budget} pt NOT met)"))
     return fallback
