@@ -139,6 +139,9 @@ def main(argv=None) -> int:
     p.add_argument("--trials-per-task", type=int, default=None,
                    help="cap per task (then --trials is only the overall cap)")
     p.add_argument("--tune-db", default=None, help="default: a fresh temporary database")
+    p.add_argument("--tune-minutes", type=float, default=None,
+                   help="wall-clock tuning budget per build (onnxc's --tune-minutes: tasks "
+                        "one after the other, shares by weight); with --integer")
     p.add_argument("--tune-only", action="store_true",
                    help="only fill --tune-db (run it at low priority); no latencies")
     p.add_argument("--from-db", action="store_true",
@@ -173,7 +176,8 @@ def main(argv=None) -> int:
     db = args.tune_db or tempfile.mkdtemp(prefix="onnxc-bench-tunedb-")
     tune_opts = {"cpu_weight_prepack": not args.no_prepack,
                  "tune_trials_per_task": args.trials_per_task,
-                 "tune_build_workers": args.build_workers}
+                 "tune_build_workers": args.build_workers,
+                 "tune_minutes": args.tune_minutes}
     if args.refine and not args.tune_only:
         p.error("--refine goes with --tune-only (measuring runs never tune)")
     if args.integer:
@@ -418,7 +422,8 @@ def integer_report(args, db, tune_opts, log) -> int:
     ort_int8_1 = ort_latency(int8_1, x1, rep)
     tvm_fp32_1 = tvm_ms(a_fp32, x1, rep)
     tvm_int8_1 = tvm_ms(a_int8, x1, rep)
-    tuned = f"tuned, {per_task} trials per task each" if per_task else "both untuned"
+    tuned = ("tuned from the database" if args.from_db else
+             f"tuned, {per_task} trials per task each" if per_task else "both untuned")
     print(f"int8 bs 1: TVM int8 {tvm_int8_1:.2f} ms, TVM fp32 {tvm_fp32_1:.2f} ms ({tuned}): "
           f"int8 {tvm_fp32_1 / tvm_int8_1:.2f}x faster than fp32; ORT int8 (same QDQ model) {ort_int8_1:.2f} ms: TVM/ORT "
           f"{tvm_int8_1 / ort_int8_1:.2f}x; ORT fp32 {ort_fp32_1:.2f} ms", flush=True)
