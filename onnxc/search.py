@@ -11,14 +11,25 @@ The space (``--space``, default ``prune,lowrank,int8``):
   ratios differ per group and the recipe records them (``--prune-group-ratios``).
 - **lowrank**: the MAC budget of ``--lowrank-flops`` (one energy threshold across
   layers, so per-layer ranks follow each layer's spectrum).
-- **int8**: fp32 or int8, the calibrator, and how many layers stay in float: the most
-  sensitive ones first, ranked once by int8's own mixed-precision sensitivity
-  (``calibrate.mixed``), recorded by name as ``--keep-float``. Not with lowrank in the
-  same trial (its split layers get new names).
+- **int8**: per-layer precision fp32 / int8 / int4 weights, the calibrator, AdaRound:
+  how many layers stay in float (the most sensitive ones first, ranked once by int8's
+  own mixed-precision sensitivity, ``calibrate.mixed``, recorded by name as
+  ``--keep-float``) and, with 4-bit weights, how many of the next most sensitive keep
+  8-bit weights (the rest are named in ``--int4-weights``). Float layers are not
+  chosen with lowrank in the same trial (its split layers get new names; 4-bit weights
+  then go to every quantized layer).
 
 Ternary / binary are not in the space: they are separate passes that cannot mix with
 int8 per layer, and without recovery training they keep ~10 % top-1 on the CIFAR
-ResNets (BENCHMARKS.md).
+ResNets (BENCHMARKS.md). 4-bit weights are what sub-8-bit precision means here: a real
+INT4 tensor in the file, run at int8 speed by ONNX Runtime (docs/quantization.md).
+
+**Seeds** (enqueued before the optimiser's own trials, as a person would start): plain
+int8, int8 with the mixed-precision fallback, int4 with AdaRound, and for
+``--objective size`` int4 + AdaRound + the sensitivity-allocated parameter pruning
+that the int8 profile's size says makes the model ~8.4x smaller (the shares
+``SIZE_SEED_CR`` aims at); for latency, int4 + AdaRound + light pruning (10 % of the
+MACs, channels kept in multiples of 16).
 
 **Optimiser: Optuna's TPE** (multivariate, grouped for the conditional parameters,
 constrained by the accuracy bound, two objectives: accuracy and cost). Why TPE rather
@@ -68,8 +79,11 @@ SPACE = ("prune", "lowrank", "int8")
 PROFILE_RATIOS = (0.25, 0.5, 0.75)
 PROFILE_SAMPLES = 64
 MAX_FLOAT_LAYERS = 12       # int8: at most this many most-sensitive layers kept in float
+MAX_INT8_LAYERS = 8         # int4: at most this many next most sensitive keep 8-bit weights
+ADAROUND_ITERS = 100        # AdaRound steps per layer in a trial (the int8 default: 300)
+SIZE_SEED_CR = (8.4, 9.0)   # --objective size seeds: pruning budgets aimed at these Cr
 AGREEMENT_SAMPLES = 1024
-STUDY_VERSION = 1
+STUDY_VERSION = 2          # 2: precision int4, int8_layers, adaround
 
 
 def configure(sub) -> None:
@@ -275,14 +289,32 @@ class Problem:
             rep = next(p for p in res.report["passes"] if p["name"] == "int8")
             order = list(rep["extra"]["sensitivity"])
             mixed = rep["extra"]["mixed_precision"]
+            weighted = set(self.weighted_names())
             prof["int8"] = {"order": order,
                             "scores": [rep["extra"]["sensitivity"][n] for n in order],
-                            "fallback": mixed["fallback"]}
+                            "fallback": mixed["fallback"],
+                            # (int4 applies to layers with weights; order has Adds too)
+                            "weighted": [n for n in order if n in weighted]
+                            + sorted(weighted - set(order)),
+                            "bytes": int(res.report["final"]["bytes"]),
+                            "original_bytes": int(res.report["original"]["bytes"]),
+                            "params": int(res.report["final"]["params"])}
             self.log(f"  {len(order)} layers; most sensitive: {', '.join(order[:3])}; "
                      f"mixed precision keeps {len(mixed['fallback'])} in float "
                      f"({time.perf_counter() - t1:.0f} s)")
         study.set_user_attr("profiles", prof)
         return prof
+
+    def weighted_names(self) -> list:
+        """Names of the layers with weights (Conv/Gemm/MatMul) in the fold_bn graph."""
+        from onnxc.calibrate import qdq
+        from onnxc.pipeline import Context, PassManager, resolve_passes
+
+        ctx = Context(seed=self.args.seed, log=lambda m: None, progress=False)
+        graph = PassManager(resolve_passes(["fold_bn"]), verify=False).run(
+            self.graph.copy(), ctx).graph
+        graph.name_nodes()
+        return [n.name for n in qdq.weighted_layers(graph)]
 
     def _prune_graph(self):
         """fold_bn graph, dependency groups and l1 scores (what the allocation needs)."""
@@ -373,17 +405,36 @@ def suggest(trial, problem: Problem, prof: dict) -> tuple[list, dict, dict]:
             # Multiples of 8: ORT's blocked conv kernels (same reason as prune's rounding).
             opts.update(lowrank_flops=lr, lowrank_multiple=8)
     if "int8" in problem.space:
-        precision = trial.suggest_categorical("precision", ["fp32", "int8"])
-        if precision == "int8":
+        precision = trial.suggest_categorical("precision", ["fp32", "int8", "int4"])
+        if precision in ("int8", "int4"):
             passes.append("int8")
             opts["int8_calibrator"] = trial.suggest_categorical(
                 "calibrator", ["minmax", "percentile", "entropy", "mse"])
             order = prof.get("int8", {}).get("order", [])
+            floats: list = []
             if order and not lowrank:
                 k = trial.suggest_int("float_layers", 0, min(MAX_FLOAT_LAYERS, len(order)))
                 if k:
-                    opts["keep_float"] = ",".join(order[:k])
-                    per_layer["float_layers"] = order[:k]
+                    floats = order[:k]
+                    opts["keep_float"] = ",".join(floats)
+                    per_layer["float_layers"] = floats
+            if precision == "int4":
+                weighted = [n for n in prof.get("int8", {}).get("weighted", [])
+                            if n not in floats]
+                if lowrank or not weighted:
+                    opts["int4_weights"] = "all"
+                else:
+                    # weighted is most sensitive first: the head keeps 8-bit weights.
+                    k8 = trial.suggest_int("int8_layers", 0,
+                                           min(MAX_INT8_LAYERS, len(weighted) - 1))
+                    four = weighted[k8:]
+                    opts["int4_weights"] = ",".join(four)
+                    per_layer["int4_layers"] = four
+                    if k8:
+                        per_layer["int8_weight_layers"] = weighted[:k8]
+                # Learned rounding matters at 4 bits (ResNet-56: drop 1.18 -> -0.2 pt).
+                if trial.suggest_categorical("adaround", [False, True]):
+                    opts.update(int8_adaround=True, int8_adaround_iters=ADAROUND_ITERS)
     return passes, opts, per_layer
 
 
@@ -476,27 +527,56 @@ def open_study(args, problem: Problem, log):
 
 
 def seed_trials(study, prof: dict, problem: Problem) -> None:
-    """Starting points a person would try first: plain int8, int8 with the
-    mixed-precision fallback, and light sensitivity-allocated pruning with ThiNet."""
+    """Starting points a person would try first, the likeliest winner for the objective
+    first (a 30-minute search on 2 cores runs only a handful of trials): see the
+    module docstring."""
     seeds = []
     int8 = "int8" in problem.space
     prune = "prune" in problem.space and prof.get("prune")
     base = {"lowrank_flops": 0.0} if "lowrank" in problem.space else {}
     if prune:
         base.update(prune_flops=0.0, prune_params=0.0)
+    crit = "thinet" if "thinet" in problem.criteria else problem.criteria[0]
+    int4 = dict(precision="int4", calibrator="minmax", float_layers=0, int8_layers=0,
+                adaround=True)
+    plain = dict(precision="int8", calibrator="minmax", float_layers=0)
+    light = dict(prune_flops=0.1, prune_params=0.2, prune_criterion=crit,
+                 prune_multiple=16, prune_ort_layout=False) if prune else {}
+    if problem.args.objective == "size" and int8:
+        for share in size_seed_shares(prof.get("int8", {})) if prune else []:
+            seeds.append(dict(base, prune_params=share, prune_criterion=crit,
+                              prune_multiple=8, prune_ort_layout=False, **int4))
+        seeds.append(dict(base, **int4))
+    elif int8 and light:
+        seeds += [dict(base, **light, **int4), dict(base, **light, **plain)]
     if int8:
-        seeds.append(dict(base, precision="int8", calibrator="minmax", float_layers=0))
+        seeds.append(dict(base, **plain))
         fb = len(prof.get("int8", {}).get("fallback", []))
         if 0 < fb <= MAX_FLOAT_LAYERS:
             seeds.append(dict(base, precision="int8", calibrator="minmax", float_layers=fb))
-    if prune:
-        crit = "thinet" if "thinet" in problem.criteria else problem.criteria[0]
-        light = dict(base, prune_flops=0.1, prune_params=0.2, prune_criterion=crit,
-                     prune_multiple=16, prune_ort_layout=False)
-        seeds.append(dict(light, precision="int8", calibrator="minmax", float_layers=0)
-                     if int8 else light)
+    elif light:
+        seeds.append(dict(base, **light))
     for params in seeds:
         study.enqueue_trial(params, skip_if_exists=True)
+
+
+def size_seed_shares(int8_profile: dict) -> list:
+    """Parameter shares to prune so that the model with 4-bit weights reaches each Cr of
+    SIZE_SEED_CR: from the int8 profile's size B8 and parameter count P, 4-bit weights
+    save P/2 bytes and pruning a share p of the parameters saves p·P/2 more (the fixed
+    part — graph, scales, biases — is left out, so the estimate is slightly low; shares
+    are rounded up to the search's 0.05 steps)."""
+    b8, params = int8_profile.get("bytes"), int8_profile.get("params")
+    orig = int8_profile.get("original_bytes")
+    if not (b8 and params and orig):
+        return []
+    shares = []
+    for cr in SIZE_SEED_CR:
+        p = (b8 - params / 2 - orig / cr) / (params / 2)
+        p = min(0.7, max(0.0, math.ceil(p / 0.05 - 1e-9) * 0.05))
+        if p > 0 and round(p, 4) not in shares:
+            shares.append(round(p, 4))
+    return shares
 
 
 def run_trial(study, problem: Problem, prof: dict, log) -> dict | None:
@@ -545,6 +625,11 @@ def describe(opts: dict) -> str:
     if "int8_calibrator" in opts:
         kf = len(opts.get("keep_float", "").split(",")) if opts.get("keep_float") else 0
         parts.append(f"int8 {opts['int8_calibrator']}" + (f" {kf} float" if kf else ""))
+        if opts.get("int4_weights"):
+            n4 = "all" if opts["int4_weights"] == "all" \
+                else len(opts["int4_weights"].split(","))
+            parts.append(f"int4 weights {n4} layers"
+                         + (" adaround" if opts.get("int8_adaround") else ""))
     return ", ".join(parts) or "fp32"
 
 

@@ -224,8 +224,8 @@ class Int8(Pass):
     exact = False
     conflicts = ("ternary", "binary")
     # Static mode calibrates activation ranges; without --calib-data on random inputs.
-    requires = (CalibrationData(when=lambda config: config.int8_mode == "static"),
-                Int4Target())
+    requires = (Int4Target(),         # (a refusal before the no-data warning)
+                CalibrationData(when=lambda config: config.int8_mode == "static"))
     # The flags had no prefix before; the old spellings stay as aliases.
     options = (
         Option("--int8-calibrator", str, "minmax", "activation range calibrator",
@@ -325,7 +325,7 @@ class Int8(Pass):
             report.note(f"nothing left to quantize: {already} layer(s) already quantized, "
                         f"the rest cannot be (see skipped)")
         wq = [n for n in weighted if n.name in plan.layers]
-        report.note(f"{len(plan.layers)} nodes quantized ({len(wq)} with int8 weights), "
+        report.note(f"{len(plan.layers)} nodes quantized ({len(wq)} with quantized weights), "
                     f"{len(plan.params_from)} activation tensors, calibrator {method}, "
                     f"{len(data)} samples{' (RANDOM)' if data.synthetic else ''}")
         int4 = sorted(plan.int4)
