@@ -81,7 +81,8 @@ PROFILE_SAMPLES = 64
 MAX_FLOAT_LAYERS = 12       # int8: at most this many most-sensitive layers kept in float
 MAX_INT8_LAYERS = 8         # int4: at most this many next most sensitive keep 8-bit weights
 ADAROUND_ITERS = 100        # AdaRound steps per layer in a trial (the int8 default: 300)
-SIZE_SEED_CR = (8.4, 9.0)   # --objective size seeds: pruning budgets aimed at these Cr
+SIZE_SEED_CR = (8.4, 9.0)
+LATENCY_TIE = 0.05          # latency objective: within 5 % of the fastest counts as a tie   # --objective size seeds: pruning budgets aimed at these Cr
 AGREEMENT_SAMPLES = 1024
 STUDY_VERSION = 2          # 2: precision int4, int8_layers, adaround
 
@@ -647,10 +648,21 @@ def finished(study) -> list:
 
 def choose(trials: list, objective: str, max_drop: float):
     """(chosen trial, met): cheapest within the bound and not slower than the original;
-    else the most accurate candidate that is not slower (met False)."""
+    else the most accurate candidate that is not slower (met False). For latency,
+    candidates within LATENCY_TIE of the fastest count as equally fast (the timing of
+    one trial is not finer than that on a shared machine) and the smallest of them is
+    chosen: int8 and int4 weights run the same kernels, and which one timed 1 % faster
+    is noise, not a reason to ship the bigger file."""
     ok = [t for t in trials if not t.user_attrs.get("dropped")]
     feasible = [t for t in ok if t.user_attrs["metrics"]["drop"] <= max_drop]
     if feasible:
+        if objective == "latency":
+            fastest = min(cost(t.user_attrs["metrics"], objective) for t in feasible)
+            feasible = [t for t in feasible if cost(t.user_attrs["metrics"], objective)
+                        <= fastest * (1 + LATENCY_TIE)]
+            return min(feasible, key=lambda t: (t.user_attrs["metrics"]["bytes"],
+                                                cost(t.user_attrs["metrics"], objective),
+                                                t.number)), True
         return min(feasible, key=lambda t: (cost(t.user_attrs["metrics"], objective),
                                             -t.user_attrs["metrics"]["top1"], t.number)), True
     pool = ok or trials

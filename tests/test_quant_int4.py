@@ -126,3 +126,10 @@ def test_int4_on_a_tvm_target_is_refused_in_one_line(model, tmp_path):
         "use --target onnx, or leave --int4-weights out for int8 weights"]
     assert "RANDOM" not in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_int4_with_adaround_gives_the_same_bytes_twice(model, data):
+    runs = [_quantize(model, data, int4_weights="all", int8_adaround=True,
+                      int8_adaround_iters=20).graph.to_onnx().SerializeToString()
+            for _ in range(2)]
+    assert runs[0] == runs[1]

@@ -337,3 +337,18 @@ def test_recipe_with_an_older_option_spelling_replays(files, tmp_path):
                  str(tmp_path / "a"), "--quiet"]) == 0
     report = json.loads((tmp_path / "a" / "report.json").read_text())
     assert report["passes"][-1]["extra"]["calibrator"] == "percentile"
+
+
+def test_size_seeds_prune_enough_for_the_cr_targets_with_int4_weights():
+    from onnxc.search import SIZE_SEED_CR, size_seed_shares
+
+    # ResNet-56's int8 profile: 929,827 B, 853,222 params, original 3,440,711 B
+    prof = {"bytes": 929_827, "params": 853_222, "original_bytes": 3_440_711}
+    shares = size_seed_shares(prof)
+    assert len(shares) == len(SIZE_SEED_CR)
+    for share, cr in zip(shares, SIZE_SEED_CR):
+        size = prof["bytes"] - prof["params"] / 2 * (1 + share)
+        assert prof["original_bytes"] / size >= cr
+        assert prof["original_bytes"] / (size + 0.05 * prof["params"] / 2) < cr
+    # already small enough with 4-bit weights alone: no pruning seed
+    assert size_seed_shares({"bytes": 30, "params": 40, "original_bytes": 1000}) == []
