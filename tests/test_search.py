@@ -352,3 +352,21 @@ def test_size_seeds_prune_enough_for_the_cr_targets_with_int4_weights():
         assert prof["original_bytes"] / (size + 0.05 * prof["params"] / 2) < cr
     # already small enough with 4-bit weights alone: no pruning seed
     assert size_seed_shares({"bytes": 30, "params": 40, "original_bytes": 1000}) == []
+
+
+def test_latency_ties_go_to_the_smallest_model_within_the_bound():
+    from types import SimpleNamespace
+
+    from onnxc.search import choose
+
+    def trial(number, ms, size, drop):
+        return SimpleNamespace(number=number, user_attrs={"metrics": {
+            "latency_ms": ms, "original_ms": 100.0, "bytes": size, "drop": drop,
+            "top1": 90.0 - drop}})
+
+    int8, int4 = trial(0, 60.0, 900, 0.0), trial(1, 61.0, 500, 0.2)
+    slow_small, too_lossy = trial(2, 80.0, 300, 0.5), trial(3, 40.0, 200, 3.0)
+    trials = [int8, int4, slow_small, too_lossy]
+    assert choose(trials, "latency", 1.0) == (int4, True)
+    assert choose(trials, "size", 1.0) == (slow_small, True)
+    assert choose([int8, trial(4, 50.0, 950, 0.0)], "latency", 1.0)[0].number == 4
