@@ -499,14 +499,20 @@ def _constants_to_initializers(graph: Graph) -> int:
 
 def canonicalize(model: onnx.ModelProto, input_shapes: dict | None = None,
                  fold: bool = True, notes: list | None = None,
-                 static_shapes: bool = True) -> Graph:
+                 static_shapes: bool = True, declared: tuple | None = None) -> Graph:
     """Model -> canonical IR graph. ``notes`` collects what was changed or skipped.
-    ``static_shapes=False`` (a runtime target) keeps symbolic dims beyond the batch."""
+    ``static_shapes=False`` (a runtime target) keeps symbolic dims beyond the batch.
+    ``declared``: the batch axes of the model before its input shapes were fixed
+    (:func:`onnxc.execution.declared_layout`; default: ``model``'s own), recorded in the
+    graph where ``input_shapes`` fix them away."""
+    from onnxc.execution import declared_layout, record_layout
+
     notes = notes if notes is not None else []
     work = onnx.ModelProto()
     work.CopyFrom(model)
     _strip_initializer_inputs(work)
     if input_shapes:
+        declared = declared or declared_layout(work)
         fix_input_shapes(work, input_shapes)
     work = _upgrade_opset(work, notes)
     if fold:
@@ -516,6 +522,8 @@ def canonicalize(model: onnx.ModelProto, input_shapes: dict | None = None,
     except Exception as exc:
         notes.append(f"shape inference incomplete: {first_line(exc, 120)}")
     graph = Graph.from_onnx(work)
+    if declared is not None:
+        record_layout(graph._meta, declared, {t.name: t.shape for t in graph.gs.inputs})
     moved = _constants_to_initializers(graph)
     if moved:
         notes.append(f"{moved} Constant node(s) turned into initializers")
@@ -582,12 +590,17 @@ def load(source, input_shapes: dict | None = None, check: bool = True,
         fixes = repair_value_info(model)      # load_model's copy: the input is untouched
         if fixes:
             notes.append("type annotations repaired: " + ", ".join(fixes))
+        declared = None
         if input_shapes:                      # may give a shapeless input its shape
+            from onnxc.execution import declared_layout
+
+            declared = declared_layout(model)
             fix_input_shapes(model, input_shapes)
         _check_input_shapes_declared(model)
         if check:
             check_model(model, str(where))
-        return canonicalize(model, input_shapes, notes=notes, static_shapes=static_shapes)
+        return canonicalize(model, input_shapes, notes=notes, static_shapes=static_shapes,
+                            declared=declared)
     except OnnxcError:
         raise
     except UnicodeDecodeError as exc:

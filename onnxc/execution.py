@@ -138,8 +138,79 @@ def batch_layout(inputs) -> BatchLayout:
 
 
 def graph_layout(graph) -> BatchLayout:
-    """Batch layout of an IR graph's inputs."""
-    return batch_layout([(t.name, t.shape) for t in graph.gs.inputs])
+    """Batch layout of an IR graph's inputs (the recorded one, see :func:`record_layout`,
+    when --input-shape fixed the batch away)."""
+    shapes = [(t.name, t.shape) for t in graph.gs.inputs]
+    recorded = recorded_layout(graph._meta, dict(shapes)) if graph._meta is not None else None
+    return recorded or batch_layout(shapes)
+
+
+# Metadata key of a model whose input shapes onnxc fixed: the batch axes of its inputs and
+# outputs as the model declared them before (JSON {"inputs": {name: axis|null},
+# "outputs": {name: axis}}). Once ``state[1, N, 64]`` is ``[1, 1, 64]`` beside
+# ``x[1, 20, 40]``, the shapes alone no longer say that the batch is axis 1 of one and
+# axis 0 of the other; with this, data of many samples still runs in slices of the fixed
+# batch (ONNX Runtime ignores metadata).
+BATCH_AXES_KEY = "onnxc.batch_axes"
+
+
+def proto_shapes(values) -> list:
+    """[(name, dims)] of ValueInfoProtos, dims as ints, symbolic names or None."""
+    return [(v.name, [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                      for d in v.type.tensor_type.shape.dim]) for v in values]
+
+
+def declared_layout(model: onnx.ModelProto) -> tuple:
+    """(input axes, output axes) of a ModelProto's batch as declared (a layout it records
+    wins: the model was fixed by onnxc before)."""
+    import json
+
+    for prop in model.metadata_props:
+        if prop.key == BATCH_AXES_KEY:
+            try:
+                record = json.loads(prop.value)
+                return dict(record["inputs"]), dict(record.get("outputs") or {})
+            except (ValueError, KeyError, TypeError):
+                break
+    inits = {t.name for t in model.graph.initializer}
+    layout = batch_layout([(n, d) for n, d in proto_shapes(model.graph.input)
+                           if n not in inits])
+    outputs = {}
+    if layout.dim:
+        outputs = {n: d.index(layout.dim) for n, d in proto_shapes(model.graph.output)
+                   if layout.dim in d}
+    return layout.axes, outputs
+
+
+def record_layout(meta: onnx.ModelProto, before: tuple, shapes: dict) -> None:
+    """Record in ``meta`` the batch axes ``before`` (see :func:`declared_layout`) that a
+    model had before its input shapes were fixed to ``shapes``, when those no longer
+    give the same axes."""
+    import json
+
+    axes = {n: a for n, a in before[0].items() if n in shapes}
+    if batch_layout(list(shapes.items())).axes == {n: axes.get(n) for n in shapes}:
+        return
+    keep = [p for p in meta.metadata_props if p.key != BATCH_AXES_KEY]
+    del meta.metadata_props[:]
+    meta.metadata_props.extend(keep)
+    meta.metadata_props.add(key=BATCH_AXES_KEY,
+                            value=json.dumps({"inputs": axes, "outputs": before[1]}))
+
+
+def recorded_layout(model: onnx.ModelProto, shapes: dict) -> BatchLayout | None:
+    """The layout a model records (:data:`BATCH_AXES_KEY`) for inputs of ``shapes``
+    (name -> dims), its fixed batch the inputs' size on those axes; None without one."""
+    if not any(p.key == BATCH_AXES_KEY for p in model.metadata_props):
+        return None
+    axes = declared_layout(model)[0]
+    axes = {n: a if a is not None and a < len(shapes[n] or []) else None
+            for n, a in ((n, axes.get(n)) for n in shapes)}
+    sizes = {shapes[n][a] for n, a in axes.items() if a is not None}
+    if not sizes:
+        return None
+    size = next(iter(sizes))
+    return BatchLayout(axes, None, size if len(sizes) == 1 and _is_static(size) else None)
 
 
 # ----------------------------------------------------------------------------------------
@@ -214,15 +285,18 @@ class Runner:
         inputs = self.session.get_inputs()
         self.input_names = [i.name for i in inputs]
         self.output_names = [o.name for o in self.session.get_outputs()]
-        self.layout = batch_layout([(i.name, i.shape) for i in inputs])
+        shapes = {i.name: i.shape for i in inputs}
+        self.layout = recorded_layout(self.model, shapes) or batch_layout(list(shapes.items()))
         self.fixed_batch = self.layout.fixed
+        self._recorded_out_axes = declared_layout(self.model)[1] \
+            if self.layout.dim is None else {}
 
     def output_axes(self, names: list | None = None) -> list:
         """Batch axis of each output: where its declared shape has the batch dim, else 0."""
         shapes = {o.name: o.shape or [] for o in self.session.get_outputs()}
         dim = self.layout.dim
-        return [shapes[n].index(dim) if dim and dim in shapes.get(n, []) else 0
-                for n in (names or self.output_names)]
+        return [shapes[n].index(dim) if dim and dim in shapes.get(n, [])
+                else self._recorded_out_axes.get(n, 0) for n in (names or self.output_names)]
 
     def _run(self, names, feeds: dict) -> list:
         try:

@@ -332,4 +332,21 @@ def node_macs(node: gs.Node) -> int:
             return 0
         k = a[0] if (op == "Gemm" and node.attrs.get("transA", 0)) else a[-1]
         return _prod(out) * int(k)
+    if op in _RNN_GATES:
+        return sum(rnn_macs(node))
     return 0
+
+
+_RNN_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+
+
+def rnn_macs(node: gs.Node) -> tuple[int, int]:
+    """(input, recurrent) multiply-accumulates of an LSTM/GRU/RNN: every step and
+    direction multiplies x by W [G·H, in] and h by R [G·H, H]."""
+    x = _dims(node.inputs[0]) if node.inputs else None
+    w = _dims(node.inputs[1]) if len(node.inputs) > 1 else None
+    r = _dims(node.inputs[2]) if len(node.inputs) > 2 else None
+    if x is None or w is None or r is None or len(x) != 3 or len(w) != 3 or len(r) != 3:
+        return 0, 0
+    steps_batch = x[0] * x[1]          # T·B (layout 0) or B·T (layout 1)
+    return steps_batch * _prod(w), steps_batch * _prod(r)

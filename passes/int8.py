@@ -96,6 +96,14 @@ def _quantizable(graph, node) -> str | None:
         return "Gemm with alpha/beta ≠ 1"
     if node.op in ("Add", "Mul") and any(graph.constant(t) is not None for t in node.inputs):
         return "constant operand (kept float)"
+    plumbing = next((t for t in node.inputs if _from_integer_op(graph, t)), None)
+    if plumbing is not None:
+        # ConvInteger -> Cast -> Mul(x_scale · w_scale): that Mul is the dequantization
+        # of an already-quantized layer, and its scale operand changes every run; a
+        # static Q/DQ there would round the layer a second time (ddddocr's dynamically
+        # quantized recogniser: centered output cosine 0.34).
+        return (f"dequantizes an already-quantized layer ('{plumbing.name}' comes from "
+                f"an integer op): kept as is")
     acts = _activation_inputs(graph, node)
     if not acts or not all(_is_float_var(graph, t) for t in acts):
         return "inputs are not float activations"
@@ -104,6 +112,42 @@ def _quantizable(graph, node) -> str | None:
     if all(qdq.already_quantized(graph, t) for t in acts + [node.outputs[0]]):
         return "already quantized (inputs and output through Q/DQ)"
     return None
+
+
+# Ops that pass an integer kernel's accumulator or a run-time scale on unchanged.
+_DEQUANT_VIEWS = ("Cast", "Reshape", "Unsqueeze", "Squeeze", "Identity")
+
+
+def _from_integer_op(graph, tensor, depth: int = 4) -> bool:
+    """True if ``tensor`` is the (cast) accumulator of an integer kernel (ConvInteger,
+    MatMulInteger) or a run-time quantization scale (DynamicQuantizeLinear's scale, or
+    a product of scales): what the Mul that dequantizes such a layer reads. The
+    dequantized result itself is an ordinary float activation."""
+    producer = graph.producer(tensor) if tensor is not None else None
+    if producer is None or depth == 0:
+        return False
+    if producer.op == "DynamicQuantizeLinear":
+        return tensor is not producer.outputs[0]            # its scale / zero point
+    if qdq.is_integer_op(producer) and producer.op not in qdq.QDQ_OPS:
+        return True
+    acts = [t for t in producer.inputs if graph.constant(t) is None]
+    if producer.op in _DEQUANT_VIEWS:
+        return any(_from_integer_op(graph, t, depth - 1) for t in acts)
+    if producer.op == "Mul":                                  # x_scale · w_scale
+        return bool(acts) and all(_is_scale(graph, t, depth - 1) for t in acts)
+    return False
+
+
+def _is_scale(graph, tensor, depth: int) -> bool:
+    producer = graph.producer(tensor)
+    if producer is None or depth == 0:
+        return False
+    if producer.op == "DynamicQuantizeLinear":
+        return tensor is producer.outputs[1]
+    if producer.op in _DEQUANT_VIEWS + ("Mul",):
+        acts = [t for t in producer.inputs if graph.constant(t) is None]
+        return bool(acts) and all(_is_scale(graph, t, depth - 1) for t in acts)
+    return False
 
 
 def _zero_pad(graph, node) -> bool:
@@ -400,14 +444,32 @@ class Int8(Pass):
         # Bias correction needs E[x] per input channel of every quantized weighted layer.
         layer_inputs = sorted({n.inputs[0].name for n in weighted if n.name in full.layers}) \
             if correct else []
-        stats = collect(graph.to_onnx(), full.stat_tensors(), data, progress=ctx.progress,
+        model = graph.to_onnx()
+        stats = collect(model, full.stat_tensors(), data, progress=ctx.progress,
                         histograms=CALIBRATORS[method].histograms,
                         channel_means=layer_inputs)
         means = {name: stats[name].channel_mean() for name in layer_inputs}
         outputs = {t.name for t in graph.gs.outputs}
-        # Never clip what the user reads: graph outputs keep their observed range.
-        ranges = {name: clip_range(s, "minmax" if name in outputs else method, scheme,
-                                   percentile) for name, s in stats.items()}
+
+        def calibrated(tensors) -> dict:
+            # Never clip what the user reads: graph outputs keep their observed range.
+            return {name: clip_range(stats[name], "minmax" if name in outputs else method,
+                                     scheme, percentile) for name in tensors}
+
+        ranges = calibrated(stats)
+        mixed = mixed_range_concats(graph, full, ranges)
+        for name, reason in mixed.items():
+            candidates.discard(name)
+            report.skip(name, reason)
+        if mixed:
+            # Without those Concats a tensor that shared a Concat's scale (a Reshape of
+            # its output) needs its own: calibrate what the smaller plan adds.
+            missing = sorted(set(Plan(graph, candidates, scheme.signed).stat_tensors())
+                             - set(stats))
+            if missing:
+                stats.update(collect(model, missing, data, progress=ctx.progress,
+                                     histograms=CALIBRATORS[method].histograms))
+                ranges.update(calibrated(missing))
         params = {name: scheme.params(*r) for name, r in ranges.items()}
 
         dynamic = [n.name for n in act_matmuls if n.name not in keep] if act_dynamic else []
@@ -569,6 +631,43 @@ def dynamic_act_matmul(graph, node) -> None:
     graph.gs.nodes.extend(new)
 
 
+# A Concat whose inputs' ranges differ more than this keeps float: one 8-bit scale for
+# its output would leave the narrowest input fewer than 4 bits (a detector head
+# concatenating boxes in pixels, 0..320, with class scores, 0..1, rounded every score
+# to 0: output cosine 0.03 on YOLOv8n).
+MAX_CONCAT_RANGE_RATIO = 16.0
+
+
+def mixed_range_concats(graph, plan: Plan, ranges: dict) -> dict:
+    """{Concat name: reason} for planned Concats whose calibrated input ranges differ
+    by more than MAX_CONCAT_RANGE_RATIO. ONNX Runtime's QLinearConcat requantizes every
+    input to the output's one scale, so per-input scales do not help there."""
+    out = {}
+    for node in graph.nodes:
+        if node.op != "Concat" or node.name not in plan.layers:
+            continue
+        widths = []
+        for t in node.inputs:
+            src = plan.params_from.get(t.name)
+            if src is None or src not in ranges:
+                continue
+            lo, hi = (float(v) for v in ranges[src])
+            widths.append((max(hi, 0.0) - min(lo, 0.0), t.name, lo, hi))
+        if len(widths) < 2:
+            continue
+        narrow, wide = min(widths), max(widths)
+        if wide[0] > MAX_CONCAT_RANGE_RATIO * max(narrow[0], 1e-30):
+            out[node.name] = (f"kept float: its inputs' ranges differ {wide[0] / max(narrow[0], 1e-30):.0f}x "
+                              f"('{wide[1]}' [{wide[2]:.3g}, {wide[3]:.3g}], '{narrow[1]}' "
+                              f"[{narrow[2]:.3g}, {narrow[3]:.3g}]): one int8 scale would "
+                              f"erase the narrow one")
+    return out
+
+
+# Fewer calibration samples than this: int8 says its ranges are unreliable.
+FEW_CALIB_SAMPLES = 8
+
+
 def calibration_set(ctx, graph):
     """The calibration samples: --calib-samples if given, else at most MAX_CALIB (more
     rarely moves a range, and statistics cost grows linearly)."""
@@ -578,7 +677,43 @@ def calibration_set(ctx, graph):
     data = ctx.calibration_data(graph, n)
     if data.synthetic and ctx.calibration is not None:
         ctx.warn(f"calibration data '{data.source}' is synthetic: accuracy will suffer")
+    if len(data) < FEW_CALIB_SAMPLES:
+        fixed = data.synthetic and all(a is None for a in data.axes.values())
+        # silero-vad's static [1, 576] input: one random sample set every range, and
+        # the output Conv's (one value) clipped every other input's: cosine 0.06.
+        ctx.warn(f"int8 calibrated on {len(data)} sample(s)"
+                 + (" (the inputs have a fixed batch, so random calibration draws one)"
+                    if fixed else "")
+                 + ": ranges seen on so few inputs clip other inputs; give --calib-data "
+                   "with more samples")
+    if data.synthetic:
+        made_up = _made_up_dims(graph, data)
+        if made_up:
+            # Ranges that grow with the input size (a detector's decoded box coordinates)
+            # are calibrated at this size only: YOLOv8n calibrated at 64x64 and run at
+            # 320x320 clipped its boxes at 73 px (centered output cosine 0.02 vs 0.89).
+            ctx.warn(f"int8 calibrated on random inputs with symbolic dims set to "
+                     f"{made_up}: activation ranges hold for that size; give --calib-data "
+                     f"or --input-shape at the size the model will run")
     return data
+
+
+def _made_up_dims(graph, data) -> str:
+    """"'images' [N, 3, 64, 64]"-style text for inputs whose non-batch symbolic dims the
+    random calibration set chose, '' when there are none."""
+    parts = []
+    for t in graph.gs.inputs:
+        arr = data.inputs.get(t.name)
+        if arr is None or t.shape is None:
+            continue
+        batch = data.axes.get(t.name)
+        if any(i != batch and not (isinstance(d, (int, np.integer)) and d > 0)
+               for i, d in enumerate(t.shape)):
+            dims = [str(d) for d in np.shape(arr)]
+            if batch is not None and batch < len(dims):
+                dims[batch] = "N"
+            parts.append(f"'{t.name}' [{', '.join(dims)}]")
+    return ", ".join(parts)
 
 
 def apply_plan(graph, plan: Plan, params: dict, scheme: Scheme, reduce: bool,

@@ -241,10 +241,13 @@ class LowRank(Pass):
 
     def _run(self, graph, ctx, report):
         cfg = self._settings(ctx)
-        layers = self._find_layers(graph, cfg, report)
+        graph.name_nodes()             # skips and refusals name the layer
+        self._probe = None
+        layers = self._find_layers(graph, cfg, report, ctx)
         if not layers:
-            raise UnsupportedError("lowrank: no eligible layer (Conv/Gemm/MatMul with a "
-                                   "constant weight)" + _skip_summary(report))
+            return self._nothing(graph, ctx, report, cfg, "no eligible layer (Conv/Gemm/"
+                                 "MatMul with a constant float weight)"
+                                 + _skip_summary(report))
         data = None
         if cfg["data_aware"]:
             n = cfg["samples"]
@@ -255,11 +258,11 @@ class LowRank(Pass):
         self._spectra(layers)
         chosen = self._choose_ranks(layers, cfg, report)
         if not chosen:
-            raise UnsupportedError(f"lowrank: no layer gets cheaper when split at the "
-                                   f"chosen ranks ({_rule_text(cfg)})"
-                                   + _skip_summary(report)
-                                   + ("; --lowrank-multiple 1 keeps the ranks unrounded"
-                                      if cfg["multiple"] > 1 else ""))
+            return self._nothing(graph, ctx, report, cfg,
+                                 f"no layer gets cheaper when split at the chosen ranks "
+                                 f"({_rule_text(cfg)})" + _skip_summary(report)
+                                 + ("; --lowrank-multiple 1 keeps the ranks unrounded"
+                                    if cfg["multiple"] > 1 else ""))
         # Every check is done: only now is the graph edited.
         refit = [l for l in chosen if data is not None and l.kind == "conv"
                  and l.method != "svd"]
@@ -275,15 +278,37 @@ class LowRank(Pass):
         self._report(report, layers, chosen, rows, cfg)
         return graph
 
+    def _nothing(self, graph, ctx, report, cfg, why: str):
+        """Nothing to split. A MACs budget the user asked for is then an error; under a
+        rank rule the model is valid as it is: it goes on unchanged, and the pass says
+        so (a note, a warning, and its skips in report.json)."""
+        if cfg["flops"] is not None:
+            raise UnsupportedError(f"--lowrank-flops {cfg['flops']} cannot be met: {why}")
+        msg = f"lowrank changed nothing: {why}"
+        report.note(msg)
+        ctx.warn(msg)
+        if not report.skipped:
+            report.skip("lowrank", why)
+        report.extra["lowrank"] = {"rule": _rule_text(cfg), "layers": [],
+                                   "nothing_to_split": why}
+        return graph
+
     # -- discovery --------------------------------------------------------------------
-    def _find_layers(self, graph, cfg, report) -> list[Layer]:
+    def _find_layers(self, graph, cfg, report, ctx=None) -> list[Layer]:
+        from onnxc.calibrate.qdq import prequantized_reason
+
         found = []
         for node in graph.nodes:
             if node.op in ("Gemm", "MatMul") and cfg["layers"] in ("all", "fc"):
                 layer = self._fc_layer(graph, node, report)
             elif node.op == "Conv" and cfg["layers"] in ("all", "conv"):
-                layer = self._conv_layer(graph, node, cfg, report)
+                layer = self._conv_layer(graph, node, cfg, report, ctx)
             else:
+                reason = prequantized_reason(graph, node)
+                if reason and node.op != "DynamicQuantizeLinear":   # layers, not quantizers
+                    report.skip(node.name, f"{reason}: left alone")
+                elif node.op in ("If", "Loop", "Scan"):
+                    report.skip(node.name, f"layers inside {node.op} subgraphs are not split")
                 continue
             if layer is not None:
                 layer.multiple = cfg["multiple"]
@@ -332,13 +357,24 @@ class LowRank(Pass):
         return Layer(node, "fc", "svd", m, bias, rows * d_in * d_out, d_in * d_out,
                      rows=rows, info={"dtype": w.dtype})
 
-    def _conv_layer(self, graph, node, cfg, report) -> Layer | None:
+    def _conv_layer(self, graph, node, cfg, report, ctx=None) -> Layer | None:
         w = graph.constant(node.inputs[1]) if len(node.inputs) > 1 else None
         if w is None or w.dtype.kind != "f":
-            report.skip(node.name, "Conv weight is not a constant float tensor")
+            reason = None
+            if w is None:
+                from onnxc.calibrate.qdq import prequantized_reason
+
+                reason = prequantized_reason(graph, node)
+            report.skip(node.name, f"{reason}: left alone" if reason
+                        else "Conv weight is not a constant float tensor")
             return None
-        if w.ndim != 4:
-            report.skip(node.name, f"{w.ndim - 2}-D convolution (only 2-D is split)")
+        conv1d = w.ndim == 3
+        if w.ndim not in (3, 4):
+            report.skip(node.name, f"{w.ndim - 2}-D convolution (1-D and 2-D are split)")
+            return None
+        if conv1d and cfg["conv_method"] == "cp" and w.shape[2] > 1:
+            report.skip(node.name, "1-D convolution: cp needs two spatial axes (tucker2 "
+                                   "and svd split it)")
             return None
         group = int(node.attrs.get("group", 1))
         if group != 1:
@@ -352,16 +388,19 @@ class LowRank(Pass):
                 report.skip(node.name, "Conv bias is not constant")
                 return None
         x, y = node.inputs[0], node.outputs[0]
-        if x.shape is None or y.shape is None or len(x.shape) != 4 or len(y.shape) != 4 \
-                or not all(isinstance(d, (int, np.integer)) for d in
-                           list(x.shape[2:]) + list(y.shape[2:])):
-            report.skip(node.name, "conv input/output spatial shape unknown")
+        xs, ys = self._spatial(graph, x, w.ndim, ctx), self._spatial(graph, y, w.ndim, ctx)
+        if xs is None or ys is None:
+            report.skip(node.name, "conv input/output spatial shape unknown (also with "
+                                   "the symbolic input dims made concrete)")
             return None
+        if conv1d:
+            w = w[:, :, None, :]                # (N, C, 1, k): the kh = 1 case of 2-D
+            xs, ys = (1,) + xs, (1,) + ys
         n, c, kh, kw = w.shape
-        in_px = int(x.shape[2]) * int(x.shape[3])
-        out_px = int(y.shape[2]) * int(y.shape[3])
+        in_px = int(xs[0]) * int(xs[1])
+        out_px = int(ys[0]) * int(ys[1])
         macs = out_px * n * c * kh * kw
-        info = {"dtype": w.dtype}
+        info = {"dtype": w.dtype, "conv1d": conv1d}
         if kh == kw == 1:
             m = w.reshape(n, c).T.astype(np.float64)              # C × N
             return Layer(node, "conv1x1", "svd", m, bias, macs, w.size, rows=out_px,
@@ -372,9 +411,24 @@ class LowRank(Pass):
             info["kernel"] = (c, kh, kw)
             return Layer(node, "conv", "svd", m, bias, macs, w.size, rows=out_px,
                          in_pixels=in_px, info=info)
-        mid_px = int(y.shape[2]) * int(x.shape[3])                # after the kh×1 stage
+        mid_px = int(ys[0]) * int(xs[1])                          # after the kh×1 stage
         return Layer(node, "conv", method, w.astype(np.float64), bias, macs, w.size,
                      rows=out_px, in_pixels=in_px, mid_pixels=mid_px, info=info)
+
+    def _spatial(self, graph, tensor, rank: int, ctx) -> tuple | None:
+        """Spatial dims of a conv's input/output: declared, else from shape inference
+        with the graph inputs' symbolic dims made concrete (the calibration data's
+        shape when given, else 64: only ratios of pixel counts enter the cost model)."""
+        shape = tensor.shape
+        if shape is not None and len(shape) == rank and all(
+                isinstance(d, (int, np.integer)) and d > 0 for d in shape[2:]):
+            return tuple(int(d) for d in shape[2:])
+        if self._probe is None:
+            self._probe = _probe_shapes(graph, ctx)
+        probed = self._probe.get(tensor.name)
+        if probed is None or len(probed) != rank:
+            return None
+        return tuple(probed[2:])
 
     # -- data-aware: calibration inputs of FC / 1×1 layers -------------------------------
     # Data-aware k×k splits refit their last stage so that, on calibration images, the
@@ -602,6 +656,8 @@ class LowRank(Pass):
         for i, (weight, attrs) in enumerate(stages):
             last = i == len(stages) - 1
             suffix = "abcd"[i]
+            if layer.info.get("conv1d"):
+                weight = np.asarray(weight)[:, :, 0, :]      # back to (out, in, k)
             out = y if last else graph.make_variable(f"{node.name}_lr_{suffix}_out",
                                                      dtype=y.dtype or np.float32)
             inputs = [current, graph.make_constant(f"{node.name}_lr_{suffix}_w",
@@ -641,6 +697,45 @@ class LowRank(Pass):
 
 # ----------------------------------------------------------------------------------------
 # helpers
+
+
+# Size given to symbolic input dims other than the calibration data's, to probe shapes.
+PROBE_DIM = 64
+
+
+def _probe_shapes(graph, ctx) -> dict:
+    """{tensor name: concrete shape} from ONNX shape inference (with data propagation)
+    on the graph with its inputs' symbolic dims set: to the calibration samples' dims
+    when there are any, else 1 for a leading dim and PROBE_DIM for the others."""
+    import onnx
+
+    given = {}
+    if ctx is not None and getattr(ctx, "calibration", None) is not None:
+        sample = ctx.calibration.take(1).inputs
+        given = {k: np.shape(v) for k, v in sample.items()}
+    try:
+        model = graph._skeleton()
+        for inp in model.graph.input[:len(graph.gs.inputs)]:
+            dims = inp.type.tensor_type.shape.dim
+            shape = given.get(inp.name)
+            for i, d in enumerate(dims):
+                if not d.HasField("dim_value"):
+                    d.dim_value = int(shape[i]) if shape is not None and i < len(shape) \
+                        else (1 if i == 0 else PROBE_DIM)
+        # Declared symbolic shapes would stay symbolic: inference fills them anew.
+        del model.graph.value_info[:]
+        for out in model.graph.output:
+            out.type.tensor_type.ClearField("shape")
+        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:     # inference fails on some graphs: shapes stay unknown
+        return {}
+    out = {}
+    for vi in list(model.graph.value_info) + list(model.graph.output) \
+            + list(model.graph.input):
+        tt = vi.type.tensor_type
+        if tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
+            out[vi.name] = tuple(int(d.dim_value) for d in tt.shape.dim)
+    return out
 
 
 def _geometry(attrs) -> dict:
@@ -685,7 +780,7 @@ def _refit_last_stage(stages, layer, ctx):
         np.linalg.norm(z_rows @ old.T + bias0 - y_rows)) / norm, 5)
     layer.info["refit_rel_error"] = round(float(
         np.linalg.norm(z_rows @ m + c - y_rows)) / norm, 5)
-    return stages[:-1] + [(m.T.reshape(n_out, r, 1, 1), stages[-1][1])], c
+    return stages[:-1] + [(m.T.reshape(stages[-1][0].shape), stages[-1][1])], c
 
 
 def _run_stages(stages, x: np.ndarray) -> np.ndarray:
@@ -696,7 +791,10 @@ def _run_stages(stages, x: np.ndarray) -> np.ndarray:
 
     nodes, inits, current = [], [], "x"
     for i, (weight, attrs) in enumerate(stages):
-        inits.append(numpy_helper.from_array(np.asarray(weight, np.float32), f"w{i}"))
+        weight = np.asarray(weight, np.float32)
+        if x.ndim == 3 and weight.ndim == 4:
+            weight = weight[:, :, 0, :]                       # a 1-D conv's (out, in, k)
+        inits.append(numpy_helper.from_array(weight, f"w{i}"))
         attrs = {"kernel_shape": list(np.shape(weight)[2:]), **attrs}
         nodes.append(helper.make_node("Conv", [current, f"w{i}"], [f"z{i}"], **attrs))
         current = f"z{i}"

@@ -57,6 +57,18 @@ def test_dynamic_sequence_dim_is_kept_or_refused_in_one_line(tmp_path):
 
 
 @pytest.mark.slow
+def test_gru_with_state_input_builds_for_x86_with_input_data(tmp_path):
+    # --input-shape fixes the batch to 1 and the corpus's --input-data gives 4 samples
+    # along it (was exit 7), and TVM's importer has no GRU (unrolled for it).
+    pytest.importorskip("tvm")
+    model = torch_nn_model("gru_state", tmp_path)
+    x86 = next(s for s in corpus.PASS_SETS if s.label == "x86")
+    r = corpus.run_one(model, x86, str(tmp_path), timeout=300, input_data=True)
+    assert r["status"] == "ok", r
+    assert r["rel"] <= corpus.EXACT_TOL
+
+
+@pytest.mark.slow
 def test_light_zoo_squeezenet_int8_artifact_runs(tmp_path):
     path = light_model_path("squeezenet")
     if not path.exists():
@@ -151,6 +163,13 @@ def test_harness_times_out_a_hanging_run(tmp_path):
     cli = fake_cli(tmp_path, "import time; time.sleep(60)")
     r = corpus.run_one(tiny_model(tmp_path), FOLD_BN, str(tmp_path), 1, cli=cli)
     assert r["status"] == "timeout" and r["seconds"] < 30
+
+
+def test_harness_tells_a_run_killed_from_outside_apart(tmp_path):
+    cli = fake_cli(tmp_path, "import os, signal; os.kill(os.getpid(), signal.SIGKILL)")
+    r = corpus.run_one(tiny_model(tmp_path), FOLD_BN, str(tmp_path), 30, cli=cli)
+    assert r["status"] == "killed" and "signal 9" in r["reason"]
+    assert "killed from outside: 1" in corpus.summary([r])[-1]
 
 
 def test_harness_calls_a_changed_output_shape_wrong(tmp_path):

@@ -279,15 +279,31 @@ def test_unreachable_macs_budget_says_how_far_it_can_go():
         run_pass(model, lowrank_flops=0.99)
 
 
-def test_model_without_eligible_layer_is_unsupported():
+def test_model_without_eligible_layer_is_written_unchanged_with_a_warning():
     model = _model([helper.make_node("Relu", ["x"], ["y"])], {}, ["N", 8], ["N", 8])
-    with pytest.raises(UnsupportedError, match="no eligible layer"):
-        run_pass(model)
+    lines = []
+    result = compress(model, ["lowrank"], log=lines.append)
+    assert ops(result.graph) == ["Relu"]
+    assert [line for line in lines if "lowrank changed nothing: no eligible layer" in line]
+    rep = result.report["passes"][-1]
+    assert rep["changed"] == 0 and rep["skipped"]
 
 
-def test_rank_that_saves_nothing_anywhere_is_unsupported():
-    with pytest.raises(UnsupportedError, match="no layer gets cheaper"):
-        run_pass(gemm_model(RNG.standard_normal((48, 64))), lowrank_rank=40)
+def test_model_without_eligible_layer_under_a_macs_budget_is_unsupported():
+    model = _model([helper.make_node("Relu", ["x"], ["y"])], {}, ["N", 8], ["N", 8])
+    with pytest.raises(UnsupportedError, match="--lowrank-flops 0.5 cannot be met: no "
+                                               "eligible layer"):
+        run_pass(model, lowrank_flops=0.5)
+
+
+def test_rank_that_saves_nothing_anywhere_leaves_the_model_and_names_the_layer():
+    lines = []
+    result = compress(gemm_model(RNG.standard_normal((48, 64))), ["lowrank"],
+                      options={"lowrank_rank": 40, "lowrank_multiple": 1}, log=lines.append)
+    assert ops(result.graph) == ["Gemm"]
+    warned = [line for line in lines if "lowrank changed nothing" in line]
+    assert len(warned) == 1 and "no layer gets cheaper" in warned[0]
+    assert result.graph.nodes[0].name in warned[0]
 
 
 def test_cli_rejects_bad_rank_with_one_line_and_writes_nothing(tmp_path):
@@ -355,3 +371,64 @@ def test_ranks_follow_the_targets_channel_block_by_default():
     assert extra["layers"] and all(r % 8 == 0 for row in extra["layers"]
                                    for r in row["ranks"])
     assert "multiples of 8" in extra["rule"]
+
+
+# ---- 1-D convs, dynamic spatial dims, already-quantized models ---------------------------
+
+def conv1d_model(w, stride=1, pads=(1, 1), length=20):
+    n, c, k = w.shape
+    node = helper.make_node("Conv", ["x", "w", "b"], ["h"], strides=[stride],
+                            pads=list(pads))
+    out = (length + pads[0] + pads[1] - k) // stride + 1
+    return _model([node, helper.make_node("Relu", ["h"], ["y"])],
+                  {"w": w, "b": RNG.standard_normal(n)}, ["N", c, length], ["N", n, out])
+
+
+@pytest.mark.parametrize("method,n_convs", [("tucker2", 3), ("svd", 2)])
+def test_1d_conv_at_full_rank_splits_into_1d_convs_and_reproduces_it(method, n_convs):
+    model = conv1d_model(RNG.standard_normal((24, 16, 5)), stride=2, pads=(2, 1))
+    result = run_pass(model, lowrank_method=method, lowrank_rank=10_000, lowrank_force=True)
+    convs = [n for n in result.graph.nodes if n.op == "Conv"]
+    assert len(convs) == n_convs and all(c.inputs[1].values.ndim == 3 for c in convs)
+    assert output_error(model, result.graph.to_onnx(), [16, 20]) <= 1e-5
+
+
+def test_1d_conv_of_low_rank_saves_macs():
+    w = tucker_weight(32, 24, 4, 4, k=1)[:, :, :, 0].repeat(3, axis=2)   # (32, 24, 3)
+    model = conv1d_model(w)
+    result = run_pass(model, lowrank_energy=0.999)
+    assert layers(result)[0]["macs_after"] < layers(result)[0]["macs_before"]
+    assert output_error(model, result.graph.to_onnx(), [24, 20]) <= 1e-4
+
+
+def test_conv_with_symbolic_spatial_dims_is_split_on_probed_shapes():
+    w = tucker_weight(32, 24, 6, 5)
+    node = helper.make_node("Conv", ["x", "w", "b"], ["y"], pads=[1, 1, 1, 1])
+    model = _model([node], {"w": w, "b": RNG.standard_normal(32)},
+                   ["N", 24, "H", "W"], ["N", 32, "H", "W"])
+    result = run_pass(model, lowrank_energy=0.999)
+    assert layers(result)[0]["ranks"] == [6, 5]
+    assert not result.report["passes"][-1]["skipped"]
+    assert output_error(model, result.graph.to_onnx(), [24, 9, 13]) <= 1e-4
+
+
+def test_already_quantized_model_is_left_unchanged_and_the_warning_names_the_layer():
+    # x -> DynamicQuantizeLinear -> ConvInteger(uint8 weights) -> Cast -> scale: what ORT's
+    # dynamic quantizer writes.
+    w = RNG.integers(0, 255, (8, 4, 3, 3)).astype(np.uint8)
+    nodes = [helper.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"]),
+             helper.make_node("ConvInteger", ["xq", "w", "xz"], ["acc"], name="qconv",
+                              pads=[1, 1, 1, 1]),
+             helper.make_node("Cast", ["acc"], ["accf"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["accf", "xs"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "q", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 6, 6])],
+        [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    for passes in (["lowrank"], ["prune"]):
+        lines = []
+        result = compress(model, passes, log=lines.append)
+        assert ops(result.graph) == [n.op_type for n in nodes]
+        warned = [line for line in lines if "changed nothing" in line]
+        assert len(warned) == 1 and "qconv" in warned[0] and "already quantized" in warned[0]

@@ -120,6 +120,47 @@ def test_slices_of_a_state_input_join_to_the_whole_run(saved):
         assert a.shape == b.shape and np.allclose(a, b, atol=1e-6)
 
 
+def _rate_model_feeds(n):
+    rng = np.random.default_rng(5)
+    return {"x": rng.standard_normal((n, 4, 8)).astype(np.float32),
+            "state": (0.5 * rng.standard_normal((2, n, 16))).astype(np.float32),
+            "sr": np.array(8000, np.int64)}
+
+
+FIXED_RATE_SHAPES = {"x": [1, 4, 8], "state": [2, 1, 16]}
+
+
+def test_fixed_batch_keeps_the_batch_axes_the_model_declared(saved):
+    graph = frontend.load(str(saved(batch_first_gru_with_rate())), FIXED_RATE_SHAPES)
+    ds = random_dataset(graph, 3)
+    assert ds.axes == {"x": 0, "state": 1, "sr": None}
+    assert ds.inputs["x"].shape == (3, 4, 8) and ds.inputs["state"].shape == (2, 3, 16)
+
+
+def test_more_samples_than_the_fixed_batch_run_in_slices_joined_on_each_batch_axis(saved):
+    path = str(saved(batch_first_gru_with_rate()))
+    feeds = _rate_model_feeds(3)
+    whole = Runner(frontend.load(path)).run(feeds)
+    fixed = Runner(frontend.load(path, FIXED_RATE_SHAPES)).run(feeds)
+    assert [a.shape for a in fixed] == [(2, 3, 1), (2, 3, 16)]
+    for a, b in zip(whole, fixed):
+        assert np.allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("passes", ["fold_bn", "fold_bn,int8"])
+def test_input_data_beyond_a_fixed_batch_compresses(saved, tmp_path, passes):
+    np.savez(tmp_path / "d.npz", **_rate_model_feeds(3))
+    shapes = [f"{k}:{','.join(map(str, v))}" for k, v in FIXED_RATE_SHAPES.items()]
+    report = _compress(saved(batch_first_gru_with_rate()), tmp_path / "out", passes,
+                       "--input-data", tmp_path / "d.npz", "--input-shape", shapes[0],
+                       "--input-shape", shapes[1])
+    assert report["verification"]["samples"] == 3
+    assert report["error"]["max_rel"] < (1e-5 if passes == "fold_bn" else 0.05)
+    artifact = onnx.load(tmp_path / "out" / "model.onnx")
+    got = Runner(artifact).run(_rate_model_feeds(3))      # the artifact slices data too
+    assert [a.shape for a in got] == [(2, 3, 1), (2, 3, 16)]
+
+
 def test_input_data_missing_an_input_is_a_one_line_data_error(saved, tmp_path):
     np.save(tmp_path / "a.npy", np.zeros((2, 3), np.float32))
     code, _, err = run_cli("compress", saved(matmul_two_inputs()), "-o", tmp_path / "out",

@@ -53,13 +53,26 @@ def test_ratio_and_flops_together_are_refused(chain_path, tmp_path):
     assert code == 2 and "either --prune-ratio or --prune-flops" in err
 
 
-def test_nothing_prunable_exits_4_with_one_line(tmp_path):
+def test_nothing_prunable_writes_the_model_with_one_warning(tmp_path):
     n = Net()
     path = tmp_path / "one.onnx"
     onnx.save(n.model([n.conv("x", 3, 4, name="only")]), str(path))
     code, _, err = run_cli("compress", path, "--passes", "prune", "-o", tmp_path / "out")
-    assert code == 4 and "nothing to prune" in err
-    assert len(err.strip().splitlines()) <= 3
+    assert code == 0 and (tmp_path / "out" / "model.onnx").exists()
+    warned = [line for line in err.splitlines() if "prune changed nothing" in line]
+    assert len(warned) == 1 and "'only'" in warned[0]
+
+
+def test_nothing_prunable_under_a_budget_exits_4_with_one_line(tmp_path):
+    n = Net()
+    path = tmp_path / "one.onnx"
+    onnx.save(n.model([n.conv("x", 3, 4, name="only")]), str(path))
+    code, _, err = run_cli("compress", path, "--passes", "prune", "--prune-params", "0.3",
+                           "-o", tmp_path / "out")
+    errors = [line for line in err.splitlines() if line.startswith("onnxc: error:")]
+    assert code == 4 and len(errors) == 1 and "--prune-params cannot be met" in errors[0]
+    assert "only" in errors[0] and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_skip_pattern_matching_nothing_exits_2(chain_path, tmp_path):

@@ -293,11 +293,24 @@ def test_gather_off_the_channel_axis_moves_it_and_on_it_blocks():
     assert compare_outputs(ref, out).max_rel <= 1e-6
 
 
-def test_nothing_prunable_is_a_clear_error():
+def test_nothing_prunable_leaves_the_model_and_warns_naming_the_layer():
     n = Net()
     model = n.model([n.conv("x", 3, 4, name="only")])
-    with pytest.raises(UnsupportedError, match="nothing to prune"):
-        compress(model, ["prune"], options={"prune_ratio": 0.5}, log=lambda m: None)
+    lines = []
+    result = compress(model, ["prune"], options={"prune_ratio": 0.5}, log=lines.append)
+    warned = [line for line in lines if "prune changed nothing" in line]
+    assert len(warned) == 1 and "only" in warned[0] and "reaches graph output" in warned[0]
+    rep = result.report["passes"][-1]
+    assert rep["changed"] == 0 and rep["skipped"][0]["node"] == "only"
+    assert result.graph.nodes[0].inputs[1].values.shape == (4, 3, 3, 3)
+
+
+def test_nothing_prunable_under_a_flops_budget_is_a_clear_error():
+    n = Net()
+    model = n.model([n.conv("x", 3, 4, name="only")])
+    with pytest.raises(UnsupportedError, match="--prune-flops cannot be met: nothing to "
+                                               "prune.*only"):
+        compress(model, ["prune"], options={"prune_flops": 0.5}, log=lambda m: None)
 
 
 def test_skip_pattern_matching_nothing_is_a_usage_error():
@@ -389,3 +402,11 @@ def test_ort_layout_turns_channel_pad_shortcuts_into_selection_convs():
     x = np.random.default_rng(0).standard_normal((4, 3, 12, 12)).astype(np.float32)
     cmp = compare_outputs(Runner(plain.graph).run({"x": x}), Runner(res.graph).run({"x": x}))
     assert cmp.max_abs <= 1e-6
+
+
+def test_nothing_prunable_with_named_group_ratios_is_a_clear_error():
+    n = Net()
+    model = n.model([n.conv("x", 3, 4, name="only")])
+    with pytest.raises(UnsupportedError, match="--prune-group-ratios cannot be met"):
+        compress(model, ["prune"], options={"prune_group_ratios": "only=0.5"},
+                 log=lambda m: None)

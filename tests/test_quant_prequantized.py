@@ -117,3 +117,22 @@ def test_low_bit_skips_quantized_layers_and_reports_them(prequantized, name):
     assert len(report["extra"]["layers"]) == 1 and report["extra"]["layers"][0].startswith("fc")
     assert any(KINDS[kind] in s["reason"] for s in report["skipped"])
     assert not any("not understood" in s["reason"] for s in report["skipped"])  # Q/DQ plumbing
+
+
+@pytest.mark.parametrize("kind", ["dynamic_conv", "dynamic_matmul"])
+def test_int8_keeps_the_mul_that_dequantizes_a_dynamic_layer(kind, tmp_path):
+    # ConvInteger/MatMulInteger -> Cast -> Mul(x_scale · w_scale): the scale changes every
+    # run, a static Q/DQ on that Mul would round the layer a second time.
+    model = _ort_quantized(tmp_path, kind)
+    prod = {o: n for n in model.graph.node for o in n.output}
+    dequant = {n.name for n in model.graph.node if n.op_type == "Mul" and any(
+        i in prod and prod[i].op_type == "Cast" and prod[i].input[0] in prod
+        and prod[prod[i].input[0]].op_type in ("ConvInteger", "MatMulInteger")
+        for i in n.input)}
+    assert dequant
+    result = compress(model, ["int8"], log=lambda m: None)
+    report = result.report["passes"][-1]
+    assert not dequant & set(report["extra"]["quantized_layers"])
+    kept = {s["node"] for s in report["skipped"]
+            if "dequantizes an already-quantized layer" in s["reason"]}
+    assert dequant <= kept

@@ -613,6 +613,12 @@ def run_one(model: Model, ps: PassSet, workdir: str, timeout: float,
                    reason=f"no result within {timeout:.0f} s")
         return res
     res["seconds"] = time.perf_counter() - start
+    if proc.returncode < 0:
+        # A signal from outside (on a shared machine, the kernel's OOM killer): no verdict
+        # on onnxc, but not a pass either; the run is worth repeating on a quieter machine.
+        res.update(status="killed", reason=f"killed by signal {-proc.returncode}"
+                   + (" (SIGKILL: out of memory?)" if proc.returncode == -9 else ""))
+        return res
     errors = [ln for ln in stderr.splitlines() if ln.startswith("onnxc: error")]
     if "Traceback (most recent call last)" in stderr:
         tail = [ln for ln in stderr.strip().splitlines() if ln.strip()][-1:]
@@ -787,6 +793,7 @@ def summary(rows: list) -> list:
     vague = [r for r in refused if not r.get("names_node")]
     wrong = [r for r in rows if r["status"] == "wrong"]
     timeouts = [r for r in rows if r["status"] == "timeout"]
+    killed = [r for r in rows if r["status"] == "killed"]
     models = len({r["model"] for r in rows})
     pct = 100.0 * ok / n if n else 0.0
     return [
@@ -796,7 +803,8 @@ def summary(rows: list) -> list:
         f"tracebacks: {tracebacks}",
         f"artifacts the checker or ORT rejects: {rejected}",
         f"refused: {len(refused)} ({len(refused) - len(vague)} one line naming a node, "
-        f"{len(vague)} not naming one); wrong: {len(wrong)}; timeouts: {len(timeouts)}",
+        f"{len(vague)} not naming one); wrong: {len(wrong)}; timeouts: {len(timeouts)}"
+        + (f"; killed from outside: {len(killed)}" if killed else ""),
     ]
 
 

@@ -30,6 +30,7 @@ from . import targets as T
 from .constants import FLOAT_TOLERANCE, LIBRARY, LIBRARY_TAR, QDQ_TOLERANCE, TARGET_FILE
 from .int_lower import has_qdq, lower_qdq
 from .tuning import TuningStats, tune
+from .unroll_rnn import unroll_recurrent
 
 
 
@@ -133,6 +134,7 @@ def import_relax(model: onnx.ModelProto, inputs: list):
     """``relax.frontend.onnx.from_onnx`` with params bound; one-line errors."""
     from tvm.relax.frontend.onnx import from_onnx
 
+    _check_importable(model)
     model, names = _identifier_inputs(model, [i["name"] for i in inputs])
     shape_dict = {names[i["name"]]: i["shape"] for i in inputs}
     dtype_dict = {names[i["name"]]: i["dtype"] for i in inputs}
@@ -142,6 +144,32 @@ def import_relax(model: onnx.ModelProto, inputs: list):
         ops = sorted({n.op_type for n in model.graph.node})
         raise UnsupportedError(f"TVM's ONNX importer failed: {first_line(exc)} "
                                f"(ops in graph: {', '.join(ops)})") from None
+
+
+def _check_importable(model: onnx.ModelProto) -> None:
+    """Ops the importer has no converter for, named with a node of each, in one line.
+    The importer itself names only ops, and inside If branches it checks nothing and
+    fails later with a message naming no node (silero_vad: "Dynamic pads")."""
+    from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
+
+    known = set(_get_convert_map()) | {"If", "Constant"}
+
+    def walk(graph, path):
+        missing: dict = {}
+        for node in graph.node:
+            if node.op_type not in known:
+                missing.setdefault(node.op_type, node.name)
+        if missing:
+            where = f" in {', in '.join(path)}" if path else ""
+            raise UnsupportedError("TVM's ONNX importer has no " + ", ".join(
+                f"{op} (node '{name}')" for op, name in sorted(missing.items())) + where)
+        for node in graph.node:
+            for attr in node.attribute:
+                for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else
+                            list(attr.graphs)):
+                    walk(sub, [f"the {attr.name} of {node.op_type} '{node.name}'"] + path)
+
+    walk(model.graph, [])
 
 
 def _identifier_inputs(model: onnx.ModelProto, names: list) -> tuple:
@@ -206,7 +234,8 @@ def compile_model(model, target="x86", out_dir: str = ".", options: dict | None 
     start = time.perf_counter()
     model = static_model(model, input_shapes, notes)
     inputs, outputs = io_signature(model)
-    mod = import_relax(model, inputs)
+    # TVM has no LSTM/GRU/RNN importer: unrolled for it; verified against the model as is
+    mod = import_relax(unroll_recurrent(model, notes), inputs)
     lowering = None
     if options.get("int_lowering", True) and has_qdq(mod):
         # QDQ graphs: integer conv/matmul/add kernels instead of float QDQ arithmetic

@@ -46,6 +46,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 INT_RANGE = {"uint8": (0, 255), "int8": (-128, 127)}
+# Name of the packed integer convolution kernel (and of every fused kernel around it):
+# its weight is packed at compile time already (see tuning.prepare_module).
+PACKED_CONV = "conv2d_nhwc_packed"
 
 
 @dataclass
@@ -352,7 +355,7 @@ def _mutator_class():
                 w_full = np.pad(w, [(0, o_pad), (0, i_pad), (0, 0), (0, 0)])
                 acc = self.builder_.emit_te(
                     packed_conv2d, nhwc, relax.const(pack_weight(w_full, *block)), strides,
-                    padding, dilation, z_x, primfunc_name_hint="conv2d_nhwc_packed_int8")
+                    padding, dilation, z_x, primfunc_name_hint=PACKED_CONV + "_int8")
                 if o_pad:
                     acc = relax.op.strided_slice(acc, axes=[3], begin=[0], end=[cout])
                 acc = relax.op.add(acc, relax.const(_int32(b).reshape(1, 1, 1, cout)))
@@ -485,7 +488,7 @@ def packed_conv2d(data, weight, strides, padding, dilation, zero_point):
             data[b, y * sh + ry * dh, x * sw + rx * dw, rc].astype("int32")
             * weight[o // ob, ry, rx, rc // ib, o % ob, rc % ib].astype("int32"),
             axis=[ry, rx, rc]),
-        name="conv2d_nhwc_packed")
+        name=PACKED_CONV)
 
 
 def _int32(values: np.ndarray) -> np.ndarray:

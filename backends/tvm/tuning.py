@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from onnxc.errors import BackendError, UsageError, first_line
 
-from . import int_kernels
+from . import int_kernels, int_lower
 
 DEFAULT_DB = os.path.join(os.environ.get("XDG_CACHE_HOME",
                                          os.path.join(os.path.expanduser("~"), ".cache")),
@@ -540,12 +540,23 @@ def prepare_module(mod, target, prepack: bool):
     from tvm import relax
 
     with target:
-        return tvm.transform.Sequential([
+        mod = tvm.transform.Sequential([
             relax.transform.DecomposeOpsForInference(),
             relax.transform.CanonicalizeBindings(),
             relax.pipeline.zero_pipeline(),
             *([relax.transform.AttachAttrLayoutFreeBuffers()] if prepack else []),
         ])(mod)
+    if prepack:
+        # The integer lowering packs its conv weights at compile time already. Marked
+        # layout-free, they would get a second layout rewrite whose indices are not plain
+        # variables, and MetaSchedule's RemoveWeightLayoutRewriteBlock fails the whole
+        # tuning run on it ("Check failed: (ind.as<PrimVar>())", seen on ResNet-56 int8).
+        from tvm import tirx
+
+        for gv, func in list(mod.functions.items()):
+            if isinstance(func, tirx.PrimFunc) and int_lower.PACKED_CONV in gv.name_hint:
+                mod[gv] = func.with_attr("layout_free_buffers", [])
+    return mod
 
 
 def apply_database(mod, db, target, only=None):

@@ -137,14 +137,24 @@ class Prune(Pass):
         dg = DependencyGraph(graph)
         groups = prunable_groups(dg, skip, report, residual=cfg.prune_residual)
         if not groups:
-            reasons = sorted({g.blocked for g in dg.groups if g.blocked})
-            why = f" ({reasons[0]})" if reasons else \
-                " (no Conv/ConvTranspose/Gemm/MatMul with constant weights)"
-            if any(g.residual and not g.blocked for g in dg.groups):
-                why = " (only residual groups are left; --prune-residual prunes them)"
-            elif skip and dg.groups and all(not g.blocked for g in dg.groups):
-                why = " (every group is excluded by --prune-skip)"
-            raise UnsupportedError(f"nothing to prune: no channel group can be removed{why}")
+            why = nothing_to_prune_reason(graph, dg, skip)
+            if flops is not None or params is not None or group_ratios:
+                # A budget or named groups the user asked for cannot be met: an error.
+                asked = "--prune-flops" if flops is not None else "--prune-params" \
+                    if params is not None else "--prune-group-ratios"
+                raise UnsupportedError(f"{asked} cannot be met: nothing to prune, no channel "
+                                       f"group can be removed ({why})")
+            # A ratio applies to the groups there are: with none, the model is valid as it
+            # is, and the pass says it changed nothing and why.
+            msg = f"prune changed nothing: no channel group can be removed ({why})"
+            report.note(msg)
+            ctx.warn(msg)
+            if not report.skipped:
+                report.skip("prune", why)
+            report.extra.update({"criterion": criterion, "groups": len(dg.groups),
+                                 "prunable_groups": 0, "channels_removed": 0,
+                                 "per_group": [], "nothing_to_prune": why})
+            return graph
 
         score = criterion_scores(criterion, dg, graph, ctx, samples)
         alloc = Allocator(dg, groups, score, min_ch, multiple,
@@ -244,6 +254,43 @@ class Prune(Pass):
                     f"groups ({len(dg.groups) - len(groups)} left whole), "
                     f"criterion {criterion}")
         return graph
+
+
+# ---- nothing to prune ----------------------------------------------------------------------
+
+_WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "LSTM", "GRU", "RNN")
+
+
+def nothing_to_prune_reason(graph, dg, skip) -> str:
+    """Why no group is prunable, naming a node of the model where there is one."""
+    if any(g.residual and not g.blocked for g in dg.groups):
+        first = next(g for g in dg.groups if g.residual and not g.blocked)
+        return (f"only residual groups are left, e.g. '{first.label}'; --prune-residual "
+                f"prunes them")
+    if skip and dg.groups and all(not g.blocked for g in dg.groups):
+        return "every group is excluded by --prune-skip"
+    blocked = [g for g in dg.groups if g.blocked]
+    if blocked:
+        g = blocked[0]
+        more = f"; {len(blocked) - 1} more group(s) left whole, see report.json skipped" \
+            if len(blocked) > 1 else ""
+        return f"the group of '{g.label}': {g.blocked}{more}"
+    nodes = graph.gs.nodes
+    from onnxc.calibrate.qdq import prequantized_reason
+
+    quant = next((n for n in nodes if n.op != "DynamicQuantizeLinear"
+                  and prequantized_reason(graph, n)), None)
+    if quant is not None:
+        return (f"the layers are {prequantized_reason(graph, quant)}, e.g. '{quant.name}'; "
+                f"no float Conv/Gemm/MatMul/LSTM/GRU weights are left")
+    sub = next((n for n in nodes if n.op in ("If", "Loop", "Scan")), None)
+    if sub is not None:
+        return (f"the layers sit inside the subgraphs of '{sub.name}' ({sub.op}), "
+                f"which prune does not enter")
+    layer = next((n for n in nodes if n.op in _WEIGHT_OPS), None)
+    if layer is not None:
+        return f"'{layer.name}' ({layer.op}) has no constant weights"
+    return "the graph has no Conv/ConvTranspose/Gemm/MatMul/LSTM/GRU layer"
 
 
 # ---- per-group ratios ----------------------------------------------------------------------

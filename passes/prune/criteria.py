@@ -43,6 +43,13 @@ def filters(src) -> np.ndarray:
         return w.reshape(g * cog, -1)
     if src.kind == "gemm":
         return w if int(src.node.attrs.get("transB", 0)) else w.T
+    if src.kind == "rnn":
+        # Unit j owns row j of every gate of W and R, in every direction.
+        r = np.asarray(src.node.inputs[2].values, np.float64)
+        hidden = r.shape[-1]
+        parts = [m.reshape(m.shape[0], -1, hidden, m.shape[-1]).transpose(2, 0, 1, 3)
+                 .reshape(hidden, -1) for m in (w, r)]
+        return np.concatenate(parts, axis=1)
     return w.T                                     # matmul (K, N)
 
 

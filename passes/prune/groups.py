@@ -386,7 +386,7 @@ class DependencyGraph:
             for m in self.mac_nodes:
                 ins = m.node.inputs
                 w = ins[1] if len(ins) > 1 else None
-                if not isinstance(w, gs.Constant):
+                if not isinstance(w, gs.Constant) or m.node.op in ("LSTM", "GRU", "RNN"):
                     continue
                 if m.node.op == "MatMul" and m.out_slots is None:
                     continue                       # rows pass through; weight unchanged
@@ -398,6 +398,16 @@ class DependencyGraph:
                     along = m.out_slots if m.out_slots is not None else m.in_slots
                     if along is not None and b.values.size == len(along):
                         terms.append((int(b.values.size), None, along))
+            for src in self.sources:
+                if src.kind != "rnn":
+                    continue
+                ins = next((c.slots for c in self.consumers if c.node is src.node), None)
+                w, r = src.node.inputs[1], src.node.inputs[2]
+                terms.append((int(w.values.size), ins, src.slots))     # W: units × in
+                terms.append((int(r.values.size), src.slots, src.slots))   # R: units²
+                for t in src.node.inputs[3:4] + src.node.inputs[7:8]:    # B, peepholes
+                    if isinstance(t, gs.Constant):
+                        terms.append((int(t.values.size), None, src.slots))
             for mem in self.members:
                 if mem.kind != "bn":
                     continue

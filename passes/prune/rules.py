@@ -498,6 +498,145 @@ class MatMul(Rule):
         _set_input(rw, node, 1, w, "w")
 
 
+@rule
+class Recurrent(Rule):
+    """LSTM / GRU / RNN: hidden unit j is a source slot. Removing it drops row j of
+    every gate in W [dirs, G·H, in] and R [dirs, G·H, H] (gate-major: rows g·H + j),
+    column j of R, its entries of B [dirs, 2·G·H] and of the LSTM peepholes P
+    [dirs, 3·H], and entry j of the initial states. The input features are consumed
+    through W's last axis. Y [.., dirs, .., H] and Y_h/Y_c [.., dirs, .., H] carry the
+    units on their last axis (both directions share a position, so they go together).
+
+    An initial state that is a graph input keeps its shape (a streaming caller feeds
+    back the state it got): its units are fixed. A computed initial state (torch's
+    zeros from ConstantOfShape) is narrowed by a Gather on the kept units; one whose
+    units are tracked upstream is coupled instead. linear_before_reset does not change
+    which weights a unit owns."""
+
+    ops = ("LSTM", "GRU", "RNN")
+    GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+
+    def propagate(self, dg, node):
+        w, r = _const(_input(node, 1)), _const(_input(node, 2))
+        if w is None or r is None:
+            return "weights are not constant"
+        n_gates = self.GATES[node.op]
+        hidden = int(node.attrs.get("hidden_size", r.shape[-1] if r.ndim == 3 else 0))
+        if w.ndim != 3 or r.ndim != 3 or w.shape[1] != n_gates * hidden \
+                or r.shape[1:] != (n_gates * hidden, hidden):
+            return "weight shapes do not match hidden_size"
+        b = _input(node, 3)
+        if b is not None and _const(b) is None:
+            return "bias is not constant"
+        peep = _input(node, 7) if node.op == "LSTM" else None
+        if peep is not None and _const(peep) is None:
+            return "peepholes are not constant"
+        x = node.inputs[0]
+        info = dg.info.get(x.name) if isinstance(x, gs.Variable) else None
+        ins = None
+        if info is not None:
+            if info.axis == (_rank(x) or 0) - 1:
+                if len(info.slots) != w.shape[2]:
+                    return "weight shape does not match the input features"
+                ins = info.slots
+            elif not dg.all_fixed(info.slots):
+                return "input tracked on a non-feature axis"
+        out = dg.new_slots(hidden)
+        self.out, self.n_gates, self.tracks_input = out, n_gates, ins is not None
+        self.state_gather = []              # initial-state inputs narrowed by a Gather
+        for i in (5, 6) if node.op == "LSTM" else (5,):
+            t = _input(node, i)
+            if t is None or _const(t) is not None:
+                continue                    # absent (zeros) or constant: sliced in apply
+            source = _state_source(dg.graph, t)
+            if source is not None:
+                dg.fix(out, f"'{node.name}' ({node.op}): initial state "
+                            f"'{t.name}' comes from graph input '{source}' (the "
+                            f"caller's state keeps its units)" if source != t.name else
+                       f"'{node.name}' ({node.op}): initial state '{t.name}' is a graph "
+                       f"input (the caller's state keeps its units)")
+                continue
+            s = dg.info.get(t.name)
+            if s is not None and s.axis == (_rank(t) or 3) - 1 and len(s.slots) == hidden:
+                dg.union(s.slots, out)
+            elif s is not None and not dg.all_fixed(s.slots):
+                return f"initial state '{t.name}' is tracked on another axis"
+            else:
+                self.state_gather.append(i)
+        dg.sources.append(Source(node, out, "rnn"))
+        if ins is not None:
+            dg.consumers.append(Consumer(node, ins, "rnn"))
+        from onnxc.ir import rnn_macs
+
+        macs_x, macs_h = rnn_macs(node)
+        dg.mac_nodes.append(MacNode(node, macs_x, ins, out))
+        dg.mac_nodes.append(MacNode(node, macs_h, out, out))
+        for k, o in enumerate(node.outputs):
+            if isinstance(o, gs.Variable) and o.name and k < 3:
+                dg.set_info(o, (_rank(o) or (4 if k == 0 else 3)) - 1, out)
+        return None
+
+    def apply(self, rw, node):
+        gone = rw.removed[rw.dg.label[self.out]]
+        ki = rw.keep_in(node, 0) if self.tracks_input else None
+        if not gone.any() and ki is None:
+            return
+        hidden = len(self.out)
+        ko = np.flatnonzero(~gone)
+
+        def gate_rows(n):                   # rows of n gate blocks of ``hidden`` each
+            return np.concatenate([g * hidden + ko for g in range(n)])
+
+        w = _const(node.inputs[1])[:, gate_rows(self.n_gates)]
+        if ki is not None:
+            w = w[:, :, ki]
+        _set_input(rw, node, 1, w, "W")
+        if not gone.any():
+            return
+        r = _const(node.inputs[2])[:, gate_rows(self.n_gates)][:, :, ko]
+        _set_input(rw, node, 2, r, "R")
+        if _input(node, 3) is not None:
+            _set_input(rw, node, 3, _const(node.inputs[3])[:, gate_rows(2 * self.n_gates)],
+                       "B")
+        if node.op == "LSTM" and _input(node, 7) is not None:
+            _set_input(rw, node, 7, _const(node.inputs[7])[:, gate_rows(3)], "P")
+        for i in (5, 6) if node.op == "LSTM" else (5,):
+            t = _input(node, i)
+            if t is not None and _const(t) is not None:
+                _set_input(rw, node, i, np.take(_const(t), ko, axis=-1), f"h{i}")
+            elif i in self.state_gather:
+                g = rw.graph
+                narrowed = g.make_variable(f"{node.name}_state{i}_pruned",
+                                           t.dtype or np.float32, None)
+                g.gs.nodes.append(gs.Node(
+                    "Gather", g.unique_name(f"{node.name}_state{i}_pruned"),
+                    attrs={"axis": (_rank(t) or 3) - 1},
+                    inputs=[t, g.make_constant(f"{node.name}_state{i}_keep",
+                                               ko.astype(np.int64))],
+                    outputs=[narrowed]))
+                node.inputs[i] = narrowed
+        node.attrs["hidden_size"] = int(len(ko))
+
+
+# Ops that select or reshape a state without computing on it (silero: Gather(state, 0)).
+_STATE_VIEWS = ("Gather", "Slice", "Split", "Squeeze", "Unsqueeze", "Identity", "Reshape",
+                "Transpose", "Cast")
+
+
+def _state_source(graph, tensor, depth=8):
+    """Name of the graph input ``tensor`` is a view of (itself, or through Gather/Slice/
+    Squeeze/...), else None."""
+    inputs = {id(t): t.name for t in graph.gs.inputs}
+    for _ in range(depth):
+        if id(tensor) in inputs:
+            return inputs[id(tensor)]
+        prod = tensor.inputs[0] if len(tensor.inputs) else None
+        if prod is None or prod.op not in _STATE_VIEWS or not prod.inputs:
+            return None
+        tensor = prod.inputs[0]
+    return None
+
+
 # ---- channel layout ops -----------------------------------------------------------------
 
 

@@ -116,6 +116,8 @@ def _zero_inputs(cons, w, dead) -> np.ndarray:
             w[pos] = 0
     elif cons.kind == "convT":
         w[pos] = 0
+    elif cons.kind == "rnn":
+        w[..., pos] = 0                   # W [dirs, G·H, in]: input features last
     elif cons.kind == "grouped":
         g = int(cons.node.attrs.get("group", 1))
         cig = w.shape[1]
