@@ -315,12 +315,15 @@ def report_vendor_nodes(graph, report, pass_name: str) -> None:
                                    f"{pass_name}: left in float as is")
 
 
-def resolve_keep(spec: str | None, layers: list, default: str) -> set:
-    """Names of layers kept out of quantization from a spec like 'first,last' or node names."""
+def resolve_keep(spec: str | None, layers: list, default: str, also: list = ()) -> set:
+    """Names of layers kept out of quantization from a spec like 'first,last' or node names
+    (of ``layers``, or of ``also``: other nodes the pass quantizes, e.g. int8's
+    activation-only ops; first/last are always weighted layers)."""
     from onnxc.errors import UsageError
 
     spec = default if spec is None else spec
     names = [n.name for n in layers]
+    others = {n.name for n in also}
     keep = set()
     for item in [s.strip() for s in str(spec).split(",") if s.strip()]:
         if item == "none":
@@ -331,7 +334,7 @@ def resolve_keep(spec: str | None, layers: list, default: str) -> set:
             keep.add(names[-1])
         elif item in ("first", "last"):
             continue
-        elif item in names:
+        elif item in names or item in others:
             keep.add(item)
         else:
             raise UsageError(f"--keep-float: '{item}' is neither first/last/none nor a "

@@ -197,6 +197,9 @@ class Plan:
                     self.params_from[out.name] = key
             else:
                 self.params_from[out.name] = out.name
+        # Tensors with their own statistics before data-movement ops share them: a
+        # subset of these layers (float fallback) may need any of them.
+        self.own = set(self.params_from.values())
         # Second walk, in topological order: data-movement ops (and Relu with zero
         # point 0) share their input's parameters so the runtime drops their Q/DQ.
         for node in graph.nodes:
@@ -214,7 +217,7 @@ class Plan:
             self.params_from[node.outputs[0].name] = self.params_from[node.inputs[0].name]
 
     def stat_tensors(self) -> list:
-        return sorted(set(self.params_from.values()))
+        return sorted(set(self.params_from.values()) | self.own)
 
 
 class Int4Target(Requirement):
@@ -343,14 +346,8 @@ class Int8(Pass):
         reduce = self._scheme()[1]
         correct = cfg.int8_bias_correction == "on"
 
-        fallback = []
-        if cfg.max_drop is not None:
-            from onnxc.calibrate.mixed import fallback_until
-
-            fallback = fallback_until(graph, ctx, report, [n.name for n in weighted
-                                                             if n.name in candidates],
-                                      lambda kept: build(candidates - set(kept))[0],
-                                      cfg.max_drop, "float")
+        fallback = self.float_fallback(prep, ctx, report) if cfg.max_drop is not None \
+            else []
         result, plan = build(candidates - set(fallback))
         for node in graph.nodes:
             if node.name not in candidates and qdq.prequantized_reason(graph, node):
@@ -392,6 +389,7 @@ class Int8(Pass):
             "per_channel": per_channel, "bias_correction": correct,
             "quantized_layers": sorted(plan.layers),
             "float_layers": sorted(keep | set(fallback) | set(plan.skipped)),
+            "float_fallback": fallback,
             "activation_ranges": {k: [float(v[0]), float(v[1])] for k, v in ranges.items()},
         })
         if scheme.pow2:
@@ -403,6 +401,32 @@ class Int8(Pass):
             report.note("QONNX export written to model_qonnx.onnx")
         return result
 
+
+    def float_fallback(self, prep: "Prepared", ctx, report) -> list:
+        """Nodes left in float so the accuracy drop stays within ``--max-drop``: the
+        fallback groups (:func:`fallback_groups`) ranked by sensitivity, the most
+        sensitive first (calibrate/mixed.py)."""
+        from onnxc.calibrate.mixed import fallback_until
+
+        layers = Plan(prep.graph, prep.candidates, prep.scheme.signed).layers
+        groups = fallback_groups(prep.graph, layers, {n.name for n in prep.weighted})
+
+        def members(keys) -> set:
+            return {m for k in keys for m in groups[k]}
+
+        chosen = fallback_until(prep.graph, ctx, report, list(groups),
+                                lambda kept: prep.build(prep.candidates - members(kept))[0],
+                                self.config.max_drop, "float", members=groups)
+        nodes = [n.name for n in prep.graph.nodes if n.name in members(chosen)]
+        mp = report.extra["mixed_precision"]
+        mp["groups"] = {k: groups[k] for k in chosen}
+        mp["fallback_nodes"] = nodes
+        weighted = {n.name for n in prep.weighted}
+        n_act = sum(n not in weighted for n in nodes)
+        if n_act:
+            report.note(f"float fallback: {len(nodes) - n_act} weighted layer(s) and "
+                        f"{n_act} activation-only op(s) in {len(chosen)} group(s)")
+        return nodes
 
     def prepare(self, graph, ctx, report) -> "Prepared":
         """Plan and calibrate static int8 once; ``build(layers)`` then writes the model
@@ -426,7 +450,9 @@ class Int8(Pass):
 
             graph = equalize_checked(graph, ctx, report)
         weighted = qdq.weighted_layers(graph)
-        keep = qdq.resolve_keep(cfg.keep_float, weighted, "none")
+        # Activation-only ops may be kept float too (what --max-drop / qdebug choose).
+        keep = qdq.resolve_keep(cfg.keep_float, weighted, "none",
+                                also=[n for n in graph.nodes if n.op in COMPUTE_OPS])
         candidates = {n.name for n in graph.nodes if n.op in COMPUTE_OPS
                       or (not qdq.is_standard(n) and n.op not in qdq.QDQ_OPS)} - keep
         act_matmuls = [n for n in graph.nodes if _act_matmul(graph, n)]
@@ -629,6 +655,37 @@ def dynamic_act_matmul(graph, node) -> None:
     node.inputs.clear()
     node.outputs.clear()
     graph.gs.nodes.extend(new)
+
+
+def fallback_groups(graph, layers: set, weighted: set) -> dict:
+    """Candidates of the float fallback, {group: [node names]} in graph order: each
+    quantized weighted layer with the activation-only quantized ops it feeds before the
+    next weighted layer (the hard-swish or squeeze-excite Mul, residual Add, pooling,
+    Concat, a MatMul of two activations); an activation-only op with no weighted layer
+    upstream is a group of its own. Activation-only ops are candidates because their
+    rounding costs accuracy too (the Q/DQ pairs on their inputs and output), and grouped
+    because one group is one sensitivity build: the search stays as short as over the
+    weighted layers alone. An op reading several blocks joins the latest of them."""
+    owner: dict = {}           # tensor name -> group
+    position: dict = {}        # group -> graph position of its first node
+    groups: dict = {}
+    for i, node in enumerate(graph.nodes):
+        if node.name in layers and node.name in weighted:
+            group = node.name
+            groups[group] = [group]
+        else:
+            owners = [owner[t.name] for t in node.inputs if t.name in owner]
+            group = max(owners, key=position.get) if owners else None
+            if node.name in layers:
+                if group is None:
+                    group = node.name
+                    groups[group] = []
+                groups[group].append(node.name)
+        if group is not None:
+            position.setdefault(group, i)
+            for t in node.outputs:
+                owner[t.name] = group
+    return groups
 
 
 # A Concat whose inputs' ranges differ more than this keeps float: one 8-bit scale for

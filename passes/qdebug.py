@@ -361,12 +361,9 @@ def handler(args) -> int:
     if not rows:
         raise UsageError("nothing to debug: no layer of this model is quantized by int8")
     if int8.config.max_drop is not None:
-        from onnxc.calibrate.mixed import fallback_until
-
-        weighted = [n.name for n in prep.weighted if n.name in prep.candidates]
-        keep = fallback_until(prep.graph, ctx, report, weighted,
-                              lambda kept: prep.build(prep.candidates - set(kept))[0],
-                              int8.config.max_drop, "float")
+        # int8's own fallback: weighted layers grouped with the activation-only ops
+        # they feed, by sensitivity per MAC.
+        keep = int8.float_fallback(prep, ctx, report)
         mp = report.extra["mixed_precision"]
         rec = {"criterion": f"top-1 drop <= {int8.config.max_drop} pt on {mp['samples']} "
                             f"{mp['data']} samples",

@@ -88,3 +88,25 @@ def test_fp32_recogniser_reads_the_rendered_lines():
     texts, images = bench_ocr.make_lines(24, chars, seed=0)
     decoded = bench_ocr.ctc_greedy(bench_ocr.run(data, images), chars)
     assert bench_ocr.agreement(decoded, texts) >= 75.0
+
+
+def test_int8_macs_share_counts_nodes_with_dequantized_activation_and_weight(tmp_path):
+    import onnx
+
+    q = numpy_helper.from_array(np.ones((8, 4), np.int8), "wq")
+    s = numpy_helper.from_array(np.array(0.1, np.float32), "s")
+    xs = numpy_helper.from_array(np.array(0.1, np.float32), "xs")
+    xz = numpy_helper.from_array(np.array(0, np.uint8), "xz")
+    w2 = numpy_helper.from_array(np.ones((4, 4), np.float32), "w2")
+    g = helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"], "q"),
+         helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xdq"], "dq"),
+         helper.make_node("DequantizeLinear", ["wq", "s"], ["wdq"], "wdq"),
+         helper.make_node("MatMul", ["xdq", "wdq"], ["h"], "int8_mm"),
+         helper.make_node("MatMul", ["h", "w2"], ["y"], "float_mm")],
+        "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [q, s, xs, xz, w2])
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    macs = {"int8_mm": 32, "float_mm": 16}
+    assert bench_ocr.int8_macs_share(path, macs) == pytest.approx(100 * 32 / 48)
