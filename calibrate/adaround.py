@@ -133,19 +133,21 @@ def _round_layer(torch, fn, w, scale, qmax, x, x_hat, iters, seed):
 
 
 def adaround_codes(graph, layers: list, params: dict, scheme, reduce: bool,
-                   per_channel: bool, data, iters: int, ctx, report) -> dict:
-    """{node name: int8 codes} for each of ``layers`` AdaRound handles, learned on up to
+                   per_channel: bool, data, iters: int, ctx, report,
+                   int4: set = frozenset(), int4_clip: str = "mse") -> dict:
+    """{node name: codes} for each of ``layers`` AdaRound handles, learned on up to
     MAX_SAMPLES of ``data``; a layer whose learned rounding reconstructs its output worse
-    than round-to-nearest keeps round-to-nearest."""
+    than round-to-nearest keeps round-to-nearest. Layers in ``int4`` round to 4-bit
+    codes on quantize_weight_int4's scales."""
     import torch
 
     torch.manual_seed(ctx.seed)
     return _adaround(graph, layers, params, scheme, reduce, per_channel, data, iters, ctx,
-                     report, torch)
+                     report, torch, int4, int4_clip)
 
 
 def _adaround(graph, layers, params, scheme, reduce, per_channel, data, iters, ctx,
-              report, torch):
+              report, torch, int4=frozenset(), int4_clip="mse"):
     from onnxc.execution import Runner, capture_model
 
     sample = data.take(min(len(data), MAX_SAMPLES))
@@ -169,9 +171,14 @@ def _adaround(graph, layers, params, scheme, reduce, per_channel, data, iters, c
             x_hat = _fake_quant(x, p[0], p[1], scheme) if p is not None else x
             w = graph.constant(node.inputs[1])
             axis = qdq.weight_axis(graph, node) if per_channel else None
-            _, scale = qdq.quantize_weight(w, axis, qmax, scheme.pow2)
+            if node.name in int4:
+                q = qdq.INT4_QMAX
+                _, scale = qdq.quantize_weight_int4(w, axis, int4_clip)
+            else:
+                q = qmax
+                _, scale = qdq.quantize_weight(w, axis, qmax, scheme.pow2)
             scale = qdq._expand(scale, w.ndim, axis)
-            codes, before, after = round_layer(fn, w, scale, qmax, x, x_hat, iters,
+            codes, before, after = round_layer(fn, w, scale, q, x, x_hat, iters,
                                                seed=ctx.seed)
             better = after < before
             if better:

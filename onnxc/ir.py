@@ -46,6 +46,41 @@ class GraphStats:
                 "bytes": self.bytes, "weight_bytes": self.weight_bytes}
 
 
+# Sub-byte element types (int8 --int4-weights) are numpy arrays of ml_dtypes int4/uint4
+# here, one byte per element; ONNX stores two per byte, which export writes.
+
+
+def packed_nbytes(values: np.ndarray) -> int:
+    """Bytes a constant takes in the serialized model (4-bit types: two per byte)."""
+    if values.dtype.kind == "V" and values.dtype.name in ("int4", "uint4"):
+        return (values.size + 1) // 2
+    return values.nbytes
+
+
+class _SubbyteAsProto:
+    """While exporting: 4-bit numpy constants become packed TensorProtos (graphsurgeon's
+    LazyValues, which its exporter writes unchanged), restored afterwards."""
+
+    def __init__(self, gs_graph):
+        self.graph = gs_graph
+        self.swapped = []
+
+    def __enter__(self):
+        from onnx_graphsurgeon.ir.tensor import LazyValues
+
+        for t in self.graph.tensors().values():
+            if isinstance(t, gs.Constant) and not isinstance(t._values, LazyValues) \
+                    and t._values.dtype.name in ("int4", "uint4"):
+                self.swapped.append((t, t._values))
+                t._values = LazyValues(onnx.numpy_helper.from_array(t._values, t.name))
+        return self
+
+    def __exit__(self, *exc):
+        for t, values in self.swapped:
+            t._values = values
+        return False
+
+
 def _dims(tensor) -> tuple | None:
     """Concrete dims of a tensor; symbolic dims (e.g. batch 'N') count as 1."""
     shape = getattr(tensor, "shape", None)
@@ -78,7 +113,8 @@ class Graph:
         return cls(gs.import_onnx(model), meta)
 
     def to_onnx(self, infer_shapes: bool = False) -> onnx.ModelProto:
-        model = gs.export_onnx(self.gs, do_type_check=False)
+        with _SubbyteAsProto(self.gs):
+            model = gs.export_onnx(self.gs, do_type_check=False)
         if self._meta is not None:
             model.ir_version = max(self._meta.ir_version, model.ir_version) \
                 if self._meta.ir_version else model.ir_version
@@ -141,7 +177,8 @@ class Graph:
                                                     shape=list(t.shape))
                     node.inputs[i] = stubs[t.name]
         skeleton.inputs.extend(stubs.values())
-        model = gs.export_onnx(skeleton, do_type_check=False)
+        with _SubbyteAsProto(skeleton):
+            model = gs.export_onnx(skeleton, do_type_check=False)
         if self._meta is not None and self._meta.ir_version:
             model.ir_version = max(self._meta.ir_version, model.ir_version)
         return model
@@ -253,8 +290,9 @@ class Graph:
         for t in self.tensors().values():
             if isinstance(t, gs.Constant):
                 values = t.values
-                weight_bytes += values.nbytes
-                if values.dtype.kind in "fiu" and values.dtype not in (np.int64, np.int32):
+                weight_bytes += packed_nbytes(values)
+                if (values.dtype.kind in "fiu" or values.dtype.name in ("int4", "uint4")) \
+                        and values.dtype not in (np.int64, np.int32):
                     params += values.size
         if model_bytes is not None:
             size = model_bytes

@@ -11,14 +11,25 @@ The space (``--space``, default ``prune,lowrank,int8``):
   ratios differ per group and the recipe records them (``--prune-group-ratios``).
 - **lowrank**: the MAC budget of ``--lowrank-flops`` (one energy threshold across
   layers, so per-layer ranks follow each layer's spectrum).
-- **int8**: fp32 or int8, the calibrator, and how many layers stay in float: the most
-  sensitive ones first, ranked once by int8's own mixed-precision sensitivity
-  (``calibrate.mixed``), recorded by name as ``--keep-float``. Not with lowrank in the
-  same trial (its split layers get new names).
+- **int8**: per-layer precision fp32 / int8 / int4 weights, the calibrator, AdaRound:
+  how many layers stay in float (the most sensitive ones first, ranked once by int8's
+  own mixed-precision sensitivity, ``calibrate.mixed``, recorded by name as
+  ``--keep-float``) and, with 4-bit weights, how many of the next most sensitive keep
+  8-bit weights (the rest are named in ``--int4-weights``). Float layers are not
+  chosen with lowrank in the same trial (its split layers get new names; 4-bit weights
+  then go to every quantized layer).
 
 Ternary / binary are not in the space: they are separate passes that cannot mix with
 int8 per layer, and without recovery training they keep ~10 % top-1 on the CIFAR
-ResNets (BENCHMARKS.md).
+ResNets (BENCHMARKS.md). 4-bit weights are what sub-8-bit precision means here: a real
+INT4 tensor in the file, run at int8 speed by ONNX Runtime (docs/quantization.md).
+
+**Seeds** (enqueued before the optimiser's own trials, as a person would start), the
+likeliest winner first: int4 + AdaRound alone; for ``--objective size`` then int4 +
+AdaRound + ThiNet parameter pruning at the shares the int8 profile's size says make the
+model ~8.1x and ~8.4x smaller (``SIZE_SEED_CR``), allocated by the prune pass's own
+criterion; plain int8; for latency int4 / int8 + light pruning (10 % of the MACs,
+channels in multiples of 16); int8 with the mixed-precision fallback.
 
 **Optimiser: Optuna's TPE** (multivariate, grouped for the conditional parameters,
 constrained by the accuracy bound, two objectives: accuracy and cost). Why TPE rather
@@ -68,8 +79,12 @@ SPACE = ("prune", "lowrank", "int8")
 PROFILE_RATIOS = (0.25, 0.5, 0.75)
 PROFILE_SAMPLES = 64
 MAX_FLOAT_LAYERS = 12       # int8: at most this many most-sensitive layers kept in float
+MAX_INT8_LAYERS = 8         # int4: at most this many next most sensitive keep 8-bit weights
+ADAROUND_ITERS = 100        # AdaRound steps per layer in a trial (the int8 default: 300)
+SIZE_SEED_CR = (8.1, 8.4)
+LATENCY_TIE = 0.05          # latency objective: within 5 % of the fastest counts as a tie   # --objective size seeds: pruning budgets aimed at these Cr
 AGREEMENT_SAMPLES = 1024
-STUDY_VERSION = 1
+STUDY_VERSION = 2          # 2: precision int4, int8_layers, adaround
 
 
 def configure(sub) -> None:
@@ -275,14 +290,32 @@ class Problem:
             rep = next(p for p in res.report["passes"] if p["name"] == "int8")
             order = list(rep["extra"]["sensitivity"])
             mixed = rep["extra"]["mixed_precision"]
+            weighted = set(self.weighted_names())
             prof["int8"] = {"order": order,
                             "scores": [rep["extra"]["sensitivity"][n] for n in order],
-                            "fallback": mixed["fallback"]}
+                            "fallback": mixed["fallback"],
+                            # (int4 applies to layers with weights; order has Adds too)
+                            "weighted": [n for n in order if n in weighted]
+                            + sorted(weighted - set(order)),
+                            "bytes": int(res.report["final"]["bytes"]),
+                            "original_bytes": int(res.report["original"]["bytes"]),
+                            "params": int(res.report["final"]["params"])}
             self.log(f"  {len(order)} layers; most sensitive: {', '.join(order[:3])}; "
                      f"mixed precision keeps {len(mixed['fallback'])} in float "
                      f"({time.perf_counter() - t1:.0f} s)")
         study.set_user_attr("profiles", prof)
         return prof
+
+    def weighted_names(self) -> list:
+        """Names of the layers with weights (Conv/Gemm/MatMul) in the fold_bn graph."""
+        from onnxc.calibrate import qdq
+        from onnxc.pipeline import Context, PassManager, resolve_passes
+
+        ctx = Context(seed=self.args.seed, log=lambda m: None, progress=False)
+        graph = PassManager(resolve_passes(["fold_bn"]), verify=False).run(
+            self.graph.copy(), ctx).graph
+        graph.name_nodes()
+        return [n.name for n in qdq.weighted_layers(graph)]
 
     def _prune_graph(self):
         """fold_bn graph, dependency groups and l1 scores (what the allocation needs)."""
@@ -354,7 +387,21 @@ def suggest(trial, problem: Problem, prof: dict) -> tuple[list, dict, dict]:
             # Kept channels rounded to 8 (AVX2's NCHWc block) or 16 (AVX-512's): which
             # one is faster depends on the CPU, so it is measured, not assumed.
             mult = trial.suggest_categorical("prune_multiple", [8, 16])
-            spec = problem.group_ratios(prof["prune"], flops, params, mult)
+            # Who turns the budgets into per-group ratios: the profile's greedy
+            # allocation (coarse: the profile has 0.25 steps, so it cuts few groups
+            # deeply), or the prune pass's own criterion-guided allocation (many groups,
+            # 8 channels at a time): ResNet-56 with 4-bit weights, ThiNet, 10 % of the
+            # parameters: drop 0.59 pt vs 8.3 pt for the profile's 25 %.
+            alloc = trial.suggest_categorical("prune_allocation", ["profile", "criterion"])
+            spec = problem.group_ratios(prof["prune"], flops, params, mult) \
+                if alloc == "profile" else ""
+            if alloc == "criterion":
+                passes.append("prune")
+                opts.update(prune_criterion=crit, prune_multiple=mult)
+                opts.update({k: v for k, v in (("prune_flops", flops),
+                                               ("prune_params", params)) if v > 0})
+                if trial.suggest_categorical("prune_ort_layout", [False, True]):
+                    opts["prune_ort_layout"] = True
             if spec:
                 passes.append("prune")
                 opts.update(prune_group_ratios=spec, prune_criterion=crit,
@@ -373,17 +420,36 @@ def suggest(trial, problem: Problem, prof: dict) -> tuple[list, dict, dict]:
             # Multiples of 8: ORT's blocked conv kernels (same reason as prune's rounding).
             opts.update(lowrank_flops=lr, lowrank_multiple=8)
     if "int8" in problem.space:
-        precision = trial.suggest_categorical("precision", ["fp32", "int8"])
-        if precision == "int8":
+        precision = trial.suggest_categorical("precision", ["fp32", "int8", "int4"])
+        if precision in ("int8", "int4"):
             passes.append("int8")
             opts["int8_calibrator"] = trial.suggest_categorical(
                 "calibrator", ["minmax", "percentile", "entropy", "mse"])
             order = prof.get("int8", {}).get("order", [])
+            floats: list = []
             if order and not lowrank:
                 k = trial.suggest_int("float_layers", 0, min(MAX_FLOAT_LAYERS, len(order)))
                 if k:
-                    opts["keep_float"] = ",".join(order[:k])
-                    per_layer["float_layers"] = order[:k]
+                    floats = order[:k]
+                    opts["keep_float"] = ",".join(floats)
+                    per_layer["float_layers"] = floats
+            if precision == "int4":
+                weighted = [n for n in prof.get("int8", {}).get("weighted", [])
+                            if n not in floats]
+                if lowrank or not weighted:
+                    opts["int4_weights"] = "all"
+                else:
+                    # weighted is most sensitive first: the head keeps 8-bit weights.
+                    k8 = trial.suggest_int("int8_layers", 0,
+                                           min(MAX_INT8_LAYERS, len(weighted) - 1))
+                    four = weighted[k8:]
+                    opts["int4_weights"] = ",".join(four)
+                    per_layer["int4_layers"] = four
+                    if k8:
+                        per_layer["int8_weight_layers"] = weighted[:k8]
+                # Learned rounding matters at 4 bits (ResNet-56: drop 1.18 -> -0.2 pt).
+                if trial.suggest_categorical("adaround", [False, True]):
+                    opts.update(int8_adaround=True, int8_adaround_iters=ADAROUND_ITERS)
     return passes, opts, per_layer
 
 
@@ -476,27 +542,62 @@ def open_study(args, problem: Problem, log):
 
 
 def seed_trials(study, prof: dict, problem: Problem) -> None:
-    """Starting points a person would try first: plain int8, int8 with the
-    mixed-precision fallback, and light sensitivity-allocated pruning with ThiNet."""
+    """Starting points a person would try first, the likeliest winner for the objective
+    first (a 30-minute search on 2 cores runs only a handful of trials): see the
+    module docstring."""
     seeds = []
     int8 = "int8" in problem.space
     prune = "prune" in problem.space and prof.get("prune")
     base = {"lowrank_flops": 0.0} if "lowrank" in problem.space else {}
     if prune:
         base.update(prune_flops=0.0, prune_params=0.0)
+    crit = "thinet" if "thinet" in problem.criteria else problem.criteria[0]
+    int4 = dict(precision="int4", calibrator="minmax", float_layers=0, int8_layers=0,
+                adaround=True)
+    plain = dict(precision="int8", calibrator="minmax", float_layers=0)
+    light = dict(prune_flops=0.1, prune_params=0.2, prune_criterion=crit,
+                 prune_multiple=16, prune_ort_layout=False,
+                 prune_allocation="criterion") if prune else {}
     if int8:
-        seeds.append(dict(base, precision="int8", calibrator="minmax", float_layers=0))
+        # 4-bit weights + AdaRound first: the same speed as int8 at half its size, and
+        # within 0.2 pt on ResNet-56 (docs/quantization.md) - a feasible start for both
+        # objectives; then what else each objective needs.
+        seeds.append(dict(base, **int4))
+    if problem.args.objective == "size" and int8:
+        for share in size_seed_shares(prof.get("int8", {})) if prune else []:
+            seeds.append(dict(base, prune_params=share, prune_criterion=crit,
+                              prune_multiple=8, prune_ort_layout=False,
+                              prune_allocation="criterion", **int4))
+    if int8:
+        seeds.append(dict(base, **plain))
+        if light and problem.args.objective != "size":
+            seeds += [dict(base, **light, **int4), dict(base, **light, **plain)]
         fb = len(prof.get("int8", {}).get("fallback", []))
         if 0 < fb <= MAX_FLOAT_LAYERS:
             seeds.append(dict(base, precision="int8", calibrator="minmax", float_layers=fb))
-    if prune:
-        crit = "thinet" if "thinet" in problem.criteria else problem.criteria[0]
-        light = dict(base, prune_flops=0.1, prune_params=0.2, prune_criterion=crit,
-                     prune_multiple=16, prune_ort_layout=False)
-        seeds.append(dict(light, precision="int8", calibrator="minmax", float_layers=0)
-                     if int8 else light)
+    elif light:
+        seeds.append(dict(base, **light))
     for params in seeds:
         study.enqueue_trial(params, skip_if_exists=True)
+
+
+def size_seed_shares(int8_profile: dict) -> list:
+    """Parameter shares to prune so that the model with 4-bit weights reaches each Cr of
+    SIZE_SEED_CR: from the int8 profile's size B8 and parameter count P, 4-bit weights
+    save P/2 bytes and pruning a share p of the parameters saves p·P/2 more (the fixed
+    part — graph, scales, biases — is left out, so the estimate is slightly low; shares
+    are rounded up to the search's 0.05 steps)."""
+    b8, params = int8_profile.get("bytes"), int8_profile.get("params")
+    orig = int8_profile.get("original_bytes")
+    if not (b8 and params and orig):
+        return []
+    shares = []
+    for cr in SIZE_SEED_CR:
+        p = (b8 - params / 2 - orig / cr) / (params / 2)
+        p = min(0.7, max(0.0, math.ceil(p / 0.05 - 1e-9) * 0.05))
+        if p > 0 and round(p, 4) not in shares:
+            shares.append(round(p, 4))
+    return shares
 
 
 def run_trial(study, problem: Problem, prof: dict, log) -> dict | None:
@@ -540,11 +641,20 @@ def describe(opts: dict) -> str:
     if "prune_group_ratios" in opts:
         n = len(opts["prune_group_ratios"].split(","))
         parts.append(f"prune {opts['prune_criterion']} {n} groups")
+    elif "prune_criterion" in opts:
+        budgets = " ".join(f"{k.split('_')[1]} {opts[k]}" for k in ("prune_flops",
+                                                                  "prune_params") if k in opts)
+        parts.append(f"prune {opts['prune_criterion']} {budgets}")
     if "lowrank_flops" in opts:
         parts.append(f"lowrank {opts['lowrank_flops']}")
     if "int8_calibrator" in opts:
         kf = len(opts.get("keep_float", "").split(",")) if opts.get("keep_float") else 0
         parts.append(f"int8 {opts['int8_calibrator']}" + (f" {kf} float" if kf else ""))
+        if opts.get("int4_weights"):
+            n4 = "all" if opts["int4_weights"] == "all" \
+                else len(opts["int4_weights"].split(","))
+            parts.append(f"int4 weights {n4} layers"
+                         + (" adaround" if opts.get("int8_adaround") else ""))
     return ", ".join(parts) or "fp32"
 
 
@@ -562,10 +672,21 @@ def finished(study) -> list:
 
 def choose(trials: list, objective: str, max_drop: float):
     """(chosen trial, met): cheapest within the bound and not slower than the original;
-    else the most accurate candidate that is not slower (met False)."""
+    else the most accurate candidate that is not slower (met False). For latency,
+    candidates within LATENCY_TIE of the fastest count as equally fast (the timing of
+    one trial is not finer than that on a shared machine) and the smallest of them is
+    chosen: int8 and int4 weights run the same kernels, and which one timed 1 % faster
+    is noise, not a reason to ship the bigger file."""
     ok = [t for t in trials if not t.user_attrs.get("dropped")]
     feasible = [t for t in ok if t.user_attrs["metrics"]["drop"] <= max_drop]
     if feasible:
+        if objective == "latency":
+            fastest = min(cost(t.user_attrs["metrics"], objective) for t in feasible)
+            feasible = [t for t in feasible if cost(t.user_attrs["metrics"], objective)
+                        <= fastest * (1 + LATENCY_TIE)]
+            return min(feasible, key=lambda t: (t.user_attrs["metrics"]["bytes"],
+                                                cost(t.user_attrs["metrics"], objective),
+                                                t.number)), True
         return min(feasible, key=lambda t: (cost(t.user_attrs["metrics"], objective),
                                             -t.user_attrs["metrics"]["top1"], t.number)), True
     pool = ok or trials

@@ -55,7 +55,7 @@ from onnxc.calibrate.calibrators import CALIBRATORS, Scheme, clip_range
 from onnxc.calibrate.stats import collect
 from onnxc.errors import UnsupportedError, UsageError
 from onnxc.options import positive_int
-from onnxc.pipeline import CalibrationData, Option, Pass, register_pass
+from onnxc.pipeline import CalibrationData, Option, Pass, Requirement, register_pass
 
 MAX_CALIB = 512
 # Nodes computed in int8 when all their float activation inputs are quantized.
@@ -170,6 +170,7 @@ class Plan:
         self.layers = set()          # quantized node names
         self.fused_relu: dict = {}   # pre-Relu tensor -> Relu node name (removed if unsigned)
         self.skipped: dict = {}      # node name -> reason
+        self.int4: set = set()       # layers written with 4-bit weights (apply_plan)
         for node in graph.nodes:
             if node.name not in layers:
                 continue
@@ -219,6 +220,31 @@ class Plan:
         return sorted(set(self.params_from.values()) | self.own)
 
 
+class Int4Target(Requirement):
+    """4-bit weights are an ONNX Runtime format here: the TVM/VTA backends take int8
+    QDQ only, so a run that asks for both is refused before any pass runs."""
+
+    def check(self, plan, owner):
+        spec = owner.config.int4_weights
+        backend = getattr(plan.backend, "name", "onnx")
+        if spec in (None, "", "none") or backend == "onnx":
+            return None
+        return (f"int8 --int4-weights: target '{backend}' cannot run 4-bit (INT4) weights; "
+                "use --target onnx, or leave --int4-weights out for int8 weights")
+
+
+def resolve_int4(spec: str | None, layers: list) -> set:
+    """Names of the layers with 4-bit weights: 'all', 'none', 'first', 'last' or names."""
+    items = [s.strip() for s in str(spec or "none").split(",") if s.strip()]
+    if "all" in items:
+        return {n.name for n in layers}
+    try:
+        return qdq.resolve_keep(",".join(items), layers, "none")
+    except UsageError as exc:
+        raise UsageError(str(exc).replace("--keep-float", "--int4-weights").replace(
+            "first/last/none", "all/first/last/none")) from None
+
+
 @dataclass
 class Prepared:
     """Static int8 planned and calibrated: ``build(layers)`` -> (graph, Plan) quantizes
@@ -245,7 +271,8 @@ class Int8(Pass):
     exact = False
     conflicts = ("ternary", "binary")
     # Static mode calibrates activation ranges; without --calib-data on random inputs.
-    requires = (CalibrationData(when=lambda config: config.int8_mode == "static"),)
+    requires = (Int4Target(),         # (a refusal before the no-data warning)
+                CalibrationData(when=lambda config: config.int8_mode == "static"))
     # The flags had no prefix before; the old spellings stay as aliases.
     options = (
         Option("--int8-calibrator", str, "minmax", "activation range calibrator",
@@ -282,6 +309,13 @@ class Int8(Pass):
                     "calibration data instead of rounding to nearest"),
         Option("--int8-adaround-iters", positive_int, 300,
                "AdaRound optimisation steps per layer"),
+        Option("--int4-weights", str, None,
+               "layers whose weights are stored in 4 bits (INT4, two per byte; opset 21, "
+               "the model is upgraded): all, first, last, none or node names; activations "
+               "stay 8-bit, ONNX Runtime widens the weights to int8 at load (same speed)"),
+        Option("--int4-clip", str, "mse", "4-bit weight scales per output channel: mse = "
+               "the range clipping with least squared error, max = max|w|",
+               choices=("mse", "max")),
     ) + qdq.SHARED_OPTIONS
 
     def validate(self, ctx):
@@ -332,9 +366,16 @@ class Int8(Pass):
             report.note(f"nothing left to quantize: {already} layer(s) already quantized, "
                         f"the rest cannot be (see skipped)")
         wq = [n for n in weighted if n.name in plan.layers]
-        report.note(f"{len(plan.layers)} nodes quantized ({len(wq)} with int8 weights), "
+        report.note(f"{len(plan.layers)} nodes quantized ({len(wq)} with quantized weights), "
                     f"{len(plan.params_from)} activation tensors, calibrator {method}, "
                     f"{len(data)} samples{' (RANDOM)' if data.synthetic else ''}")
+        int4 = sorted(plan.int4)
+        if int4:
+            report.note(f"{len(int4)} of {len(wq)} layers with 4-bit weights (INT4 "
+                        f"initializers, {cfg.int4_clip} scales per "
+                        f"{'channel' if per_channel else 'tensor'}; Cast to int8 before "
+                        f"DequantizeLinear, folded by ONNX Runtime at load)")
+        report.extra["int4_layers"] = int4
         report.note(f"activations {'int8 zero-point 0' if scheme.signed else 'uint8'}, "
                     f"weights int8 per-{'channel' if per_channel else 'tensor'} "
                     f"{'[-63, 63] (reduced range: no VNNI)' if reduce else '[-127, 127]'}"
@@ -400,6 +441,9 @@ class Int8(Pass):
             per_channel = False
             report.note(f"opset {graph.opset} (the upgrade to 13 failed, see the frontend "
                         f"notes): DequantizeLinear has no axis there, weights per-tensor")
+        int4_wanted = str(cfg.int4_weights or "none").strip() not in ("", "none")
+        if int4_wanted and not qdq.int4_ok(graph):
+            graph = upgrade_opset(graph, qdq.INT4_OPSET, report)
         graph.name_nodes()
         if cfg.int8_cle:
             from onnxc.calibrate.equalize import equalize_checked
@@ -455,18 +499,24 @@ class Int8(Pass):
         params = {name: scheme.params(*r) for name, r in ranges.items()}
 
         dynamic = [n.name for n in act_matmuls if n.name not in keep] if act_dynamic else []
+        int4 = resolve_int4(cfg.int4_weights, weighted) - keep
+        if int4 and scheme.pow2:
+            raise UsageError("--int4-weights with --int8-pow2-scales: 4-bit weights have "
+                             "per-channel MSE scales, not powers of two")
         rounded = None
         if cfg.int8_adaround:
             from onnxc.calibrate.adaround import adaround_codes
 
             rounded = adaround_codes(graph, [n for n in weighted if n.name in full.layers],
                                      params, scheme, reduce, per_channel, data,
-                                     cfg.int8_adaround_iters, ctx, report)
+                                     cfg.int8_adaround_iters, ctx, report,
+                                     int4=int4, int4_clip=cfg.int4_clip)
 
         def build(layers: set):
             plan = Plan(graph, layers, scheme.signed)
             built = apply_plan(graph.copy(), plan, params, scheme, reduce, per_channel,
-                               means if correct else None, rounded)
+                               means if correct else None, rounded,
+                               int4=int4, int4_clip=cfg.int4_clip)
             nodes = {n.name: n for n in built.nodes}
             for name in dynamic:                # run-time quantized attention MatMuls
                 dynamic_act_matmul(built, nodes[name])
@@ -724,10 +774,12 @@ def _made_up_dims(graph, data) -> str:
 
 
 def apply_plan(graph, plan: Plan, params: dict, scheme: Scheme, reduce: bool,
-               per_channel: bool, means: dict | None = None, rounded: dict | None = None):
+               per_channel: bool, means: dict | None = None, rounded: dict | None = None,
+               int4: set = frozenset(), int4_clip: str = "mse"):
     """Rewrite ``graph`` (a copy) into QDQ form following ``plan``. ``means`` (input
     tensor name -> per-channel mean) turns on bias correction; ``rounded`` (node name ->
-    int8 codes on quantize_weight's scales, AdaRound) replaces round-to-nearest."""
+    codes on the layer's weight scales, AdaRound) replaces round-to-nearest; layers in
+    ``int4`` get 4-bit weights (``plan.int4`` says which were written)."""
     tensors = graph.tensors()
     nodes = {n.name: n for n in graph.nodes}
     qparams = {t: params[src] for t, src in plan.params_from.items()}
@@ -741,12 +793,16 @@ def apply_plan(graph, plan: Plan, params: dict, scheme: Scheme, reduce: bool,
             continue
         axis = axis if per_channel else None
         w = graph.constant(node.inputs[1])
-        codes, w_scale = qdq.quantize_weight(w, axis, qmax, scheme.pow2)
+        four = node.name in int4
+        codes, w_scale = qdq.quantize_weight_int4(w, axis, int4_clip) if four \
+            else qdq.quantize_weight(w, axis, qmax, scheme.pow2)
         if rounded and node.name in rounded and rounded[node.name].shape == codes.shape:
             codes = rounded[node.name]
         # ORT fuses DQ(W)→Conv without a weight zero point, but not DQ(W)→Gemm/MatMul.
-        node.inputs[1] = qdq.weight_dq(graph, f"w{layer}", codes, w_scale, axis,
-                                       zero_point=node.op != "Conv")
+        node.inputs[1] = (qdq.weight_dq_int4 if four else qdq.weight_dq)(
+            graph, f"w{layer}", codes, w_scale, axis, zero_point=node.op != "Conv")
+        if four:
+            plan.int4.add(node.name)
         if node.op in ("Conv", "Gemm") and len(node.inputs) > 2:
             b = graph.constant(node.inputs[2])
             n_out = w.shape[0] if node.op == "Conv" or node.attrs.get("transB", 0) \
@@ -780,6 +836,26 @@ def apply_plan(graph, plan: Plan, params: dict, scheme: Scheme, reduce: bool,
             continue               # the pre-Relu tensor of a removed Relu
         qdq.insert_qdq(graph, tensor, scale, zp, scheme.dtype, base=f"a{k}")
     return graph
+
+
+def upgrade_opset(graph, opset: int, report):
+    """``graph`` converted to ``opset`` by ONNX's version converter (node names kept)."""
+    import onnx
+    from onnx import version_converter
+
+    from onnxc.ir import Graph
+
+    before = graph.opset
+    try:
+        model = version_converter.convert_version(graph.to_onnx(), opset)
+        model.ir_version = max(model.ir_version, 10)      # opset 21 needs IR 10
+        onnx.checker.check_model(model)
+    except Exception as exc:  # noqa: BLE001  (the converter raises many types)
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+        raise UnsupportedError(f"int8 --int4-weights: INT4 needs opset {opset}; the "
+                               f"upgrade from opset {before} failed ({first})") from None
+    report.note(f"opset {before} upgraded to {opset} (INT4 weights)")
+    return Graph.from_onnx(model)
 
 
 def weight_error_bias(node, w: np.ndarray, w_hat: np.ndarray, mean_x: np.ndarray):

@@ -337,3 +337,36 @@ def test_recipe_with_an_older_option_spelling_replays(files, tmp_path):
                  str(tmp_path / "a"), "--quiet"]) == 0
     report = json.loads((tmp_path / "a" / "report.json").read_text())
     assert report["passes"][-1]["extra"]["calibrator"] == "percentile"
+
+
+def test_size_seeds_prune_enough_for_the_cr_targets_with_int4_weights():
+    from onnxc.search import SIZE_SEED_CR, size_seed_shares
+
+    # ResNet-56's int8 profile: 929,827 B, 853,222 params, original 3,440,711 B
+    prof = {"bytes": 929_827, "params": 853_222, "original_bytes": 3_440_711}
+    shares = size_seed_shares(prof)
+    assert len(shares) == len(SIZE_SEED_CR)
+    for share, cr in zip(shares, SIZE_SEED_CR):
+        size = prof["bytes"] - prof["params"] / 2 * (1 + share)
+        assert prof["original_bytes"] / size >= cr
+        assert prof["original_bytes"] / (size + 0.05 * prof["params"] / 2) < cr
+    # already small enough with 4-bit weights alone: no pruning seed
+    assert size_seed_shares({"bytes": 30, "params": 40, "original_bytes": 1000}) == []
+
+
+def test_latency_ties_go_to_the_smallest_model_within_the_bound():
+    from types import SimpleNamespace
+
+    from onnxc.search import choose
+
+    def trial(number, ms, size, drop):
+        return SimpleNamespace(number=number, user_attrs={"metrics": {
+            "latency_ms": ms, "original_ms": 100.0, "bytes": size, "drop": drop,
+            "top1": 90.0 - drop}})
+
+    int8, int4 = trial(0, 60.0, 900, 0.0), trial(1, 61.0, 500, 0.2)
+    slow_small, too_lossy = trial(2, 80.0, 300, 0.5), trial(3, 40.0, 200, 3.0)
+    trials = [int8, int4, slow_small, too_lossy]
+    assert choose(trials, "latency", 1.0) == (int4, True)
+    assert choose(trials, "size", 1.0) == (slow_small, True)
+    assert choose([int8, trial(4, 50.0, 950, 0.0)], "latency", 1.0)[0].number == 4
