@@ -183,6 +183,35 @@ class Graph:
             model.ir_version = max(self._meta.ir_version, model.ir_version)
         return model
 
+    def concrete_shapes(self, dim_of, infer=None, fresh: bool = False) -> dict:
+        """{tensor name: concrete shape} from shape inference on the graph with each
+        symbolic input dim set to ``dim_of(input name, axis)``; {} where inference fails.
+
+        ``infer`` takes and returns a ModelProto (default: ONNX inference with data
+        propagation); ``fresh`` drops the declared value_info and output shapes first, so
+        symbolic ones are inferred anew instead of kept."""
+        try:
+            model = self._skeleton()
+            for inp in model.graph.input[:len(self.gs.inputs)]:
+                for i, d in enumerate(inp.type.tensor_type.shape.dim):
+                    if not d.HasField("dim_value"):
+                        d.dim_value = int(dim_of(inp.name, i))
+            if fresh:
+                del model.graph.value_info[:]
+                for out in model.graph.output:
+                    out.type.tensor_type.ClearField("shape")
+            model = (infer or (lambda m: onnx.shape_inference.infer_shapes(
+                m, data_prop=True)))(model)
+        except Exception:     # inference fails on some graphs: shapes stay unknown
+            return {}
+        shapes = {}
+        for vi in list(model.graph.value_info) + list(model.graph.output) \
+                + list(model.graph.input):
+            tt = vi.type.tensor_type
+            if tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
+                shapes[vi.name] = tuple(int(d.dim_value) for d in tt.shape.dim)
+        return shapes
+
     # ---- lookup ------------------------------------------------------------------------
     @property
     def nodes(self) -> list[gs.Node]:

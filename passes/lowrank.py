@@ -707,35 +707,18 @@ def _probe_shapes(graph, ctx) -> dict:
     """{tensor name: concrete shape} from ONNX shape inference (with data propagation)
     on the graph with its inputs' symbolic dims set: to the calibration samples' dims
     when there are any, else 1 for a leading dim and PROBE_DIM for the others."""
-    import onnx
-
     given = {}
     if ctx is not None and getattr(ctx, "calibration", None) is not None:
         sample = ctx.calibration.take(1).inputs
         given = {k: np.shape(v) for k, v in sample.items()}
-    try:
-        model = graph._skeleton()
-        for inp in model.graph.input[:len(graph.gs.inputs)]:
-            dims = inp.type.tensor_type.shape.dim
-            shape = given.get(inp.name)
-            for i, d in enumerate(dims):
-                if not d.HasField("dim_value"):
-                    d.dim_value = int(shape[i]) if shape is not None and i < len(shape) \
-                        else (1 if i == 0 else PROBE_DIM)
-        # Declared symbolic shapes would stay symbolic: inference fills them anew.
-        del model.graph.value_info[:]
-        for out in model.graph.output:
-            out.type.tensor_type.ClearField("shape")
-        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except Exception:     # inference fails on some graphs: shapes stay unknown
-        return {}
-    out = {}
-    for vi in list(model.graph.value_info) + list(model.graph.output) \
-            + list(model.graph.input):
-        tt = vi.type.tensor_type
-        if tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
-            out[vi.name] = tuple(int(d.dim_value) for d in tt.shape.dim)
-    return out
+
+    def dim(name, axis):
+        shape = given.get(name)
+        return int(shape[axis]) if shape is not None and axis < len(shape) \
+            else (1 if axis == 0 else PROBE_DIM)
+
+    # Declared symbolic shapes would stay symbolic: inference fills them anew.
+    return graph.concrete_shapes(dim, fresh=True)
 
 
 def _geometry(attrs) -> dict:

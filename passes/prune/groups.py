@@ -195,13 +195,10 @@ class DependencyGraph:
             return tuple(int(d) for d in tensor.values.shape)
         name = getattr(tensor, "name", None)
         if value not in self._probes:
-            import onnx
-
             # ONNX data propagation first; ONNX Runtime's symbolic inference (slow to
             # import, evaluates Div/Mod on shapes: Swin's window counts) only when a
             # tensor asked about is left open.
-            self._probes[value] = self._infer_probe(
-                value, lambda m: onnx.shape_inference.infer_shapes(m, data_prop=True))
+            self._probes[value] = self._infer_probe(value, None)
         shapes = self._probes[value]
         if name not in shapes and value not in self._probe_fallback:
             self._probe_fallback.add(value)
@@ -210,23 +207,9 @@ class DependencyGraph:
         return shapes.get(name)
 
     def _infer_probe(self, value: int, infer) -> dict:
-        """{tensor name: concrete shape} with every symbolic input dim set to ``value``."""
-        shapes = {}
-        try:
-            probe = self.graph._skeleton()
-            for inp in probe.graph.input[:len(self.graph.gs.inputs)]:
-                for d in inp.type.tensor_type.shape.dim:
-                    if not d.HasField("dim_value"):
-                        d.dim_value = value
-            model = infer(probe)
-        except Exception:   # inference fails on some graphs: shapes stay unresolved
-            return shapes
-        for vi in list(model.graph.value_info) + list(model.graph.output) \
-                + list(model.graph.input):
-            tt = vi.type.tensor_type
-            if tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
-                shapes[vi.name] = tuple(int(d.dim_value) for d in tt.shape.dim)
-        return shapes
+        """{tensor name: concrete shape} with every symbolic input dim set to ``value``
+        (``infer`` None: ONNX inference with data propagation)."""
+        return self.graph.concrete_shapes(lambda name, axis: value, infer)
 
     def info_of(self, tensor) -> TensorInfo | None:
         """Channel info of a variable tensor (None for constants / unknown shapes)."""
