@@ -71,6 +71,40 @@ import numpy as np
 from onnxc.commands import register_command
 from onnxc.errors import OutputError, UsageError
 
+
+class _StopSignals:
+    """SIGTERM/SIGINT stop a search like Ctrl-C (KeyboardInterrupt), but never inside a
+    storage call: raised there, it left SQLAlchemy's session half-done and the save of
+    the best candidate that follows could hang (seen in CI under load). Inside
+    ``storage()`` the stop waits until the call returns."""
+
+    def __init__(self):
+        self.depth, self.pending = 0, False
+
+    def __call__(self, signum, frame):
+        if self.depth:
+            self.pending = True
+        else:
+            raise KeyboardInterrupt
+
+    def storage(self):
+        import contextlib
+
+        @contextlib.contextmanager
+        def section():
+            self.depth += 1
+            try:
+                yield
+            finally:
+                self.depth -= 1
+                if not self.depth and self.pending:
+                    self.pending = False
+                    raise KeyboardInterrupt
+        return section()
+
+
+STOP = _StopSignals()
+
 OBJECTIVES = ("latency", "size", "macs")
 SPACE = ("prune", "lowrank", "int8")
 # Ratios the per-group pruning sensitivity is measured at (the allocation moves in these
@@ -603,19 +637,40 @@ def size_seed_shares(int8_profile: dict) -> list:
 def run_trial(study, problem: Problem, prof: dict, log) -> dict | None:
     import optuna
 
-    trial = study.ask()
+    trial = None
     try:
-        passes, opts, per_layer = suggest(trial, problem, prof)
+        with STOP.storage():        # (suggest_* write to the storage too)
+            trial = study.ask()
+            passes, opts, per_layer = suggest(trial, problem, prof)
         m = evaluate(problem, passes, opts)
     except KeyboardInterrupt:
-        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        if trial is not None:
+            with STOP.storage():
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
         raise
     except Exception as exc:       # a candidate that fails is reported, never fatal
+        if trial is None:          # the storage itself failed
+            raise
         msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-        trial.set_user_attr("error", f"{type(exc).__name__}: {msg}")
-        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        with STOP.storage():
+            trial.set_user_attr("error", f"{type(exc).__name__}: {msg}")
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
         log(f"trial {trial.number}: failed ({type(exc).__name__}: {msg})")
         return None
+    with STOP.storage():
+        _record(study, trial, problem, m, passes, opts, per_layer)
+    args = problem.args
+    dropped = m["latency_ms"] > m["original_ms"]
+    log(f"trial {trial.number}: {'+'.join(passes[1:]) or 'fold_bn'} {describe(opts)}: "
+        f"top-1 {m['top1']:.2f}% (drop {m['drop']:+.2f}), {m['speedup']:.2f}x faster, "
+        f"Cr {m['cr']:.2f}x, {m['seconds']:.0f} s"
+        + (" - dropped: slower than the original" if dropped else "")
+        + (" - over the bound" if m["drop"] > args.max_drop else ""))
+    return m
+
+
+def _record(study, trial, problem, m, passes, opts, per_layer) -> None:
+    """A finished candidate's metrics and choices into the study."""
     args = problem.args
     dropped = m["latency_ms"] > m["original_ms"]
     trial.set_user_attr("metrics", m)
@@ -628,12 +683,6 @@ def run_trial(study, problem: Problem, prof: dict, log) -> dict | None:
     trial.set_constraint("accuracy_drop", m["drop"] - args.max_drop)
     trial.set_constraint("slower", m["latency_ms"] / m["original_ms"] - 1.0)
     study.tell(trial, [m["top1"], cost(m, args.objective)])
-    log(f"trial {trial.number}: {'+'.join(passes[1:]) or 'fold_bn'} {describe(opts)}: "
-        f"top-1 {m['top1']:.2f}% (drop {m['drop']:+.2f}), {m['speedup']:.2f}x faster, "
-        f"Cr {m['cr']:.2f}x, {m['seconds']:.0f} s"
-        + (" - dropped: slower than the original" if dropped else "")
-        + (" - over the bound" if m["drop"] > args.max_drop else ""))
-    return m
 
 
 def describe(opts: dict) -> str:
@@ -846,14 +895,13 @@ def handler(args) -> int:
 
     import signal
 
-    def stop(signum, frame):        # a scheduler's TERM: stop like Ctrl-C, still save
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, stop)
+    # a scheduler's TERM stops like Ctrl-C and still saves (see _StopSignals)
+    previous = {sig: signal.signal(sig, STOP) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         return _search(args, started, deadline, log)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _search(args, started, deadline, log_line) -> int:

@@ -370,3 +370,22 @@ def test_latency_ties_go_to_the_smallest_model_within_the_bound():
     assert choose(trials, "latency", 1.0) == (int4, True)
     assert choose(trials, "size", 1.0) == (slow_small, True)
     assert choose([int8, trial(4, 50.0, 950, 0.0)], "latency", 1.0)[0].number == 4
+
+
+def test_stop_signal_inside_a_storage_call_waits_until_it_returns():
+    """A TERM that arrives while the study's storage is being written must not interrupt
+    that write (it left SQLAlchemy's session half-done and the save hung): it stops the
+    search right after the call instead."""
+    from onnxc.search import _StopSignals
+
+    stop = _StopSignals()
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with stop.storage():
+            with stop.storage():
+                stop(15, None)          # deferred, not raised here
+                done.append("inner")
+            done.append("outer")        # still inside the outer call
+    assert done == ["inner", "outer"]
+    with pytest.raises(KeyboardInterrupt):
+        stop(15, None)                  # outside any storage call: at once
