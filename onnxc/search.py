@@ -652,13 +652,24 @@ def run_trial(study, problem: Problem, prof: dict, log) -> dict | None:
         if trial is None:          # the storage itself failed
             raise
         msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-        with STOP.storage():
-            trial.set_user_attr("error", f"{type(exc).__name__}: {msg}")
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        try:
+            with STOP.storage():
+                trial.set_user_attr("error", f"{type(exc).__name__}: {msg}")
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass                   # another worker ran it too (see below)
         log(f"trial {trial.number}: failed ({type(exc).__name__}: {msg})")
         return None
-    with STOP.storage():
-        _record(study, trial, problem, m, passes, opts, per_layer)
+    try:
+        with STOP.storage():
+            _record(study, trial, problem, m, passes, opts, per_layer)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        # SQLite has no row locks: two workers asking at the same moment can both pop
+        # the same enqueued trial. The first to finish records it; the other's
+        # identical result is dropped rather than ending its worker.
+        log(f"trial {trial.number}: another worker ran it too and recorded it first; "
+            "this result is dropped")
+        return None
     args = problem.args
     dropped = m["latency_ms"] > m["original_ms"]
     log(f"trial {trial.number}: {'+'.join(passes[1:]) or 'fold_bn'} {describe(opts)}: "

@@ -389,3 +389,33 @@ def test_stop_signal_inside_a_storage_call_waits_until_it_returns():
     assert done == ["inner", "outer"]
     with pytest.raises(KeyboardInterrupt):
         stop(15, None)                  # outside any storage call: at once
+
+
+def test_a_trial_another_worker_recorded_first_is_dropped_not_fatal(tmp_path, monkeypatch):
+    """SQLite has no row locks, so two workers asking at once can pop the same enqueued
+    trial (CI saw UpdateFinishedTrialError end a worker). The second to finish must log
+    and go on."""
+    from types import SimpleNamespace
+
+    import optuna
+
+    from onnxc import search
+
+    url = f"sqlite:///{tmp_path / 'race.db'}"
+    study = optuna.create_study(study_name="s", storage=url,
+                                directions=["maximize", "minimize"])
+    other = optuna.load_study(study_name="s", storage=url)     # the other worker
+    metrics = {"top1": 90.0, "drop": 0.0, "latency_ms": 1.0, "original_ms": 2.0,
+               "bytes": 10, "macs": 5}
+
+    def evaluate_while_the_other_worker_finishes(problem, passes, opts):
+        other.tell(study.trials[-1].number, [90.0, 0.5])
+        return metrics
+
+    monkeypatch.setattr(search, "suggest", lambda trial, problem, prof: (["fold_bn"], {}, {}))
+    monkeypatch.setattr(search, "evaluate", evaluate_while_the_other_worker_finishes)
+    problem = SimpleNamespace(args=SimpleNamespace(max_drop=1.0, objective="latency"))
+    lines = []
+    assert search.run_trial(study, problem, {}, lines.append) is None
+    assert "another worker ran it too" in lines[-1]
+    assert [t.state.name for t in study.trials] == ["COMPLETE"]
