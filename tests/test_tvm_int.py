@@ -188,6 +188,93 @@ def test_unsupported_pattern_is_left_in_float_and_reported():
     assert str(_calls(mod, "nn.conv2d")[0].ty.dtype) == "float32"
 
 
+def downsampling_chain(seed: int = 0) -> onnx.ModelProto:
+    """A CIFAR ResNet's stage change: conv (3->16), then a block whose shortcut is the
+    option-A slice [::2, ::2] + zero channel padding (16->32, NCHW float between QDQ),
+    then a plain residual block on the downsampled map."""
+    rng = np.random.default_rng(seed)
+
+    def init(name, *shape, scale=None):
+        s = scale if scale is not None else np.sqrt(2.0 / np.prod(shape[1:]))
+        return numpy_helper.from_array((rng.standard_normal(shape) * s).astype(np.float32), name)
+
+    conv = dict(kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    i64 = lambda name, v: numpy_helper.from_array(np.array(v, np.int64), name)  # noqa: E731
+    nodes = [
+        helper.make_node("Conv", ["x", "w0", "b0"], ["c0"], "conv0", **conv),
+        helper.make_node("Relu", ["c0"], ["r0"], "relu0"),
+        helper.make_node("Conv", ["r0", "w1", "b1"], ["c1"], "conv1", strides=[2, 2], **conv),
+        helper.make_node("Relu", ["c1"], ["r1"], "relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], "conv2", **conv),
+        helper.make_node("Slice", ["r0", "starts", "ends", "axes", "steps"], ["sl"], "slice"),
+        helper.make_node("Pad", ["sl", "pads"], ["sc"], "pad"),
+        helper.make_node("Add", ["c2", "sc"], ["s1"], "add1"),
+        helper.make_node("Relu", ["s1"], ["r2"], "relu2"),
+        helper.make_node("Conv", ["r2", "w3", "b3"], ["c3"], "conv3", **conv),
+        helper.make_node("Relu", ["c3"], ["r3"], "relu3"),
+        helper.make_node("Conv", ["r3", "w4", "b4"], ["c4"], "conv4", **conv),
+        helper.make_node("Add", ["c4", "r2"], ["s2"], "add2"),
+        helper.make_node("Relu", ["s2"], ["y"], "relu4"),
+    ]
+    inits = [init("w0", 16, 3, 3, 3), init("b0", 16, scale=0.1),
+             init("w1", 32, 16, 3, 3), init("b1", 32, scale=0.1),
+             init("w2", 32, 32, 3, 3), init("b2", 32, scale=0.1),
+             init("w3", 32, 32, 3, 3), init("b3", 32, scale=0.1),
+             init("w4", 32, 32, 3, 3), init("b4", 32, scale=0.1),
+             i64("starts", [0, 0]), i64("ends", [8, 8]), i64("axes", [2, 3]),
+             i64("steps", [2, 2]), i64("pads", [0, 8, 0, 0, 0, 8, 0, 0])]
+    graph = helper.make_graph(
+        nodes, "downsampling_chain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32, 4, 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
+def _int8(model):
+    from onnxc.calibrate.readers import Dataset
+    from onnxc.compress import compress
+
+    x = np.random.default_rng(1).standard_normal((32, 3, 8, 8)).astype(np.float32)
+    data = Dataset({"x": x}, None, "synthetic")
+    return compress(model, ["int8"], calibration=data, evaluation=data,
+                    log=lambda m: None).graph.to_onnx()
+
+
+def test_adds_after_a_downsampling_shortcut_stay_nhwc():
+    """The shortcut (NCHW float slice + pad) is permuted once at its add; that add's
+    output and the next block's add stay in the packed convs' NHWC layout instead of
+    two transposes of a full activation per later block."""
+    from onnxc.backends.tvm.int_lower import lower_qdq
+
+    mod, report = lower_qdq(_import(_int8(downsampling_chain())), "uint8", (16, 4))
+    assert (report.conv, report.add) == (5, 2), report.as_dict()
+    perms = [tuple(int(a) for a in c.attrs.axes) for c in _calls(mod, "permute_dims")]
+    # x to NHWC; conv0's output back to NCHW for the shortcut's slice and the shortcut
+    # to NHWC; the graph output to NCHW. Nothing between the blocks.
+    assert sorted(perms) == sorted([(0, 2, 3, 1), (0, 3, 1, 2), (0, 2, 3, 1),
+                                    (0, 3, 1, 2)]), perms
+
+
+def test_downsampling_chain_within_one_quantization_step_of_onnxruntime(tmp_path):
+    import onnxruntime as ort
+
+    from onnxc.backends.tvm import compile_model, load_artifact
+
+    qdq = _int8(downsampling_chain())
+    result = compile_model(qdq, "x86", str(tmp_path / "art"), verify=False)
+    assert (result.lowering["conv"], result.lowering["add"]) == (5, 2)
+    art = load_artifact(result.out_dir)
+    sess = ort.InferenceSession(qdq.SerializeToString(), providers=["CPUExecutionProvider"])
+    step = _output_scale(qdq)
+    rng = np.random.default_rng(4)
+    for _ in range(4):
+        x = rng.standard_normal((1, 3, 8, 8)).astype(np.float32)
+        diff = np.abs(art.run({"x": x})[0] - sess.run(None, {"x": x})[0]).max()
+        assert diff / step <= 1.0 + 1e-3
+
+
 def _objdump(tool: str, library) -> str:
     import subprocess
 

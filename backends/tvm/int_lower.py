@@ -339,10 +339,7 @@ def _mutator_class():
             dilation = [int(d) for d in attrs.dilation]
             block = self.packing
             if block and int(attrs.groups) == 1:
-                nhwc = self.nhwc.get(x_q)
-                if nhwc is None:
-                    nhwc = self.builder_.emit(relax.op.permute_dims(x_q, [0, 2, 3, 1]))
-                nhwc, z_x = self.operand(nhwc, z_x)
+                nhwc, z_x = self.operand(self.as_nhwc(x_q), z_x)
                 b = b - z_x * w.reshape(cout, -1).astype(np.int64).sum(1)
                 # Channel counts the intrinsic's tile does not divide (pruned layers, the
                 # 3-channel stem) are padded with zero weights: extra input channels
@@ -410,6 +407,12 @@ def _mutator_class():
             self.report.matmul += 1
             return self.requantize(acc, multiplier, z_y, out_dtype, relu, (n,))
 
+        def as_nhwc(self, q):
+            """The NHWC twin of an NCHW quantized var (one transpose if it has none)."""
+            if q not in self.nhwc:
+                self.nhwc[q] = self.builder_.emit(relax.op.permute_dims(q, [0, 2, 3, 1]))
+            return self.nhwc[q]
+
         def lower_add(self, add, s_y, z_y, out_dtype, relu):
             a_q, s_a, z_a = self.activation(add.args[0])
             b_q, s_b, z_b = self.activation(add.args[1])
@@ -420,9 +423,14 @@ def _mutator_class():
             # (the add is usually fused into the preceding conv's kernel)
             channel = (1, shape[1]) + (1,) * (len(shape) - 2) if len(shape) >= 2 else \
                 tuple(shape)
-            nhwc = len(shape) == 4 and a_q in self.nhwc and b_q in self.nhwc
-            if nhwc:   # both from packed convs: stay NHWC (no transposes in between)
-                a_q, b_q = self.nhwc[a_q], self.nhwc[b_q]
+            # Stay NHWC when either operand comes from a packed conv. A residual add
+            # whose other operand is NCHW (a downsampling shortcut: slice + pad in float)
+            # permutes that one operand, so the add's output - and every block after it
+            # - keeps the packed convs' layout: left NCHW, each later add cost two
+            # transposes of a full activation (22% of ResNet-56's int8 kernel time).
+            nhwc = len(shape) == 4 and (a_q in self.nhwc or b_q in self.nhwc)
+            if nhwc:
+                a_q, b_q = self.as_nhwc(a_q), self.as_nhwc(b_q)
                 channel = (1, 1, 1, shape[1])
 
             def tensor(value):
