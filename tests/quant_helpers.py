@@ -8,29 +8,44 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 
-def residual_cnn(seed: int = 0, channels: int = 8, size: int = 8, classes: int = 10,
-                 opset: int = 13) -> onnx.ModelProto:
-    rng = np.random.default_rng(seed)
+CONV3X3 = dict(kernel_shape=[3, 3], pads=[1, 1, 1, 1])
 
+
+def random_init(rng):
+    """``init(name, *shape, scale=None)``: an initializer of He-scaled normal values
+    (``scale`` replaces the He scale, e.g. for biases)."""
     def init(name, *shape, scale=None):
         fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else 1
         s = scale if scale is not None else np.sqrt(2.0 / fan_in)
         return numpy_helper.from_array((rng.standard_normal(shape) * s).astype(np.float32), name)
+    return init
 
+
+def residual_block(init, channels: int, out: str) -> tuple:
+    """(nodes, initializers) of Conv-Relu (3 -> c, the stem) then Conv-Relu-Conv-Add-Relu
+    with the stem as the residual, from graph input ``x`` to ``out``."""
     c = channels
     inits = [init("w0", c, 3, 3, 3), init("b0", c, scale=0.1),
              init("w1", c, c, 3, 3), init("b1", c, scale=0.1),
-             init("w2", c, c, 3, 3), init("b2", c, scale=0.1),
-             init("wf", classes, c), init("bf", classes, scale=0.1)]
-    conv = dict(kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+             init("w2", c, c, 3, 3), init("b2", c, scale=0.1)]
     nodes = [
-        helper.make_node("Conv", ["x", "w0", "b0"], ["c0"], "conv0", **conv),
+        helper.make_node("Conv", ["x", "w0", "b0"], ["c0"], "conv0", **CONV3X3),
         helper.make_node("Relu", ["c0"], ["r0"], "relu0"),
-        helper.make_node("Conv", ["r0", "w1", "b1"], ["c1"], "conv1", **conv),
+        helper.make_node("Conv", ["r0", "w1", "b1"], ["c1"], "conv1", **CONV3X3),
         helper.make_node("Relu", ["c1"], ["r1"], "relu1"),
-        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], "conv2", **conv),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], "conv2", **CONV3X3),
         helper.make_node("Add", ["c2", "r0"], ["s"], "add"),
-        helper.make_node("Relu", ["s"], ["r2"], "relu2"),
+        helper.make_node("Relu", ["s"], [out], "relu2"),
+    ]
+    return nodes, inits
+
+
+def residual_cnn(seed: int = 0, channels: int = 8, size: int = 8, classes: int = 10,
+                 opset: int = 13) -> onnx.ModelProto:
+    init = random_init(np.random.default_rng(seed))
+    nodes, inits = residual_block(init, channels, "r2")
+    inits += [init("wf", classes, channels), init("bf", classes, scale=0.1)]
+    nodes += [
         helper.make_node("GlobalAveragePool", ["r2"], ["g"], "gap"),
         helper.make_node("Flatten", ["g"], ["f"], "flatten", axis=1),
         helper.make_node("Gemm", ["f", "wf", "bf"], ["y"], "fc", transB=1),

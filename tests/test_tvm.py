@@ -332,3 +332,27 @@ def test_tuning_setup_survives_unnamed_handlers_on_metaschedule_logger(tmp_path)
         assert foreign in logger.handlers      # put back after the setup
     finally:
         logger.removeHandler(foreign)
+
+
+def test_tvm_runtime_gets_every_physical_core(tmp_path):
+    """TVM's x86 default is half the logical CPUs (it assumes hyper-threading): on a CPU
+    without it that ran every kernel on one core of two. An onnxc process starts TVM's
+    thread pool with the physical cores, and a user's TVM_NUM_THREADS wins."""
+    import os
+    import subprocess
+    import sys
+
+    import psutil
+
+    from onnxc.backends.tvm import runtime_threads
+
+    probe = ("import onnxc.backends.tvm, tvm; "
+             "print(tvm.get_global_func('runtime.NumThreads')())")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
+    for extra, want in (({}, runtime_threads(env)), ({"TVM_NUM_THREADS": "1"}, 1)):
+        out = subprocess.run([sys.executable, "-c", probe], env=dict(env, **extra),
+                             capture_output=True, text=True, check=True).stdout.split()
+        assert int(out[-1]) == want, (extra, out)
+    assert runtime_threads(env) == min(len(os.sched_getaffinity(0)),
+                                       psutil.cpu_count(logical=False))

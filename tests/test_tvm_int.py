@@ -9,32 +9,15 @@ from onnx import TensorProto, helper, numpy_helper
 
 pytest.importorskip("tvm")
 
+from quant_helpers import CONV3X3, random_init, residual_block  # noqa: E402
 from test_tvm_slow import arm_sysroot  # noqa: E402,F401  (fixture: the aarch64 sysroot)
 
 
 def conv_chain(channels: int = 16, size: int = 8, seed: int = 0) -> onnx.ModelProto:
     """Conv-Relu-Conv-Relu-Conv-Add(residual)-Relu, output the 4-D activation itself, so
     every output element is one requantized value (nothing averages differences away)."""
-    rng = np.random.default_rng(seed)
     c = channels
-
-    def init(name, *shape, scale=None):
-        s = scale if scale is not None else np.sqrt(2.0 / np.prod(shape[1:]))
-        return numpy_helper.from_array((rng.standard_normal(shape) * s).astype(np.float32), name)
-
-    conv = dict(kernel_shape=[3, 3], pads=[1, 1, 1, 1])
-    nodes = [
-        helper.make_node("Conv", ["x", "w0", "b0"], ["c0"], "conv0", **conv),
-        helper.make_node("Relu", ["c0"], ["r0"], "relu0"),
-        helper.make_node("Conv", ["r0", "w1", "b1"], ["c1"], "conv1", **conv),
-        helper.make_node("Relu", ["c1"], ["r1"], "relu1"),
-        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], "conv2", **conv),
-        helper.make_node("Add", ["c2", "r0"], ["s"], "add"),
-        helper.make_node("Relu", ["s"], ["y"], "relu2"),
-    ]
-    inits = [init("w0", c, 3, 3, 3), init("b0", c, scale=0.1),
-             init("w1", c, c, 3, 3), init("b1", c, scale=0.1),
-             init("w2", c, c, 3, 3), init("b2", c, scale=0.1)]
+    nodes, inits = residual_block(random_init(np.random.default_rng(seed)), c, "y")
     graph = helper.make_graph(
         nodes, "conv_chain",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, size, size])],
@@ -47,15 +30,7 @@ def conv_chain(channels: int = 16, size: int = 8, seed: int = 0) -> onnx.ModelPr
 @pytest.fixture(scope="module")
 def qdq_model():
     """The conv chain through onnxc's own int8 pass (uint8 activations, int8 weights)."""
-    from onnxc.calibrate.readers import Dataset
-    from onnxc.compress import compress
-
-    model = conv_chain()
-    x = np.random.default_rng(1).standard_normal((32, 3, 8, 8)).astype(np.float32)
-    data = Dataset({"x": x}, None, "synthetic")
-    result = compress(model, ["int8"], calibration=data, evaluation=data,
-                      log=lambda m: None)
-    return result.graph.to_onnx()
+    return _int8(conv_chain())
 
 
 @pytest.fixture(scope="module")
@@ -192,13 +167,8 @@ def downsampling_chain(seed: int = 0) -> onnx.ModelProto:
     """A CIFAR ResNet's stage change: conv (3->16), then a block whose shortcut is the
     option-A slice [::2, ::2] + zero channel padding (16->32, NCHW float between QDQ),
     then a plain residual block on the downsampled map."""
-    rng = np.random.default_rng(seed)
-
-    def init(name, *shape, scale=None):
-        s = scale if scale is not None else np.sqrt(2.0 / np.prod(shape[1:]))
-        return numpy_helper.from_array((rng.standard_normal(shape) * s).astype(np.float32), name)
-
-    conv = dict(kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    init = random_init(np.random.default_rng(seed))
+    conv = CONV3X3
     i64 = lambda name, v: numpy_helper.from_array(np.array(v, np.int64), name)  # noqa: E731
     nodes = [
         helper.make_node("Conv", ["x", "w0", "b0"], ["c0"], "conv0", **conv),

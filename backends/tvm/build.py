@@ -63,6 +63,12 @@ class CompiledModel:
         load = ("import numpy as np, tvm\nfrom tvm import relax\n"
                 f"vm = relax.VirtualMachine(tvm.runtime.load_module('{name}'), {dev})\n"
                 f"y = vm['main'](tvm.runtime.tensor(x, device={dev})).numpy()")
+        if self.spec.device != "cuda":
+            load = ("# TVM_NUM_THREADS: the cores to use (physical ones on a CPU with "
+                    "hyper-threading), set before the first run. TVM's x86 default is half "
+                    "the logical CPUs: one core of two without hyper-threading.\n"
+                    "import os; os.environ.setdefault('TVM_NUM_THREADS', "
+                    "str(os.cpu_count()))\n" + load)
         if not self.linked:
             load = ("# first link the objects on the device: see LINK.txt\n"
                     + load.replace(name, LIBRARY))
