@@ -15,24 +15,49 @@ import sys
 import numpy as np
 
 
+def digits(seed: int = 0) -> tuple:
+    """scikit-learn's digits, split 1400 train / 397 test: ((images, labels), (images,
+    labels)) with images uint8 N×1×8×8 (values 0..16) and labels uint8."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = d.images.astype(np.uint8)[:, None]
+    labels = d.target.astype(np.uint8)
+    order = np.random.default_rng(seed).permutation(len(images))
+    train, test = order[:1400], order[1400:]
+    return (images[train], labels[train]), (images[test], labels[test])
+
+
+def train(net, images: np.ndarray, labels: np.ndarray, epochs: int):
+    """Adam, batches of 64, on images / 16; returns ``net`` in eval mode."""
+    import torch
+
+    x = torch.tensor(images, dtype=torch.float32) / 16.0
+    y = torch.tensor(labels, dtype=torch.long)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    for _ in range(epochs):
+        net.train()
+        for idx in torch.randperm(len(x)).split(64):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
+            opt.step()
+    net.eval()
+    return net
+
+
 def build(out_dir: str, epochs: int = 15, seed: int = 0) -> str:
     import torch
-    from sklearn.datasets import load_digits
 
     from onnxc.frontend import from_torch
 
     torch.manual_seed(seed)
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    digits = load_digits()
-    images = digits.images.astype(np.uint8)[:, None]          # N×1×8×8, values 0..16
-    labels = digits.target.astype(np.uint8)
-    order = np.random.default_rng(seed).permutation(len(images))
-    train, test = order[:1400], order[1400:]
+    (train_images, train_labels), (test_images, test_labels) = digits(seed)
     os.makedirs(out_dir, exist_ok=True)
     np.savez_compressed(os.path.join(out_dir, "digits_train.npz"),
-                        images=images[train], labels=labels[train])
+                        images=train_images, labels=train_labels)
     np.savez_compressed(os.path.join(out_dir, "digits_test.npz"),
-                        images=images[test], labels=labels[test])
+                        images=test_images, labels=test_labels)
 
     # BN and Dropout on purpose: fold_bn and cleanup have real work to do.
     net = torch.nn.Sequential(
@@ -43,25 +68,17 @@ def build(out_dir: str, epochs: int = 15, seed: int = 0) -> str:
         torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.BatchNorm2d(64), torch.nn.ReLU(),
         torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Dropout(0.2),
         torch.nn.Linear(64, 10))
-    x = torch.tensor(images[train], dtype=torch.float32) / 16.0
-    y = torch.tensor(labels[train], dtype=torch.long)
-    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-    for _ in range(epochs):
-        net.train()
-        for idx in torch.randperm(len(x)).split(64):
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
-            opt.step()
-    net.eval()
+    train(net, train_images, train_labels, epochs)
     with torch.no_grad():
-        xt = torch.tensor(images[test], dtype=torch.float32) / 16.0
-        acc = (net(xt).argmax(1).numpy() == labels[test]).mean() * 100
-    model = from_torch(net, x[:1], output_names=["logits"], keep_batchnorm=True)
+        xt = torch.tensor(test_images, dtype=torch.float32) / 16.0
+        acc = (net(xt).argmax(1).numpy() == test_labels).mean() * 100
+    x1 = torch.tensor(train_images[:1], dtype=torch.float32) / 16.0
+    model = from_torch(net, x1, output_names=["logits"], keep_batchnorm=True)
     path = os.path.join(out_dir, "digits_cnn.onnx")
     import onnx
 
     onnx.save(model, path)
-    print(f"wrote {path} (test top-1 {acc:.2f}% on {len(test)} images) and digits_*.npz")
+    print(f"wrote {path} (test top-1 {acc:.2f}% on {len(test_labels)} images) and digits_*.npz")
     return path
 
 

@@ -33,6 +33,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from examples.make_example import digits, train  # noqa: E402  (the built-in example's)
+
 
 def mobilenet_like(classes: int = 10, act: str = "relu"):
     import torch
@@ -64,33 +66,6 @@ def mobilenet_like(classes: int = 10, act: str = "relu"):
         nn.Conv2d(32, 128, 1, bias=False), nn.BatchNorm2d(128), Act(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, classes))
 
-
-def digits(seed: int = 0):
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    images = d.images.astype(np.uint8)[:, None]              # N×1×8×8, values 0..16
-    labels = d.target.astype(np.int64)
-    order = np.random.default_rng(seed).permutation(len(images))
-    return (images[order[:1400]], labels[order[:1400]]), (images[order[1400:]],
-                                                          labels[order[1400:]])
-
-
-def train(net, images, labels, epochs: int):
-    import torch
-
-    torch.set_num_threads(2)
-    x = torch.tensor(images, dtype=torch.float32) / 16.0
-    y = torch.tensor(labels)
-    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-    for _ in range(epochs):
-        net.train()
-        for idx in torch.randperm(len(x)).split(64):
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
-            opt.step()
-    net.eval()
-    return net
 
 
 def unbalance(model, factor: float, seed: int = 0):
@@ -154,6 +129,7 @@ def main(argv=None) -> int:
     if os.path.exists(trained):              # --keep DIR: train once, measure many times
         model = onnx.load(trained)
     else:
+        torch.set_num_threads(2)
         net = train(mobilenet_like(), xtr, ytr, args.epochs)
         model = from_torch(net, torch.zeros(1, 1, 8, 8), output_names=["logits"])
         onnx.save(model, trained)
