@@ -245,6 +245,45 @@ def test_downsampling_chain_within_one_quantization_step_of_onnxruntime(tmp_path
         assert diff / step <= 1.0 + 1e-3
 
 
+def test_pruned_width_convs_take_the_8_wide_vnni_tile_and_stay_exact(tmp_path):
+    """16 output channels take the 16-wide VNNI tile (zmm); 8 (a layer pruned to a
+    multiple of 8) the 8-wide one (ymm) instead of 16 lanes half on zero padding."""
+    import shutil
+    import subprocess
+
+    import onnxruntime as ort
+
+    from onnxc.backends.tvm import compile_model, load_artifact
+    from onnxc.backends.tvm.int_kernels import VNNI, intrinsic
+
+    init = random_init(np.random.default_rng(0))
+    nodes = [helper.make_node("Conv", ["x", "w0", "b0"], ["c0"], "wide", **CONV3X3),
+             helper.make_node("Relu", ["c0"], ["r0"]),
+             helper.make_node("Conv", ["r0", "w1", "b1"], ["c1"], "narrow", **CONV3X3),
+             helper.make_node("Relu", ["c1"], ["y"])]
+    inits = [init("w0", 16, 3, 3, 3), init("b0", 16, scale=0.1),
+             init("w1", 8, 16, 3, 3), init("b1", 8, scale=0.1)]
+    graph = helper.make_graph(
+        nodes, "widths", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    qdq = _int8(model)
+    result = compile_model(qdq, "x86", str(tmp_path / "art"), verify=False)
+    if intrinsic(result.spec.tvm_target()) != VNNI or shutil.which("objdump") is None:
+        pytest.skip("needs AVX-512 VNNI and objdump")
+    assert result.lowering["untuned_tensorized"] == 2
+    dis = [line for line in subprocess.run(["objdump", "-d", result.library],
+                                           capture_output=True, text=True).stdout.splitlines()
+           if "vpdpbusd" in line]
+    assert any("zmm" in line for line in dis) and any("ymm" in line for line in dis)
+    art = load_artifact(result.out_dir)
+    sess = ort.InferenceSession(qdq.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(5).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    diff = np.abs(art.run({"x": x})[0] - sess.run(None, {"x": x})[0]).max()
+    assert diff / _output_scale(qdq) <= 1.0 + 1e-3
+
+
 def _objdump(tool: str, library) -> str:
     import subprocess
 

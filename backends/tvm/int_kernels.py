@@ -8,6 +8,7 @@ names a dot-product intrinsic the target has:
 target             intrinsic                     activations
 =================  ============================  ==============================
 x86 AVX-512 VNNI   ``dot_16x4_vnni`` (vpdpbusd)  uint8 (u8 x s8)
+                   (8-wide: ``onnxc_dot_8x4_vnni``)
 x86 without VNNI   none: plain MultiLevelTiling  uint8 (int32 multiply-add)
 aarch64 +dotprod   ``dot_4x4_i8i8s32_sdot``      int8 (s8 x s8)
 aarch64 NEON       ``dot_4x4_i8i8s32_neon``      int8 (s8 x s8)
@@ -40,6 +41,7 @@ from __future__ import annotations
 import sys
 
 VNNI = "dot_16x4_vnni"
+VNNI_8 = "onnxc_dot_8x4_vnni"
 SDOT = "dot_4x4_i8i8s32_sdot"
 NEON = "dot_4x4_i8i8s32_neon"
 DP4A = "dp4a_u8s8s32"
@@ -91,6 +93,45 @@ def _register_vnni() -> None:
     TensorIntrin.register(VNNI, dot_product_16x4_u8i8i32_desc,
                           dot_product_16x4_u8i8i32_vnni, override=True)
 
+    # The same dot product on 8 outputs (256-bit vpdpbusd, AVX512-VL): for convs whose
+    # output channels are a multiple of 8 but not of 16 (pruned layers), which the
+    # 16-wide tile would compute half on zero padding.
+    @T.prim_func(s_tir=True)
+    def dot_product_8x4_u8i8i32_desc(
+        A: T.Buffer((4,), "uint8", offset_factor=1),
+        B: T.Buffer((8, 4), "int8", offset_factor=1),
+        C: T.Buffer((8,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:8], A[0:4], B[0:8, 0:4])
+            T.writes(C[0:8])
+            for i in T.serial(0, 8):
+                for k in T.serial(0, 4):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def dot_product_8x4_u8i8i32_vnni(
+        A: T.Buffer((4,), "uint8", offset_factor=1),
+        B: T.Buffer((8, 4), "int8", offset_factor=1),
+        C: T.Buffer((8,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:8], A[0:4], B[0:8, 0:4])
+            T.writes(C[0:8])
+            A_u8x4 = A.vload([0], "uint8x4")
+            A_i32 = T.reinterpret(A_u8x4, dtype="int32")
+            A_u8x32 = T.reinterpret(T.broadcast(A_i32, 8), dtype="uint8x32")
+            B_i8x32 = B.vload([0, 0], dtype="int8x32")
+            C_i32x8 = C.vload([0], dtype="int32x8")
+            C[T.ramp(T.int32(0), 1, 8)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.256"),
+                C_i32x8, A_u8x32, B_i8x32, dtype="int32x8")
+
+    TensorIntrin.register(VNNI_8, dot_product_8x4_u8i8i32_desc,
+                          dot_product_8x4_u8i8i32_vnni, override=True)
+
 
 # ----------------------------------------------------------------------------------------
 # What the target has
@@ -131,11 +172,18 @@ def intrinsic(target) -> str | None:
 
 
 PACKING = {VNNI: (16, 4), SDOT: (4, 4), NEON: (4, 4), DP4A: (1, 4)}
+# A narrower tile of the same instruction, for output channel counts the main tile does
+# not divide (pruned layers rounded to 8): (intrinsic, (output, reduction)).
+NARROW = {VNNI: (VNNI_8, (8, 4))}
 
 
-def packing(target) -> tuple | None:
-    """(output, reduction) tile of the target intrinsic's weight operand, or None."""
-    return PACKING.get(intrinsic(target))
+def packing(target) -> list | None:
+    """The (output, reduction) tiles of the target intrinsics' weight operand, the widest
+    first (a conv takes the first whose output tile divides its channels), or None."""
+    name = intrinsic(target)
+    if name not in PACKING:
+        return None
+    return [PACKING[name]] + ([NARROW[name][1]] if name in NARROW else [])
 
 
 def activation_dtype(target) -> str:
@@ -197,6 +245,12 @@ def design_space(target):
         at = next((i for i, r in enumerate(rules)
                    if type(r).__name__ == "MultiLevelTiling"), len(rules))
         rules.insert(at, tiling)
+        if name in NARROW:    # kernels packed for the narrow tile (the wide one fails there)
+            rules.insert(at + 1, ms.schedule_rule.MultiLevelTilingWithIntrin(
+                NARROW[name][0], structure="SSRSRS", tile_binds=None,
+                max_innermost_factor=64, vector_load_lens=None, reuse_read=None,
+                reuse_write=ms.schedule_rule.ReuseType(req="may", levels=[1, 2],
+                                                       scope="global")))
         # before RewriteLayout, as in TVM's own VNNI defaults: a layout-rewrite block
         # inside the tensorized block would no longer match the intrinsic
         at = next((i for i, p in enumerate(postprocs)
@@ -208,6 +262,9 @@ def design_space(target):
 
 def describe(target) -> str:
     name = intrinsic(target)
+    if name in NARROW:
+        name += f" ({NARROW[name][0]} where the output channels are not a multiple of " \
+                f"{PACKING[name][0]})"
     return f"integer kernels tensorized with {name}" if name else \
         "integer kernels without a dot-product intrinsic (plain tiling)"
 
@@ -327,12 +384,20 @@ def _take_first(candidates, ctx, target, gvar, updates) -> bool:
         # vectorization around the intrinsic can fail to build ("Cannot broadcast
         # lanes=16 ... to 64"): such candidates are not taken.
         if all(post.apply(sch) for post in ctx.space_generator.postprocs) \
-                and "meta_schedule.auto_tensorize" not in sch.mod.script() \
-                and _builds(sch.mod, target):
+                and _tensorized(sch.mod.script()) and _builds(sch.mod, target):
             scheduled = sch.mod["main"].with_attr("tirx.is_scheduled", True)
             updates[gvar] = scheduled.with_attr("global_symbol", gvar.name_hint)
             return True
     return False
+
+
+def _tensorized(script: str) -> bool:
+    """Whether a scheduled kernel calls its dot-product intrinsic. RewriteTensorize drops
+    its mark even when the block did not match the intrinsic (e.g. a zero-point pad
+    inlined into the conv's input: ``if_then_else`` is not ``A[k]``), leaving scalar
+    loops: only the intrinsic's own call in the body says it was applied."""
+    return "meta_schedule.auto_tensorize" not in script and (
+        "call_llvm_pure_intrin" in script or "__dp4a" in script)
 
 
 def _builds(mod, target) -> bool:

@@ -94,25 +94,27 @@ def has_qdq(mod) -> bool:
     return bool(found)
 
 
-def lower_qdq(mod, activation_dtype: str | None = None, packing: tuple | None = None):
+def lower_qdq(mod, activation_dtype: str | None = None, packing=None):
     """Rewrite every matched QDQ pattern of ``mod``'s Relax functions into integer ops.
 
     ``activation_dtype`` ("uint8"/"int8", None: as quantized) is what the convolutions
     and matmuls read: the target's dot-product instruction decides (VNNI and DP4A
     multiply uint8 by int8, ARM's SDOT int8 by int8). A uint8 tensor with zero point z
     is the int8 tensor ``x - 128`` with zero point ``z - 128``: the same real values,
-    so the choice changes no result. ``packing`` = (o, i) makes convolutions with
-    output channels divisible by o and input channels by i an NHWC convolution on a
-    weight packed once, at compile time, as [O/o, KH, KW, I/i, o, i] (see
-    :func:`packed_conv2d`). Returns ``(module, LoweringReport)``; dead float
-    code is removed.
+    so the choice changes no result. ``packing`` = (o, i), or a list of such tiles
+    widest first, makes each convolution an NHWC convolution on a weight packed once, at
+    compile time, as [O/o, KH, KW, I/i, o, i] (see :func:`packed_conv2d`), with the
+    first tile whose o divides its output channels (else the first, zero-padded).
+    Returns ``(module, LoweringReport)``; dead float code is removed.
     """
     from tvm import relax
 
     report = LoweringReport()
     mutator = _mutator_class()(mod, report)
     mutator.activation_dtype = activation_dtype
-    mutator.packing = tuple(packing) if packing else None
+    if packing and isinstance(packing[0], int):
+        packing = [packing]
+    mutator.packing = [tuple(b) for b in packing] if packing else None
     for gvar, func in mod.functions.items():
         if isinstance(func, relax.Function):
             mutator.defs = _definitions(func)
@@ -178,7 +180,7 @@ def _mutator_class():
             self.report = report
             self.defs = {}
             self.activation_dtype = None
-            self.packing = None      # (output block, reduction block) of the intrinsic
+            self.packing = None      # [(output block, reduction block)], widest first
             self.converted = {}
             self.nhwc = {}           # NCHW quantized var -> its NHWC twin (packed convs)
             self.current = None
@@ -337,7 +339,9 @@ def _mutator_class():
             padding = [int(p) for p in attrs.padding]
             strides = [int(v) for v in attrs.strides]
             dilation = [int(d) for d in attrs.dilation]
-            block = self.packing
+            # the widest tile that divides the output channels, else the widest (padded)
+            block = next((b for b in self.packing or [] if cout % b[0] == 0),
+                         self.packing[0] if self.packing else None)
             if block and int(attrs.groups) == 1:
                 nhwc, z_x = self.operand(self.as_nhwc(x_q), z_x)
                 b = b - z_x * w.reshape(cout, -1).astype(np.int64).sum(1)
