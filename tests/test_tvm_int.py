@@ -345,3 +345,26 @@ def test_arm_integer_artifact_under_qemu_is_bit_exact_with_x86(qdq_model, arm_sy
     on_x86 = load_artifact(str(tmp_path / "x86")).run({"x": x})[0]
     on_arm, _ = run_under_qemu(str(tmp_path / "arm"), {"x": x}, arm_sysroot)
     np.testing.assert_array_equal(on_arm[0], on_x86)
+
+
+def test_tuning_holds_back_tvms_tensorize_failed_warnings_and_nothing_else():
+    """RewriteTensorize logs one C++ warning per sampled candidate that did not
+    tensorize (thousands in a tuning run): filtered at file descriptor 2, also for
+    worker processes started inside the block; every other line passes."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, subprocess, sys\n"
+        "from onnxc.backends.tvm.int_kernels import stderr_without\n"
+        "with stderr_without('Tensorize failed') as q:\n"
+        "    os.write(2, b'keep 1\\nWarning: Tensorize failed with error\\nkeep 2\\n')\n"
+        "    child = subprocess.Popen([sys.executable, '-c', \"import os; os.write(2, "
+        "b'Tensorize failed in a worker\\\\nworker line\\\\n')\"])\n"
+        "    child.wait()\n"
+        "os.write(2, b'after\\n')\n"
+        "print(q.dropped)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.split() == ["2"]
+    assert sorted(out.stderr.split("\n")) == ["", "after", "keep 1", "keep 2", "worker line"]

@@ -343,6 +343,56 @@ class _quiet_stderr:
         return False
 
 
+class stderr_without:
+    """Pass the process's stderr (file descriptor 2, where TVM's C++ logs go) through,
+    without the lines containing ``text``; ``dropped`` counts them.
+
+    Tuning the integer kernels samples many candidates whose tensorization fails (the
+    sampled schedule inlined the zero-point pad, say); MetaSchedule discards them, but
+    RewriteTensorize logs a "Tensorize failed" warning for each: thousands of lines in
+    a 10-minute run, burying onnxc's progress and any real error.
+    """
+
+    def __init__(self, text: str):
+        self.text = text.encode()
+        self.dropped = 0
+
+    def __enter__(self):
+        import os
+        import threading
+
+        sys.stderr.flush()
+        self.saved = os.dup(2)
+        read, write = os.pipe()
+        os.dup2(write, 2)
+        os.close(write)
+
+        saved = self.saved
+
+        def forward():
+            # Runs until every write end is closed: worker processes started inside the
+            # block inherited one, so it may outlive the block; it owns ``saved``.
+            with os.fdopen(read, "rb") as pipe:
+                for line in pipe:
+                    if self.text in line:
+                        self.dropped += 1
+                    else:
+                        os.write(saved, line)
+            os.close(saved)
+
+        self.thread = threading.Thread(target=forward, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        import os
+
+        sys.stderr.flush()
+        os.dup2(self.saved, 2)      # the pipe's write end closes here (and in workers, later)
+        self.thread.join(timeout=2)
+        return False
+
+
 def _pick_schedules(mod, target, space, counts, updates, log):
     import tvm
     import tvm.s_tir.meta_schedule as ms

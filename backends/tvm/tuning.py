@@ -13,6 +13,7 @@ instead of starting over. Measurements run locally or, with
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -436,7 +437,12 @@ def tune(mod, target, spec, trials: int, options: dict, log):
                + (f" ({runners.label()})" if todo else "")
                + (", refining the cached ones" if refine else "")))
         if todo and not db_only:
-            session.tune(todo, db, db_dir)
+            quiet = int_kernels.stderr_without("Tensorize failed") if integer else None
+            with quiet or contextlib.nullcontext():
+                session.tune(todo, db, db_dir)
+            if quiet is not None and quiet.dropped:
+                log(f"  tune: {quiet.dropped} sampled candidates did not tensorize and were "
+                    f"discarded (TVM's warning for each held back)")
         # The database in scope (with its equality, and this run's records) is the one
         # applied, kernel by kernel (see apply_database).
         mod, failed = apply_database(mod, db, target)
