@@ -345,7 +345,7 @@ class _quiet_stderr:
 
 class stderr_without:
     """Pass the process's stderr (file descriptor 2, where TVM's C++ logs go) through,
-    without the lines containing ``text``; ``dropped`` counts them.
+    without the lines containing any of ``texts``; ``dropped`` counts them.
 
     Tuning the integer kernels samples many candidates whose tensorization fails (the
     sampled schedule inlined the zero-point pad, say); MetaSchedule discards them, but
@@ -353,8 +353,8 @@ class stderr_without:
     a 10-minute run, burying onnxc's progress and any real error.
     """
 
-    def __init__(self, text: str):
-        self.text = text.encode()
+    def __init__(self, *texts: str):
+        self.texts = [t.encode() for t in texts]
         self.dropped = 0
 
     def __enter__(self):
@@ -374,7 +374,7 @@ class stderr_without:
             # block inherited one, so it may outlive the block; it owns ``saved``.
             with os.fdopen(read, "rb") as pipe:
                 for line in pipe:
-                    if self.text in line:
+                    if any(t in line for t in self.texts):
                         self.dropped += 1
                     else:
                         os.write(saved, line)
@@ -391,6 +391,12 @@ class stderr_without:
         os.dup2(self.saved, 2)      # the pipe's write end closes here (and in workers, later)
         self.thread.join(timeout=2)
         return False
+
+
+# TVM warnings about sampled tuning candidates, one line each, that change nothing the
+# user can act on: a candidate that did not tensorize is discarded; a vectorize
+# annotation inside a vectorized loop is ignored by the build.
+TUNING_NOISE = ("Tensorize failed", "Detect vectorize inside vectorized loop")
 
 
 def _pick_schedules(mod, target, space, counts, updates, log):

@@ -437,12 +437,12 @@ def tune(mod, target, spec, trials: int, options: dict, log):
                + (f" ({runners.label()})" if todo else "")
                + (", refining the cached ones" if refine else "")))
         if todo and not db_only:
-            quiet = int_kernels.stderr_without("Tensorize failed") if integer else None
+            quiet = int_kernels.stderr_without(*int_kernels.TUNING_NOISE) if integer else None
             with quiet or contextlib.nullcontext():
                 session.tune(todo, db, db_dir)
             if quiet is not None and quiet.dropped:
-                log(f"  tune: {quiet.dropped} sampled candidates did not tensorize and were "
-                    f"discarded (TVM's warning for each held back)")
+                log(f"  tune: {quiet.dropped} TVM warnings about discarded or adjusted "
+                    f"sampled candidates held back ({', '.join(int_kernels.TUNING_NOISE)})")
         # The database in scope (with its equality, and this run's records) is the one
         # applied, kernel by kernel (see apply_database).
         mod, failed = apply_database(mod, db, target)
