@@ -70,67 +70,52 @@ def register_intrinsics() -> None:
 def _register_vnni() -> None:
     from tvm.s_tir import TensorIntrin
     from tvm.s_tir.tensor_intrin.x86 import dot_product_16x4_u8i8i32_desc
-    from tvm.script import tirx as T
 
-    @T.prim_func(s_tir=True)
-    def dot_product_16x4_u8i8i32_vnni(
-        A: T.Buffer((4,), "uint8", offset_factor=1),
-        B: T.Buffer((16, 4), "int8", offset_factor=1),
-        C: T.Buffer((16,), "int32", offset_factor=1),
-    ) -> None:
-        with T.sblock("root"):
-            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
-            T.writes(C[0:16])
-            A_u8x4 = A.vload([0], "uint8x4")
-            A_i32 = T.reinterpret(A_u8x4, dtype="int32")
-            A_u8x64 = T.reinterpret(T.broadcast(A_i32, 16), dtype="uint8x64")
-            B_i8x64 = B.vload([0, 0], dtype="int8x64")
-            C_i32x16 = C.vload([0], dtype="int32x16")
-            C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-                C_i32x16, A_u8x64, B_i8x64, dtype="int32x16")
-
-    TensorIntrin.register(VNNI, dot_product_16x4_u8i8i32_desc,
-                          dot_product_16x4_u8i8i32_vnni, override=True)
-
+    TensorIntrin.register(VNNI, dot_product_16x4_u8i8i32_desc, _vnni_dot(16)[1],
+                          override=True)
     # The same dot product on 8 outputs (256-bit vpdpbusd, AVX512-VL): for convs whose
     # output channels are a multiple of 8 but not of 16 (pruned layers), which the
     # 16-wide tile would compute half on zero padding.
+    TensorIntrin.register(VNNI_8, *_vnni_dot(8), override=True)
+
+
+def _vnni_dot(n: int) -> tuple:
+    """(description, implementation) of C[n] += A[4] . B[n, 4] (u8 x s8 -> s32) with one
+    ``vpdpbusd`` on n int32 lanes (n = 16: zmm, 8: ymm), its operands passed as the byte
+    vectors LLVM 22 declares."""
+    from tvm.script import tirx as T
+
+    nb = 4 * n
+    u8, s8, s32 = f"uint8x{nb}", f"int8x{nb}", f"int32x{n}"
+    name = f"llvm.x86.avx512.vpdpbusd.{32 * n}"
+
     @T.prim_func(s_tir=True)
-    def dot_product_8x4_u8i8i32_desc(
-        A: T.Buffer((4,), "uint8", offset_factor=1),
-        B: T.Buffer((8, 4), "int8", offset_factor=1),
-        C: T.Buffer((8,), "int32", offset_factor=1),
-    ) -> None:
+    def desc(A: T.Buffer((4,), "uint8", offset_factor=1),
+             B: T.Buffer((n, 4), "int8", offset_factor=1),
+             C: T.Buffer((n,), "int32", offset_factor=1)) -> None:
         with T.sblock("root"):
-            T.reads(C[0:8], A[0:4], B[0:8, 0:4])
-            T.writes(C[0:8])
-            for i in T.serial(0, 8):
+            T.reads(C[0:n], A[0:4], B[0:n, 0:4])
+            T.writes(C[0:n])
+            for i in T.serial(0, n):
                 for k in T.serial(0, 4):
                     with T.sblock("update"):
                         vi, vk = T.axis.remap("SR", [i, k])
                         C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
 
     @T.prim_func(s_tir=True)
-    def dot_product_8x4_u8i8i32_vnni(
-        A: T.Buffer((4,), "uint8", offset_factor=1),
-        B: T.Buffer((8, 4), "int8", offset_factor=1),
-        C: T.Buffer((8,), "int32", offset_factor=1),
-    ) -> None:
+    def impl(A: T.Buffer((4,), "uint8", offset_factor=1),
+             B: T.Buffer((n, 4), "int8", offset_factor=1),
+             C: T.Buffer((n,), "int32", offset_factor=1)) -> None:
         with T.sblock("root"):
-            T.reads(C[0:8], A[0:4], B[0:8, 0:4])
-            T.writes(C[0:8])
-            A_u8x4 = A.vload([0], "uint8x4")
-            A_i32 = T.reinterpret(A_u8x4, dtype="int32")
-            A_u8x32 = T.reinterpret(T.broadcast(A_i32, 8), dtype="uint8x32")
-            B_i8x32 = B.vload([0, 0], dtype="int8x32")
-            C_i32x8 = C.vload([0], dtype="int32x8")
-            C[T.ramp(T.int32(0), 1, 8)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.256"),
-                C_i32x8, A_u8x32, B_i8x32, dtype="int32x8")
+            T.reads(C[0:n], A[0:4], B[0:n, 0:4])
+            T.writes(C[0:n])
+            a_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+            C[T.ramp(T.int32(0), 1, n)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(name), C.vload([0], dtype=s32),
+                T.reinterpret(T.broadcast(a_i32, n), dtype=u8), B.vload([0, 0], dtype=s8),
+                dtype=s32)
 
-    TensorIntrin.register(VNNI_8, dot_product_8x4_u8i8i32_desc,
-                          dot_product_8x4_u8i8i32_vnni, override=True)
+    return desc, impl
 
 
 # ----------------------------------------------------------------------------------------
