@@ -241,4 +241,8 @@ def test_integer_kernels_tune_with_their_packed_weights(tmp_path):
     intrin = int_kernels.intrinsic(built.spec.tvm_target())
     if intrin is not None:   # a CPU with a dot-product instruction: tuned conv uses it
         records = (Path(built.tuning.db) / "database_tuning_record.json").read_text()
-        assert intrin in records
+        # (the 8-lane VNNI tile also covers a 16-lane one in two halves: the tuner may
+        # pick either by measurement)
+        names = [intrin] + ([int_kernels.NARROW[intrin][0]]
+                            if intrin in int_kernels.NARROW else [])
+        assert any(name in records for name in names), names
