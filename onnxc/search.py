@@ -662,7 +662,7 @@ def run_trial(study, problem: Problem, prof: dict, log) -> dict | None:
         return None
     try:
         with STOP.storage():
-            _record(study, trial, problem, m, passes, opts, per_layer)
+            dropped = _record(study, trial, problem, m, passes, opts, per_layer)
     except optuna.exceptions.UpdateFinishedTrialError:
         # SQLite has no row locks: two workers asking at the same moment can both pop
         # the same enqueued trial. The first to finish records it; the other's
@@ -670,18 +670,17 @@ def run_trial(study, problem: Problem, prof: dict, log) -> dict | None:
         log(f"trial {trial.number}: another worker ran it too and recorded it first; "
             "this result is dropped")
         return None
-    args = problem.args
-    dropped = m["latency_ms"] > m["original_ms"]
     log(f"trial {trial.number}: {'+'.join(passes[1:]) or 'fold_bn'} {describe(opts)}: "
         f"top-1 {m['top1']:.2f}% (drop {m['drop']:+.2f}), {m['speedup']:.2f}x faster, "
         f"Cr {m['cr']:.2f}x, {m['seconds']:.0f} s"
         + (" - dropped: slower than the original" if dropped else "")
-        + (" - over the bound" if m["drop"] > args.max_drop else ""))
+        + (" - over the bound" if m["drop"] > problem.args.max_drop else ""))
     return m
 
 
-def _record(study, trial, problem, m, passes, opts, per_layer) -> None:
-    """A finished candidate's metrics and choices into the study."""
+def _record(study, trial, problem, m, passes, opts, per_layer) -> bool:
+    """A finished candidate's metrics and choices into the study; whether it is dropped
+    (slower than the original)."""
     args = problem.args
     dropped = m["latency_ms"] > m["original_ms"]
     trial.set_user_attr("metrics", m)
@@ -694,6 +693,7 @@ def _record(study, trial, problem, m, passes, opts, per_layer) -> None:
     trial.set_constraint("accuracy_drop", m["drop"] - args.max_drop)
     trial.set_constraint("slower", m["latency_ms"] / m["original_ms"] - 1.0)
     study.tell(trial, [m["top1"], cost(m, args.objective)])
+    return dropped
 
 
 def describe(opts: dict) -> str:

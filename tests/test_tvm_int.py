@@ -218,7 +218,7 @@ def test_adds_after_a_downsampling_shortcut_stay_nhwc():
     two transposes of a full activation per later block."""
     from onnxc.backends.tvm.int_lower import lower_qdq
 
-    mod, report = lower_qdq(_import(_int8(downsampling_chain())), "uint8", (16, 4))
+    mod, report = lower_qdq(_import(_int8(downsampling_chain())), "uint8", [(16, 4)])
     assert (report.conv, report.add) == (5, 2), report.as_dict()
     perms = [tuple(int(a) for a in c.attrs.axes) for c in _calls(mod, "permute_dims")]
     # x to NHWC; conv0's output back to NCHW for the shortcut's slice and the shortcut

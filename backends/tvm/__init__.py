@@ -45,7 +45,8 @@ def runtime_threads(environ=os.environ) -> int:
 # Without TVM_NUM_THREADS, TVM's x86 runtime takes half the logical CPUs, assuming every
 # core has a hyper-thread sibling: on a machine without SMT (this 2-core VM: 1 thread
 # per core) it runs every kernel on one core while ONNX Runtime uses both. Measured on
-# ResNet-56 prune50+int8 bs 1: 0.99 ms unset, 0.43 ms with 2 threads. The variable is
+# ResNet-56 prune50+int8 bs 1 (docs/tvm.md, Threads): 1.15 ms unset, 0.51 ms with 2
+# threads. The variable is
 # read when TVM's thread pool starts (the first parallel kernel of a process) and is
 # inherited by the MetaSchedule runner's processes, so tuning measures the same way the
 # artifact then runs. Set here, before any TVM code runs in an onnxc process.

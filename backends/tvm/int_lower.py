@@ -94,15 +94,15 @@ def has_qdq(mod) -> bool:
     return bool(found)
 
 
-def lower_qdq(mod, activation_dtype: str | None = None, packing=None):
+def lower_qdq(mod, activation_dtype: str | None = None, packing: list | None = None):
     """Rewrite every matched QDQ pattern of ``mod``'s Relax functions into integer ops.
 
     ``activation_dtype`` ("uint8"/"int8", None: as quantized) is what the convolutions
     and matmuls read: the target's dot-product instruction decides (VNNI and DP4A
     multiply uint8 by int8, ARM's SDOT int8 by int8). A uint8 tensor with zero point z
     is the int8 tensor ``x - 128`` with zero point ``z - 128``: the same real values,
-    so the choice changes no result. ``packing`` = (o, i), or a list of such tiles
-    widest first, makes each convolution an NHWC convolution on a weight packed once, at
+    so the choice changes no result. ``packing``, a list of (o, i) tiles widest first
+    (:func:`int_kernels.packing`), makes each convolution an NHWC convolution on a weight packed once, at
     compile time, as [O/o, KH, KW, I/i, o, i] (see :func:`packed_conv2d`), with the
     first tile whose o divides its output channels (else the first, zero-padded).
     Returns ``(module, LoweringReport)``; dead float code is removed.
@@ -112,8 +112,6 @@ def lower_qdq(mod, activation_dtype: str | None = None, packing=None):
     report = LoweringReport()
     mutator = _mutator_class()(mod, report)
     mutator.activation_dtype = activation_dtype
-    if packing and isinstance(packing[0], int):
-        packing = [packing]
     mutator.packing = [tuple(b) for b in packing] if packing else None
     for gvar, func in mod.functions.items():
         if isinstance(func, relax.Function):
